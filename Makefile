@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine with only Python 3.10+:
+#   make demo   # create .venv, install jaxcnn, run the main job on the embedded offline data
+#   make test   # create .venv, install jaxcnn[test], run the fast test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: venv demo test test-slow bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	$(BIN)/python -m jaxcnn.experiments.cifar10 --dataset offline --preset demo $(DEMO_ARGS)
+
+# pytest exits 5 when it collects no test: report it, and fail, rather than pass silently.
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; fi; exit $$rc
+
+test-slow: venv
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python -m benchmarks.layers
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,118 @@
+"""Dataset containers and the `load_dataset` dispatch.
+
+Every dataset in jaxcnn is three in-memory splits of uint8 images ``(N, H, W, 3)``
+and int32 labels ``(N,)``. They are small enough (CIFAR-10 is ~180 MB of uint8) to
+be put on device once and sliced there; augmentation then runs inside jit
+(:mod:`jaxcnn.data.augment`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+DATASET_NAMES = ("cifar10", "offline", "tf_flowers")
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset cannot be had here (no network and no manually placed file).
+
+    The message says how to get it. jaxcnn never falls back to another dataset
+    silently: the caller decides (e.g. ``--dataset offline``).
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+      images: uint8 ``(N, H, W, 3)``, values 0..255, NHWC.
+      labels: int32 ``(N,)``, values in ``[0, num_classes)``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        images, labels = self.images, self.labels
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+            raise TypeError(
+                "Split: images must be a uint8 numpy array of shape (N, H, W, C), got "
+                f"{type(images).__name__} dtype={getattr(images, 'dtype', None)} "
+                f"shape={getattr(images, 'shape', None)}")
+        if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.ndim != 1:
+            raise TypeError(
+                "Split: labels must be an int32 numpy array of shape (N,), got "
+                f"{type(labels).__name__} dtype={getattr(labels, 'dtype', None)} "
+                f"shape={getattr(labels, 'shape', None)}")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"Split: images has {images.shape[0]} examples but labels has {labels.shape[0]}")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A named dataset with train / val / test splits of the same image shape.
+
+    Attributes:
+      name: e.g. ``"cifar10"``, ``"offline"``, ``"tf_flowers"``.
+      train, val, test: :class:`Split` (uint8 ``(N, H, W, C)``, int32 ``(N,)``).
+      num_classes: number of classes; labels lie in ``[0, num_classes)``.
+      class_names: ``num_classes`` human-readable names, index = label.
+    """
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"Dataset {self.name!r}: {len(self.class_names)} class_names for "
+                f"num_classes={self.num_classes}")
+        shapes = {s.images.shape[1:] for s in (self.train, self.val, self.test)}
+        if len(shapes) != 1:
+            raise ValueError(f"Dataset {self.name!r}: splits have different image shapes {shapes}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of every image in every split."""
+        return tuple(int(d) for d in self.train.images.shape[1:])
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, **kwargs) -> Dataset:
+    """Loads a dataset by name.
+
+    Args:
+      name: ``"cifar10"`` (:func:`load_cifar10`), ``"offline"``
+        (:func:`make_offline_dataset`; ``data_dir`` is ignored, nothing is read or written)
+        or ``"tf_flowers"`` (:func:`load_tf_flowers`).
+      data_dir: tfds data directory (default: tfds' own, ``~/tensorflow_datasets``).
+      seed: seed of the train/val split (and of the generator for ``"offline"``).
+      **kwargs: passed on to the loader (e.g. ``val_size=``, ``image_size=``).
+
+    Returns:
+      A :class:`Dataset` with uint8 ``(N, H, W, 3)`` images and int32 ``(N,)`` labels.
+
+    Raises:
+      ValueError: unknown ``name``.
+      DatasetUnavailableError: the dataset cannot be had here (tfds datasets only).
+    """
+    # Imported here so that core has no import cycle with the loaders.
+    from jaxcnn.data import offline, tfds_data
+
+    if name == "cifar10":
+        return tfds_data.load_cifar10(data_dir, seed=seed, **kwargs)
+    if name == "offline":
+        return offline.make_offline_dataset(seed=seed, **kwargs)
+    if name == "tf_flowers":
+        return tfds_data.load_tf_flowers(data_dir, seed=seed, **kwargs)
+    raise ValueError(f"load_dataset: unknown name={name!r}; allowed: {', '.join(DATASET_NAMES)}")

@@ -1,0 +1,168 @@
+"""Plain NumPy reference implementations: the seed's loops and their backward passes.
+
+These are deliberately slow, explicit loops — one output element at a time, exactly as
+the seed answers questions 1–3 — so that they are easy to check by eye. They exist to
+test :mod:`jaxcnn.layers` (values and gradients) and to benchmark against; nothing in
+the library calls them.
+
+Layouts are those of :mod:`jaxcnn.layers`: ``X`` is ``(N, H, W, C_in)`` and ``W`` is
+``(kh, kw, C_in, C_out)``. Paddings here are always explicit per-side pairs
+``((top, bottom), (left, right))``; use :func:`jaxcnn.layers.resolve_padding` to turn
+``"SAME"`` and friends into that form.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+Pads = Tuple[Tuple[int, int], Tuple[int, int]]
+
+
+def _out_size(size: int, k_eff: int, stride: int, lo: int, hi: int) -> int:
+    return (size + lo + hi - k_eff) // stride + 1
+
+
+def conv2d_forward(
+    X: np.ndarray,
+    W: np.ndarray,
+    b: Optional[np.ndarray] = None,
+    stride: Tuple[int, int] = (1, 1),
+    padding: Pads = ((0, 0), (0, 0)),
+    dilation: Tuple[int, int] = (1, 1),
+):
+    """Convolution forward pass, one output element at a time.
+
+    Returns ``(out, cache)`` with ``out`` of shape ``(N, H_out, W_out, C_out)`` and the
+    cache needed by :func:`conv2d_backward`.
+    """
+    N, H, Wd, C_in = X.shape
+    kh, kw, _, C_out = W.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    (pt, pb), (pl, pr) = padding
+    X_pad = np.pad(X, ((0, 0), (pt, pb), (pl, pr), (0, 0)), mode="constant")
+    keh, kew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    H_out = _out_size(H, keh, sh, pt, pb)
+    W_out = _out_size(Wd, kew, sw, pl, pr)
+    out = np.zeros((N, H_out, W_out, C_out), dtype=np.result_type(X, W))
+    for n in range(N):
+        for c_out in range(C_out):
+            for h in range(H_out):
+                for w in range(W_out):
+                    h0, w0 = h * sh, w * sw
+                    # (kh, kw, C_in): the input region the kernel sees, every dh-th / dw-th pixel.
+                    region = X_pad[n, h0 : h0 + keh : dh, w0 : w0 + kew : dw, :]
+                    out[n, h, w, c_out] = np.sum(region * W[:, :, :, c_out])
+                    if b is not None:
+                        out[n, h, w, c_out] += b[c_out]
+    cache = (X, W, b, stride, padding, dilation)
+    return out, cache
+
+
+def conv2d_backward(dout: np.ndarray, cache):
+    """Convolution backward pass: ``(dX, dW, db)`` for upstream gradient ``dout``.
+
+    Every output element ``out[n, h, w, c]`` was ``sum(region * W[..., c]) + b[c]``, so it
+    sends ``dout[n, h, w, c] * W[..., c]`` back to its region of the padded input,
+    ``dout[n, h, w, c] * region`` to ``W[..., c]`` and ``dout[n, h, w, c]`` to ``b[c]``.
+    """
+    X, W, b, (sh, sw), ((pt, pb), (pl, pr)), (dh, dw) = cache
+    N, H, Wd, _ = X.shape
+    kh, kw, _, C_out = W.shape
+    keh, kew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    X_pad = np.pad(X, ((0, 0), (pt, pb), (pl, pr), (0, 0)), mode="constant")
+    dX_pad = np.zeros_like(X_pad, dtype=dout.dtype)
+    dW = np.zeros_like(W, dtype=dout.dtype)
+    _, H_out, W_out, _ = dout.shape
+    for n in range(N):
+        for c_out in range(C_out):
+            for h in range(H_out):
+                for w in range(W_out):
+                    h0, w0 = h * sh, w * sw
+                    g = dout[n, h, w, c_out]
+                    region = X_pad[n, h0 : h0 + keh : dh, w0 : w0 + kew : dw, :]
+                    dW[:, :, :, c_out] += g * region
+                    dX_pad[n, h0 : h0 + keh : dh, w0 : w0 + kew : dw, :] += g * W[:, :, :, c_out]
+    dX = dX_pad[:, pt : pt + H, pl : pl + Wd, :]
+    db = None if b is None else dout.sum(axis=(0, 1, 2))
+    return dX, dW, db
+
+
+def max_pool2d_forward(
+    X: np.ndarray,
+    pool_size: Tuple[int, int] = (2, 2),
+    stride: Tuple[int, int] = (2, 2),
+    padding: Pads = ((0, 0), (0, 0)),
+):
+    """Max pooling forward pass (padding holds ``-inf``). Returns ``(out, cache)``."""
+    N, H, Wd, C = X.shape
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = pool_size, stride, padding
+    X_pad = np.pad(X, ((0, 0), (pt, pb), (pl, pr), (0, 0)), mode="constant", constant_values=-np.inf)
+    H_out = _out_size(H, kh, sh, pt, pb)
+    W_out = _out_size(Wd, kw, sw, pl, pr)
+    out = np.zeros((N, H_out, W_out, C), dtype=X.dtype)
+    for n in range(N):
+        for c in range(C):
+            for h in range(H_out):
+                for w in range(W_out):
+                    window = X_pad[n, h * sh : h * sh + kh, w * sw : w * sw + kw, c]
+                    out[n, h, w, c] = np.max(window)
+    cache = (X, pool_size, stride, padding)
+    return out, cache
+
+
+def max_pool2d_backward(dout: np.ndarray, cache) -> np.ndarray:
+    """Max pooling backward pass: each window's gradient goes to its arg-max (first on ties)."""
+    X, (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = cache
+    N, H, Wd, C = X.shape
+    X_pad = np.pad(X, ((0, 0), (pt, pb), (pl, pr), (0, 0)), mode="constant", constant_values=-np.inf)
+    dX_pad = np.zeros(X_pad.shape, dtype=dout.dtype)
+    _, H_out, W_out, _ = dout.shape
+    for n in range(N):
+        for c in range(C):
+            for h in range(H_out):
+                for w in range(W_out):
+                    window = X_pad[n, h * sh : h * sh + kh, w * sw : w * sw + kw, c]
+                    i, j = np.unravel_index(np.argmax(window), window.shape)
+                    dX_pad[n, h * sh + i, w * sw + j, c] += dout[n, h, w, c]
+    return dX_pad[:, pt : pt + H, pl : pl + Wd, :]
+
+
+def avg_pool2d_forward(
+    X: np.ndarray,
+    pool_size: Tuple[int, int] = (2, 2),
+    stride: Tuple[int, int] = (2, 2),
+    padding: Pads = ((0, 0), (0, 0)),
+) -> np.ndarray:
+    """Average pooling forward pass; padded positions are left out of each average."""
+    N, H, Wd, C = X.shape
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = pool_size, stride, padding
+    H_out = _out_size(H, kh, sh, pt, pb)
+    W_out = _out_size(Wd, kw, sw, pl, pr)
+    out = np.zeros((N, H_out, W_out, C), dtype=X.dtype)
+    for h in range(H_out):
+        for w in range(W_out):
+            # Window bounds in unpadded coordinates, clipped to the real input.
+            top, left = h * sh - pt, w * sw - pl
+            rows = slice(max(top, 0), min(top + kh, H))
+            cols = slice(max(left, 0), min(left + kw, Wd))
+            out[:, h, w, :] = X[:, rows, cols, :].mean(axis=(1, 2))
+    return out
+
+
+def dropout_forward(x: np.ndarray, p: float = 0.5, training: bool = True, rng: Optional[np.random.Generator] = None):
+    """Inverted dropout forward pass (the seed's ``dropout_forward``), ``p`` = drop probability.
+
+    Returns ``(out, mask)``; ``mask`` already holds the ``1 / (1 - p)`` scale (``None`` at inference).
+    """
+    if not training:
+        return x, None
+    rng = np.random.default_rng() if rng is None else rng
+    mask = rng.binomial(1, 1 - p, size=x.shape) / (1 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Inverted dropout backward pass: the upstream gradient times the (scaled) mask."""
+    return dout * mask

@@ -1,0 +1,209 @@
+"""jaxcnn.layers against the plain NumPy loops in jaxcnn.reference: values and gradients."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from jaxcnn import layers, reference
+from jaxcnn.layers import resolve_padding
+
+
+def _conv_case(seed, n, h, w, cin, cout, k, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, cin)).astype(dtype)
+    wt = rng.standard_normal((k[0], k[1], cin, cout)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    return x, wt, b
+
+
+def _explicit(padding, hw, k, stride, dilation):
+    k_eff = tuple((kk - 1) * d + 1 for kk, d in zip(k, dilation))
+    return resolve_padding(padding, hw, k_eff, stride)
+
+
+CONV_GRID = [
+    # (h, w, cin, cout, kernel, stride, padding, dilation)
+    (5, 5, 1, 1, (3, 3), (1, 1), "VALID", (1, 1)),
+    (7, 9, 3, 4, (3, 3), (1, 1), "SAME", (1, 1)),
+    (8, 8, 2, 3, (3, 3), (2, 2), "SAME", (1, 1)),
+    (9, 7, 2, 2, (5, 5), (2, 2), "SAME", (1, 1)),
+    (9, 9, 3, 2, (3, 3), (1, 1), "SAME", (2, 2)),
+    (11, 10, 2, 3, (3, 2), (3, 2), 1, (1, 1)),
+    (7, 7, 1, 2, (1, 1), (2, 2), "VALID", (1, 1)),
+    (6, 8, 3, 1, (2, 3), (1, 2), (1, 2), (2, 1)),
+    (10, 10, 2, 2, (7, 7), (2, 2), 3, (1, 1)),  # ResNet's stem shape: pad 3, 7x7/2
+    (8, 7, 2, 2, (3, 3), (2, 1), ((0, 2), (1, 0)), (1, 1)),
+    (13, 11, 4, 5, (3, 3), (2, 3), "VALID", (2, 1)),
+]
+
+
+@pytest.mark.parametrize("h,w,cin,cout,k,stride,padding,dilation", CONV_GRID)
+def test_conv2d_matches_reference_float32(h, w, cin, cout, k, stride, padding, dilation):
+    x, wt, b = _conv_case(0, 2, h, w, cin, cout, k, np.float32)
+    got = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b), stride=stride, padding=padding, dilation=dilation)
+    pads = _explicit(padding, (h, w), k, stride, dilation)
+    ref, _ = reference.conv2d_forward(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64), stride, pads, dilation)
+    assert got.dtype == jnp.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,w,cin,cout,k,stride,padding,dilation", CONV_GRID)
+def test_conv2d_gradients_match_reference_backward(h, w, cin, cout, k, stride, padding, dilation):
+    x, wt, b = _conv_case(1, 2, h, w, cin, cout, k)
+    pads = _explicit(padding, (h, w), k, stride, dilation)
+    out, cache = reference.conv2d_forward(x, wt, b, stride, pads, dilation)
+    dout = np.random.default_rng(2).standard_normal(out.shape)
+    dX, dW, db = reference.conv2d_backward(dout, cache)
+    with jax.enable_x64(True):
+        f = lambda x_, w_, b_: layers.conv2d(x_, w_, b_, stride=stride, padding=padding, dilation=dilation)
+        y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b))
+        gx, gw, gb = vjp(jnp.asarray(dout))
+        np.testing.assert_allclose(np.asarray(y), out, rtol=1e-12, atol=1e-12)  # float64: tight
+        np.testing.assert_allclose(np.asarray(gx), dX, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(gw), dW, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(gb), db, rtol=1e-10, atol=1e-10)
+
+
+@given(
+    h=st.integers(3, 9),
+    w=st.integers(3, 9),
+    cin=st.integers(1, 3),
+    cout=st.integers(1, 3),
+    k=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    dilation=st.integers(1, 2),
+    padding=st.one_of(st.sampled_from(["SAME", "VALID"]), st.integers(0, 2)),
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_property_matches_reference(h, w, cin, cout, k, stride, dilation, padding, seed):
+    if padding == "VALID" and min(h, w) < (k - 1) * dilation + 1:
+        return  # that input is rejected; covered by the error tests
+    x, wt, b = _conv_case(seed, 1, h, w, cin, cout, (k, k), np.float32)
+    got = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b), stride=stride, padding=padding, dilation=dilation)
+    pads = _explicit(padding, (h, w), (k, k), stride, (dilation, dilation))
+    ref, _ = reference.conv2d_forward(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64), stride, pads, (dilation, dilation))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_same_matches_lax_same():
+    # Our explicit SAME rule equals XLA's own "SAME" (odd extra padding bottom/right).
+    x, wt, _ = _conv_case(3, 2, 10, 7, 3, 2, (4, 3), np.float32)
+    got = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), stride=(3, 2), padding="SAME", dilation=(1, 2))
+    want = jax.lax.conv_general_dilated(
+        jnp.asarray(x), jnp.asarray(wt), (3, 2), "SAME", rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_conv2d_check_grads():
+    x, wt, b = _conv_case(4, 2, 6, 5, 2, 3, (3, 3))
+    with jax.enable_x64(True):
+        f = lambda x_, w_, b_: layers.conv2d(x_, w_, b_, stride=2, padding="SAME", dilation=1)
+        check_grads(f, (jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b)), order=2, modes=("fwd", "rev"))
+
+
+def test_conv2d_under_jit_and_bfloat16():
+    x, wt, b = _conv_case(5, 2, 8, 8, 3, 4, (3, 3), np.float32)
+    f = jax.jit(lambda x_, w_, b_: layers.conv2d(x_, w_, b_, stride=1, padding="SAME"))
+    ref, _ = reference.conv2d_forward(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64), (1, 1), ((1, 1), (1, 1)))
+    np.testing.assert_allclose(np.asarray(f(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b))), ref, rtol=1e-5, atol=1e-5)
+    xb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (x, wt, b))
+    yb = f(xb, wb, bb)
+    assert yb.dtype == jnp.bfloat16
+    # bfloat16 keeps 8 bits of mantissa: a 27-term sum is good to about 1e-2 of its scale.
+    np.testing.assert_allclose(np.asarray(yb, np.float32), ref, rtol=0, atol=0.1 * np.abs(ref).max())
+
+
+POOL_GRID = [
+    # (h, w, window, stride, padding)
+    (4, 4, 2, None, "VALID"),
+    (5, 7, 2, None, "VALID"),
+    (7, 7, 3, 2, "SAME"),
+    (6, 9, (3, 2), (2, 1), "SAME"),
+    (8, 8, 3, 1, 1),
+    (9, 5, (2, 3), (3, 2), ((1, 0), (0, 2))),
+    (5, 5, 5, 1, "VALID"),
+]
+
+
+def _pool_case(h, w, window, stride, padding, seed=0, c=3):
+    x = np.random.default_rng(seed).standard_normal((2, h, w, c))
+    win = (window, window) if isinstance(window, int) else window
+    st_ = win if stride is None else ((stride, stride) if isinstance(stride, int) else stride)
+    pads = resolve_padding(padding, (h, w), win, st_)
+    return x, win, st_, pads
+
+
+@pytest.mark.parametrize("h,w,window,stride,padding", POOL_GRID)
+def test_max_pool_matches_reference_and_routes_gradient(h, w, window, stride, padding):
+    x, win, st_, pads = _pool_case(h, w, window, stride, padding)
+    out, cache = reference.max_pool2d_forward(x, win, st_, pads)
+    got = layers.max_pool2d(jnp.asarray(x, jnp.float32), window, stride=stride, padding=padding)
+    np.testing.assert_allclose(np.asarray(got), out, rtol=1e-6)  # max is exact up to the cast
+    dout = np.random.default_rng(1).standard_normal(out.shape)
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda x_: layers.max_pool2d(x_, window, stride=stride, padding=padding), jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(y), out)
+        np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dout))[0]), reference.max_pool2d_backward(dout, cache), rtol=1e-12)
+
+
+@pytest.mark.parametrize("h,w,window,stride,padding", POOL_GRID)
+def test_avg_pool_matches_reference_and_check_grads(h, w, window, stride, padding):
+    x, win, st_, pads = _pool_case(h, w, window, stride, padding, seed=3)
+    ref = reference.avg_pool2d_forward(x, win, st_, pads)
+    got = layers.avg_pool2d(jnp.asarray(x, jnp.float32), window, stride=stride, padding=padding)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        f = lambda x_: layers.avg_pool2d(x_, window, stride=stride, padding=padding)
+        np.testing.assert_allclose(np.asarray(f(jnp.asarray(x))), ref, rtol=1e-12)
+        check_grads(f, (jnp.asarray(x),), order=2)
+
+
+@given(
+    h=st.integers(2, 9), w=st.integers(2, 9), window=st.integers(1, 3), stride=st.integers(1, 3),
+    padding=st.sampled_from(["SAME", "VALID", 1]), seed=st.integers(0, 2**16),
+)
+def test_pools_property_match_reference(h, w, window, stride, padding, seed):
+    if padding == 1 and window == 1:
+        padding = "SAME"  # a 1x1 window over pure padding would be an all-padding window
+    x, win, st_, pads = _pool_case(h, w, window, stride, padding, seed=seed, c=2)
+    mx, _ = reference.max_pool2d_forward(x, win, st_, pads)
+    np.testing.assert_allclose(np.asarray(layers.max_pool2d(jnp.asarray(x, jnp.float32), window, stride=stride, padding=padding)), mx, rtol=1e-6)
+    av = reference.avg_pool2d_forward(x, win, st_, pads)
+    np.testing.assert_allclose(np.asarray(layers.avg_pool2d(jnp.asarray(x, jnp.float32), window, stride=stride, padding=padding)), av, rtol=1e-5, atol=1e-6)
+
+
+def test_global_pools():
+    x = np.random.default_rng(0).standard_normal((3, 5, 4, 6)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(layers.global_avg_pool2d(jnp.asarray(x))), x.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(layers.global_max_pool2d(jnp.asarray(x))), x.max(axis=(1, 2)))
+    # Global average pooling is the VALID average pool with the whole map as its window.
+    np.testing.assert_allclose(
+        np.asarray(layers.avg_pool2d(jnp.asarray(x), (5, 4)))[:, 0, 0, :], x.mean(axis=(1, 2)), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_pools_keep_dtype_under_jit(dtype):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 2)), dtype)
+    for f in (layers.max_pool2d, layers.avg_pool2d):
+        y = jax.jit(lambda a: f(a, 3, stride=2, padding="SAME"))(x)
+        assert y.dtype == dtype
+    assert layers.global_avg_pool2d(x).dtype == dtype
+
+
+def test_float64_paths_are_float64():
+    x, wt, b = _conv_case(0, 1, 5, 5, 2, 2, (3, 3))
+    with jax.enable_x64(True):
+        y = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b))
+        assert y.dtype == jnp.float64
+        for f in (layers.max_pool2d, layers.avg_pool2d):
+            assert f(jnp.asarray(x)).dtype == jnp.float64
+        key = jax.random.key(0)
+        for f in (layers.dropout, layers.spatial_dropout2d, layers.dropblock):
+            assert f(jnp.asarray(x), 0.3, key=key, train=True).dtype == jnp.float64

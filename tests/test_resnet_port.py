@@ -1,0 +1,150 @@
+"""The Flax ResNet50 computes the same function as keras.applications.ResNet50.
+
+Keras (JAX backend) builds the reference with weights=None; every weight and every BN
+moving mean / variance gets a random value; Keras' own legacy HDF5 writer saves them; our
+converter reads the file; both models run on the same random images. float32, 1e-4 relative.
+"""
+
+import os
+
+os.environ["KERAS_BACKEND"] = "jax"  # before keras is imported anywhere
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
+
+from jaxcnn.models.resnet import KERAS_LAYER_ORDER, ResNet50  # noqa: E402
+from jaxcnn.preprocess import caffe_preprocess  # noqa: E402
+from jaxcnn.weights.keras_h5 import load_keras_h5  # noqa: E402
+
+RTOL = 1e-4
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
+
+
+def randomize(model, seed):
+    """Random values for every weight, incl. BN moving statistics (variance > 0)."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        shape, name = tuple(w.shape), w.path.rsplit("/", 1)[-1]
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1]))
+            v = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        elif name == "gamma":
+            v = rng.uniform(0.5, 1.5, shape)
+        elif name == "moving_variance":
+            v = rng.uniform(0.5, 2.0, shape)
+        elif name in ("bias", "beta", "moving_mean"):
+            v = rng.normal(0.0, 0.2, shape)
+        else:
+            raise AssertionError(f"unexpected Keras weight {w.path}")
+        w.assign(v.astype(np.float32))
+
+
+def write_legacy_h5(model, path):
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+
+def assert_close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    scale = np.max(np.abs(want))
+    assert scale > 0
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * scale)
+
+
+@pytest.fixture(scope="module")
+def keras_top(tmp_path_factory):
+    # Logits (no softmax) so that the comparison is not flattened by a saturated softmax.
+    model = keras.applications.ResNet50(weights=None, classifier_activation=None)
+    randomize(model, seed=1)
+    path = tmp_path_factory.mktemp("h5") / "top.h5"
+    write_legacy_h5(model, path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def keras_notop(tmp_path_factory):
+    model = keras.applications.ResNet50(weights=None, include_top=False)
+    randomize(model, seed=2)
+    path = tmp_path_factory.mktemp("h5") / "notop.h5"
+    write_legacy_h5(model, path)
+    return model, path
+
+
+def images(n, size, seed):
+    rgb = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3)).astype(np.float32)
+    return rgb, np.asarray(caffe_preprocess(rgb))
+
+
+def test_layer_order_is_keras_order(keras_top, keras_notop):
+    # Keras numbers the input layer of a second model ("input_layer_1"): compare it by type.
+    for model, n in ((keras_top[0], 177), (keras_notop[0], 175)):
+        assert len(model.layers) == n
+        assert isinstance(model.layers[0], keras.layers.InputLayer)
+        assert tuple(l.name for l in model.layers[1:]) == KERAS_LAYER_ORDER[1:n]
+    assert KERAS_LAYER_ORDER[99] == "conv4_block2_3_conv"
+
+
+def test_caffe_preprocess_matches_keras():
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3)).astype(np.uint8)
+    want = keras.applications.resnet50.preprocess_input(rgb.astype(np.float32).copy())
+    np.testing.assert_allclose(np.asarray(caffe_preprocess(rgb)), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(caffe_preprocess(rgb.astype(np.float32))), want, rtol=0, atol=1e-5)
+    # Hand-computed: a pure red pixel -> BGR (0, 0, 255) minus the BGR means.
+    red = np.array([[[255, 0, 0]]], np.uint8)
+    np.testing.assert_allclose(np.asarray(caffe_preprocess(red))[0, 0], [-103.939, -116.779, 255 - 123.68], atol=1e-4)
+
+
+def test_top_model_matches_keras_224(keras_top):
+    model, path = keras_top
+    variables = load_keras_h5(path, include_top=True)
+    _, x = images(2, 224, seed=3)
+    want = np.asarray(model(x, training=False))  # (2, 1000) logits
+    got = ResNet50(include_top=True, classifier_activation=None).apply(variables, jnp.asarray(x), train=False)
+    assert_close(got, want)
+    # With Keras' default softmax on top: the same probabilities.
+    probs = ResNet50(include_top=True).apply(variables, jnp.asarray(x), train=False)
+    np.testing.assert_allclose(np.asarray(probs), np.asarray(jax.nn.softmax(want)), atol=1e-5)
+
+
+def test_top_model_matches_keras_small(keras_top):
+    # Same weights in a Keras model built for 64×64 inputs.
+    model, path = keras_top
+    small = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classifier_activation=None)
+    small.set_weights(model.get_weights())
+    variables = load_keras_h5(path, include_top=True)
+    _, x = images(1, 64, seed=4)
+    got = ResNet50(include_top=True, classifier_activation=None).apply(variables, jnp.asarray(x), train=False)
+    assert_close(got, np.asarray(small(x, training=False)))
+
+
+@pytest.mark.parametrize("size", [224, 96])
+def test_notop_model_matches_keras(keras_notop, size):
+    model, path = keras_notop
+    variables = load_keras_h5(path, include_top=False)
+    _, x = images(1, size, seed=size)
+    want = np.asarray(model(x, training=False))  # (1, size/32, size/32, 2048)
+    got = ResNet50(include_top=False).apply(variables, jnp.asarray(x), train=False)
+    assert_close(got, want)
+    # The pooled variants are Keras' GlobalAverage/MaxPooling2D of the same map.
+    avg = ResNet50(include_top=False, pooling="avg").apply(variables, jnp.asarray(x), train=False)
+    mx = ResNet50(include_top=False, pooling="max").apply(variables, jnp.asarray(x), train=False)
+    assert_close(avg, want.mean(axis=(1, 2)))
+    assert_close(mx, want.max(axis=(1, 2)))
+
+
+def test_converted_tree_is_exactly_the_keras_weights(keras_notop):
+    model, path = keras_notop
+    variables = load_keras_h5(path, include_top=False)
+    by_path = {w.path: np.asarray(w.numpy()) for w in model.weights}
+    np.testing.assert_array_equal(variables["params"]["conv4_block2_3_conv"]["kernel"], by_path["conv4_block2_3_conv/kernel"])
+    np.testing.assert_array_equal(variables["params"]["conv1_bn"]["scale"], by_path["conv1_bn/gamma"])
+    np.testing.assert_array_equal(variables["batch_stats"]["conv5_block3_3_bn"]["var"], by_path["conv5_block3_3_bn/moving_variance"])
+    n = sum(a.size for a in jax.tree.leaves(variables))
+    assert n == model.count_params() == 23587712

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -104,3 +104,222 @@ def masked(tx: optax.GradientTransformation, labels: PyTree) -> optax.GradientTr
     """
     _check_labels(labels)
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Which layers to freeze. ``frozen(path, layer_order) -> bool`` per layer.
+
+    ``path`` is the layer's module path in ``params`` (``("backbone", "conv1_conv")`` or
+    ``("conv1_conv",)``); its last element is the layer name. Build rules with
+    ``first_n_keras_layers``, ``by_prefix``, ``by_pattern``, ``backbone``, ``nothing``;
+    combine them with ``|`` (freeze what either freezes).
+    """
+
+    description: str
+    frozen: Callable[[tuple[str, ...], Sequence[str]], bool]
+    must_match: bool = True  # label_tree raises if the rule freezes no layer (a typo)
+
+    def __or__(self, other: "Rule") -> "Rule":
+        if not isinstance(other, Rule):
+            return NotImplemented
+        return Rule(
+            f"{self.description} | {other.description}",
+            lambda path, order: self.frozen(path, order) or other.frozen(path, order),
+            self.must_match or other.must_match,
+        )
+
+
+def first_n_keras_layers(n: int) -> Rule:
+    """Freeze what ``for layer in base_model.layers[:n]: layer.trainable = False`` freezes.
+
+    ``n`` counts Keras layers in ``model.layers`` order, weightless ones included (input,
+    padding, activation, add, pooling): for ResNet50 ``n=100`` ends at
+    ``conv4_block2_3_conv`` (index 99), so ``conv4_block2_3_bn`` stays trainable.
+    The order comes from ``label_tree(..., layer_order=...)`` (default: ResNet50's).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"first_n_keras_layers: n must be an int >= 0, got {n!r}")
+
+    def frozen(path, order):
+        if n > len(order):
+            raise ValueError(f"first_n_keras_layers: n={n} but the layer order has only {len(order)} layers")
+        return path[-1] in set(order[:n])
+
+    return Rule(f"first_n_keras_layers({n})", frozen, must_match=n > 0)
+
+
+def by_prefix(*prefixes: str) -> Rule:
+    """Freeze layers whose name (or ``/``-joined module path) starts with any of ``prefixes``.
+
+    ``by_prefix("conv1", "conv2")`` freezes the stem and the first stage.
+    """
+    if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
+        raise ValueError(f"by_prefix: give one or more non-empty strings, got {prefixes!r}")
+    return Rule(
+        f"by_prefix{prefixes!r}",
+        lambda path, order: any(path[-1].startswith(p) or "/".join(path).startswith(p) for p in prefixes),
+    )
+
+
+def by_pattern(regex: str) -> Rule:
+    """Freeze layers whose name or ``/``-joined module path matches ``regex`` (``re.search``).
+
+    ``by_pattern(r"_bn$")`` freezes every BatchNorm layer; ``by_pattern(r"^conv[234]_")``
+    the first three stages.
+    """
+    if not isinstance(regex, str):
+        raise TypeError(f"by_pattern: regex must be a str, got {type(regex).__name__}")
+    try:
+        pat = re.compile(regex)
+    except re.error as e:
+        raise ValueError(f"by_pattern: invalid regex {regex!r}: {e}") from None
+    return Rule(
+        f"by_pattern({regex!r})",
+        lambda path, order: bool(pat.search(path[-1]) or pat.search("/".join(path))),
+    )
+
+
+def backbone(name: str = "backbone") -> Rule:
+    """Freeze everything under the top-level submodule ``name`` (the pretrained ResNet of a
+    fine-tuning model ``{"backbone": ..., "head": ...}``); Keras' ``base_model.trainable = False``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"backbone: name must be a non-empty str, got {name!r}")
+    return Rule(f"backbone({name!r})", lambda path, order: len(path) > 1 and path[0] == name)
+
+
+def nothing() -> Rule:
+    """Freeze nothing: every parameter trainable."""
+    return Rule("nothing()", lambda path, order: False, must_match=False)
+
+
+# --------------------------------------------------------------------------- label trees
+
+
+def _layers(tree: PyTree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], dict]:
+    """{module path: {variable name: leaf}} for a nested dict of variables."""
+    out: dict[tuple[str, ...], dict] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_layers(v, prefix + (str(k),)))
+        else:
+            out.setdefault(prefix, {})[k] = v
+    return out
+
+
+def _default_order() -> tuple[str, ...]:
+    from jaxcnn.models.resnet import KERAS_LAYER_ORDER  # lazy: freeze does not need the model
+
+    return KERAS_LAYER_ORDER
+
+
+def label_tree(params: PyTree, rule: Rule, *, layer_order: Optional[Sequence[str]] = None) -> PyTree:
+    """Labels for ``params``: ``"frozen"`` where ``rule`` freezes the layer, else ``"trainable"``.
+
+    Args:
+      params: nested dict of parameters (``variables["params"]``), layers keyed by name.
+      rule: a ``Rule`` (``first_n_keras_layers(100)``, ``backbone()``, ...).
+      layer_order: Keras ``model.layers`` names in order, for ``first_n_keras_layers``;
+        default ``jaxcnn.models.resnet.KERAS_LAYER_ORDER`` (ResNet50 with top; its first 175
+        are the no-top model).
+
+    Returns:
+      A tree of the same structure as ``params`` with string leaves.
+
+    Raises:
+      ValueError: the rule freezes no layer although it names some (a typo in a prefix, or
+        a layer order that matches none of ``params``' layers).
+    """
+    if not isinstance(rule, Rule):
+        raise TypeError(f"label_tree: rule must be a jaxcnn.freeze.Rule, got {type(rule).__name__}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"label_tree: params must be a nested dict, got {type(params).__name__}")
+    order = tuple(_default_order() if layer_order is None else layer_order)
+    layers = _layers(params)
+    frozen_paths = {path for path in layers if path and rule.frozen(path, order)}
+    if rule.must_match and not frozen_paths:
+        raise ValueError(
+            f"label_tree: {rule.description} freezes no layer of params (layers: "
+            f"{['/'.join(p) for p in list(layers)[:6]]} ...)"
+        )
+
+    def build(tree, prefix):
+        return {
+            k: build(v, prefix + (str(k),)) if isinstance(v, Mapping) else (FROZEN if prefix in frozen_paths else TRAINABLE)
+            for k, v in tree.items()
+        }
+
+    return build(params, ())
+
+
+def frozen_layer_names(labels: PyTree, *, under: Optional[str] = None) -> frozenset[str]:
+    """Names of the layers whose variables are all frozen: pass it as ``frozen_bn=`` to the
+    model so that their BatchNorm runs in inference mode (running statistics used, not
+    updated), as Keras does for ``layer.trainable = False``.
+
+    Args:
+      labels: a label tree (``label_tree``).
+      under: only layers inside this top-level submodule (e.g. ``"backbone"``), whose names
+        are then the backbone's own layer names.
+    """
+    _check_labels(labels)
+    if under is not None:
+        if under not in labels:
+            raise ValueError(f"frozen_layer_names: under={under!r} is not a top-level key of labels ({sorted(labels)[:8]})")
+        labels = labels[under]
+    return frozenset(
+        path[-1] for path, leaves in _layers(labels).items() if path and all(v == FROZEN for v in leaves.values())
+    )
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def count_params(params: PyTree, batch_stats: PyTree, labels: PyTree) -> tuple[int, int]:
+    """``(trainable, non_trainable)`` counts as Keras reports them: frozen parameters and
+    every BatchNorm moving mean / variance (``batch_stats``) are non-trainable."""
+    _check_labels(labels)
+    sizes = jax.tree.map(lambda lab, p: (lab, int(p.size)), labels, params)
+    pairs = jax.tree.leaves(sizes, is_leaf=lambda x: isinstance(x, tuple))
+    trainable = sum(n for lab, n in pairs if lab == TRAINABLE)
+    frozen = sum(n for lab, n in pairs if lab == FROZEN)
+    stats = sum(int(x.size) for x in jax.tree.leaves(batch_stats or {}))
+    return trainable, frozen + stats
+
+
+def summary(
+    params: PyTree, batch_stats: PyTree, labels: PyTree, *, layer_order: Optional[Sequence[str]] = None
+) -> str:
+    """A Keras-like summary: one row per layer (parameters, trainable or not), then the totals
+    ``Total params / Trainable params / Non-trainable params`` as ``model.summary()`` prints them.
+
+    Rows follow ``layer_order`` (default ResNet50's Keras order) where a layer is in it.
+    """
+    _check_labels(labels)
+    order = {n: i for i, n in enumerate(_default_order() if layer_order is None else layer_order)}
+    p_layers, l_layers = _layers(params), _layers(labels)
+    s_layers = _layers(batch_stats or {})
+    paths = sorted(set(p_layers) | set(s_layers), key=lambda p: (order.get(p[-1] if p else "", len(order)), p))
+    rows = []
+    for path in paths:
+        n = sum(int(v.size) for v in p_layers.get(path, {}).values())
+        n += sum(int(v.size) for v in s_layers.get(path, {}).values())
+        labs = set(l_layers.get(path, {}).values())
+        state = "frozen" if labs == {FROZEN} else "trainable" if labs == {TRAINABLE} else "mixed" if labs else "-"
+        rows.append(("/".join(path), f"{n:,}", state))
+    trainable, non_trainable = count_params(params, batch_stats, labels)
+    total = trainable + non_trainable
+    width = max([len(r[0]) for r in rows] + [len("Layer")])
+    lines = [f"{'Layer':<{width}}  {'Param #':>12}  State", "-" * (width + 25)]
+    lines += [f"{a:<{width}}  {b:>12}  {c}" for a, b, c in rows]
+    lines += [
+        "-" * (width + 25),
+        f"Total params: {total:,} ({total * 4 / 2**20:.2f} MB)",
+        f"Trainable params: {trainable:,} ({trainable * 4 / 2**20:.2f} MB)",
+        f"Non-trainable params: {non_trainable:,} ({non_trainable * 4 / 2**20:.2f} MB)",
+    ]
+    return "\n".join(lines)

@@ -213,5 +213,58 @@ class ResNet(nn.Module):
 #: ``keras.applications.ResNet50``: ``ResNet50(include_top=True, pooling=None, classes=1000)``.
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), filters=(64, 128, 256, 512), stem_filters=64)
 
-#: A tiny variant with the same layer names and structure, for fast tests.
-ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), filters=(4, 4, 8, 8), stem_filters=8, classes=10)
+#: A tiny variant with the same layer names and structure, for fast tests (Keras builds the
+#: same model with `keras.src.applications.resnet.ResNet`, whose stem is fixed at 64).
+ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), filters=(4, 4, 8, 8), stem_filters=64, classes=10)
+
+
+class Classifier(nn.Module):
+    """A pretrained backbone plus a new dense head: the fine-tuning model.
+
+    ``params`` is ``{"backbone": <Keras-named layers>, "head": {"kernel", "bias"}}`` so
+    ``jaxcnn.freeze.backbone()`` freezes the whole backbone and
+    ``first_n_keras_layers(n)`` still means ``base_model.layers[:n]``. Fill the backbone
+    from ``load_keras_h5(path, include_top=False)`` (see ``with_backbone_variables``).
+
+    Attributes:
+      backbone: e.g. ``ResNet50(include_top=False, pooling="avg")`` (must return ``(N, F)``).
+      num_classes: width of the head (logits, no softmax).
+      dropout_rate: probability of zeroing a feature before the head (0 = none); needs a
+        ``"dropout"`` rng when ``train=True``.
+    """
+
+    backbone: nn.Module
+    num_classes: int
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, frozen_bn: frozenset = frozenset()):
+        """``x`` ``(N, H, W, 3)`` caffe-preprocessed -> logits ``(N, num_classes)``.
+
+        ``frozen_bn``: backbone layer names whose BN runs in inference mode
+        (``jaxcnn.freeze.frozen_layer_names(labels, under="backbone")``).
+        """
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"Classifier: dropout_rate={self.dropout_rate!r}; allowed: 0 <= rate < 1")
+        feats = self.backbone(x, train=train, frozen_bn=frozen_bn)
+        if feats.ndim != 2:
+            raise ValueError(f"Classifier: backbone must return (N, F) features (use pooling='avg'), got {feats.shape}")
+        if self.dropout_rate > 0.0:
+            key = self.make_rng("dropout") if train else None
+            feats = layers.dropout(feats, self.dropout_rate, key=key, train=train)
+        return nn.Dense(self.num_classes, kernel_init=_glorot, dtype=feats.dtype, name="head")(feats)
+
+
+def with_backbone_variables(variables: dict, backbone_variables: dict, name: str = "backbone") -> dict:
+    """Return ``variables`` (of a ``Classifier``) with the backbone part replaced by
+    ``backbone_variables`` (e.g. converted ImageNet weights); raises if any shape differs."""
+    out = {col: dict(tree) for col, tree in variables.items()}
+    for col, tree in backbone_variables.items():
+        if col not in out or name not in out[col]:
+            raise ValueError(f"with_backbone_variables: variables have no {col}[{name!r}]")
+        want = jax.tree.map(lambda a: (a.shape, a.dtype), out[col][name])
+        got = jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+        if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(want) != jax.tree.leaves(got):
+            raise ValueError(f"with_backbone_variables: {col} of the backbone do not match the model's (names or shapes)")
+        out[col][name] = tree
+    return out

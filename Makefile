@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/python -m jaxcnn.experiments.cifar10 --dataset offline --preset demo $(DEMO_ARGS)
 
-# pytest exits 5 when it collects no test: report it, and fail, rather than pass silently.
+# pytest exits 5 when it collects no test: say so, and fail (an empty suite is never a pass).
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5)"; fi; exit $$rc

@@ -95,6 +95,17 @@ def fill_frozen(trainable_grads: PyTree, frozen: PyTree) -> PyTree:
     return combine(trainable_grads, jax.tree.map(jnp.zeros_like, frozen))
 
 
+def apply_trainable_updates(params: PyTree, updates: PyTree, labels: PyTree) -> PyTree:
+    """``optax.apply_updates`` for trainable leaves; frozen leaves are returned as they are.
+
+    With ``masked`` the frozen updates are zeros, and ``p + 0`` is ``p`` except for ``-0.0``
+    (which becomes ``+0.0``); this keeps every frozen array bitwise identical by construction.
+    """
+    trainable, frozen = partition(params, labels)
+    t_updates, _ = partition(updates, labels)
+    return combine(optax.apply_updates(trainable, t_updates), frozen)
+
+
 def masked(tx: optax.GradientTransformation, labels: PyTree) -> optax.GradientTransformation:
     """``tx`` for trainable leaves, ``optax.set_to_zero()`` for frozen ones.
 

@@ -85,6 +85,7 @@ def test_per_example_parameters_match_one_at_a_time():
 
 @pytest.mark.parametrize("theta, tx, ty", [(0.0, 2.0, 0.0), (0.0, 0.0, -1.5), (15.0, 0.0, 0.0),
                                            (-11.0, 1.5, -2.25), (30.0, -3.2, 2.9)])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras calls scipy.ndimage.interpolation
 def test_bilinear_matches_keras_apply_affine_transform(theta, tx, ty):
     image_lib = pytest.importorskip("keras.src.legacy.preprocessing.image")
     x = _images(n=1, h=12, w=12, c=2, seed=3)[0]

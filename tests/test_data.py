@@ -242,3 +242,15 @@ def test_tf_flowers_on_mock_data(tmp_path):
 def test_tf_flowers_rejects_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
         load_tf_flowers(None, **kwargs)
+
+
+def test_manual_file_is_used_without_network(tmp_path):
+    # With the archive in downloads/manual/, no probe blocks the way: tfds itself reads the
+    # file (this dummy fails tfds' checksum, which proves tfds looked at it, offline).
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    (manual / "cifar-10-binary.tar.gz").write_bytes(b"not the real archive")
+    with pytest.raises(Exception, match="checksum") as info:
+        load_cifar10(str(tmp_path))
+    assert not isinstance(info.value, DatasetUnavailableError)
+    assert (manual / "cifar-10-binary.tar.gz").read_bytes() == b"not the real archive"  # left untouched

@@ -248,7 +248,9 @@ def max_pool2d(
       >>> max_pool2d(x[None, :, :, None])[0, :, :, 0]   # [[6, 8], [9, 6]]
     """
     dims, strides, pads = _pool_args("max_pool2d", x, window, stride, padding)
-    init = jnp.array(-jnp.inf, dtype=x.dtype)
+    # The init value must be a concrete (NumPy) constant: a traced one makes lax.reduce_window
+    # fall back to its generic, non-differentiable form under jit.
+    init = np.array(-np.inf, dtype=x.dtype)
     return lax.reduce_window(x, init, lax.max, dims, strides, pads)
 
 
@@ -269,7 +271,7 @@ def avg_pool2d(
       ``(N, H_out, W_out, C)``.
     """
     dims, strides, pads = _pool_args("avg_pool2d", x, window, stride, padding)
-    zero = jnp.array(0, dtype=x.dtype)
+    zero = np.array(0, dtype=x.dtype)  # concrete, as in max_pool2d
     summed = lax.reduce_window(x, zero, lax.add, dims, strides, pads)
     if all(p == (0, 0) for p in pads):
         return summed / math.prod(dims)
@@ -412,7 +414,7 @@ def dropblock(
     # Grow each seed into its block: dropped[y, x] = max over the seeds whose block covers (y, x).
     dropped = lax.reduce_window(
         seeds,
-        jnp.array(0, x.dtype),
+        np.array(0, x.dtype),
         lax.max,
         (1, bh, bw, 1),
         (1, 1, 1, 1),

@@ -207,3 +207,23 @@ def test_float64_paths_are_float64():
         key = jax.random.key(0)
         for f in (layers.dropout, layers.spatial_dropout2d, layers.dropblock):
             assert f(jnp.asarray(x), 0.3, key=key, train=True).dtype == jnp.float64
+
+
+def test_every_layer_differentiates_under_jit():
+    # Regression: a traced init value once made lax.reduce_window non-differentiable under jit.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 4)), jnp.float32)
+    key = jax.random.key(0)
+    fns = {
+        "conv2d": lambda v: layers.conv2d(v, w, stride=2),
+        "max_pool2d": lambda v: layers.max_pool2d(v, 3, stride=2, padding="SAME"),
+        "avg_pool2d": lambda v: layers.avg_pool2d(v, 3, stride=2, padding="SAME"),
+        "global_max_pool2d": layers.global_max_pool2d,
+        "dropout": lambda v: layers.dropout(v, 0.5, key=key, train=True),
+        "spatial_dropout2d": lambda v: layers.spatial_dropout2d(v, 0.5, key=key, train=True),
+        "dropblock": lambda v: layers.dropblock(v, 0.3, block_size=3, key=key, train=True),
+    }
+    for name, f in fns.items():
+        g_jit = jax.jit(jax.grad(lambda v: jnp.sum(f(v) ** 2)))(x)
+        g_eager = jax.grad(lambda v: jnp.sum(f(v) ** 2))(x)
+        np.testing.assert_allclose(np.asarray(g_jit), np.asarray(g_eager), rtol=1e-5, atol=1e-6, err_msg=name)

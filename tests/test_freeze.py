@@ -61,19 +61,6 @@ def test_partition_combine_roundtrip_is_exact_and_jittable(tiny_vars):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-def _pool_grad_under_jit_works():
-    from jaxcnn import layers
-
-    try:
-        jax.jit(jax.grad(lambda x: layers.max_pool2d(x, 3, stride=2).sum()))(jnp.ones((1, 8, 8, 1)))
-        return True
-    except ValueError:
-        return False
-
-
-# jaxcnn.layers.max_pool2d passes its init as a jnp array, which makes lax.reduce_window
-# non-differentiable under jit (reported to the lead: use np.array(-np.inf, x.dtype)).
-@pytest.mark.xfail(not _pool_grad_under_jit_works(), reason="layers.max_pool2d: jit(grad) fails", strict=True)
 def test_gradient_wrt_trainable_equals_full_gradient_restricted(tiny_vars):
     model, v = tiny_classifier(), tiny_vars
     labels = freeze.label_tree(v["params"], freeze.by_prefix("conv1", "conv2"))

@@ -1,0 +1,398 @@
+"""Pictures: first-layer filter grids, activation grids, training curves.
+
+Everything draws on a bare :class:`matplotlib.figure.Figure` (no ``pyplot``, no screen,
+no global figure state) and returns it; pass ``path=`` to also write a PNG. Figures are
+written at exactly ``figsize * dpi`` pixels (no tight bounding box), so callers and tests
+know the size in advance.
+
+* :func:`plot_filters` — a conv kernel ``(kh, kw, C_in, C_out)`` HWIO as a grid of
+  ``C_out`` panels: RGB when ``C_in == 3``, the channel mean in grey otherwise.
+* :func:`plot_activations` — one image's feature maps ``(H, W, C)`` as a grid.
+* :func:`plot_curves` — a run's ``history.json`` / ``summary.json`` (the shared run
+  record): loss, accuracy, learning rate per epoch, best / early-stopping epoch marked.
+  ``plot_curves(workdir)`` writes ``<workdir>/plots/curves.png``.
+* :func:`plot_histories` — several runs' curves on one figure (the dropout study).
+* :func:`count_image_panels` — how many axes of a figure show an image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = [
+    "plot_filters",
+    "plot_activations",
+    "plot_curves",
+    "plot_histories",
+    "load_run_record",
+    "count_image_panels",
+    "save_figure",
+]
+
+History = Sequence[Mapping[str, Any]]
+NORMALIZE = ("layer", "filter")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def save_figure(fig: Figure, path: Union[str, os.PathLike], *, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG at ``figsize * dpi`` pixels (parent folders are created).
+
+    The file is written to ``<path>.tmp`` and renamed into place, so an interrupted
+    save never leaves a half-written picture where a good one was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+    os.replace(tmp, path)
+    return path
+
+
+def count_image_panels(fig: Figure) -> int:
+    """Number of axes in ``fig`` that show an image (a filled panel of a grid)."""
+    return sum(1 for ax in fig.axes if ax.images)
+
+
+def _grid(n: int, ncols: int) -> tuple[int, int]:
+    """(rows, cols) for ``n`` panels at most ``ncols`` wide; never an empty row."""
+    cols = min(ncols, n)
+    return math.ceil(n / cols), cols
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    """Scale ``a`` to [0, 1] by its own min/max; a constant array becomes 0.5."""
+    lo, hi = float(a.min()), float(a.max())
+    if hi - lo <= 0.0:
+        return np.full(a.shape, 0.5, dtype=np.float64)
+    return (a - lo) / (hi - lo)
+
+
+def _check_count(fn: str, name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{fn}: {name}={value!r}; allowed: an int >= {minimum}")
+    return int(value)
+
+
+def _image_grid(
+    fn: str, panels: list[np.ndarray], titles: list[str], *, ncols: int, panel_size: float, title: Optional[str],
+    cmap: Optional[str],
+) -> Figure:
+    """Draw ``panels`` ((h, w, 3) RGB or (h, w) grey, values in [0, 1]) on a grid."""
+    rows, cols = _grid(len(panels), ncols)
+    fig = Figure(figsize=(cols * panel_size, rows * panel_size + (0.4 if title else 0.0)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i >= len(panels):
+            continue  # the last row's spare cells stay empty (no image)
+        p = panels[i]
+        if p.ndim == 3:
+            ax.imshow(p, interpolation="nearest")
+        else:
+            ax.imshow(p, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ---------------------------------------------------------------------------- filters
+
+
+def plot_filters(
+    kernel,
+    *,
+    ncols: int = 8,
+    normalize: str = "layer",
+    max_filters: Optional[int] = None,
+    title: Optional[str] = None,
+    panel_size: float = 1.0,
+    path: Optional[Union[str, os.PathLike]] = None,
+    dpi: int = 100,
+) -> Figure:
+    """Draw a convolution kernel's filters as a grid, one panel per output channel.
+
+    Args:
+      kernel: ``(kh, kw, C_in, C_out)`` HWIO (NumPy or JAX array), e.g. a first conv layer
+        ``(3, 3, 3, 32)`` or ResNet50's ``(7, 7, 3, 64)``.
+      ncols: panels per row (the grid is ``ceil(n / ncols)`` rows; a last row that is not
+        full stays partly empty; fewer filters than ``ncols`` give one row of ``n``).
+      normalize: ``"layer"`` (default, as the seed): one min/max over the whole kernel maps
+        weights to [0, 1], so panels are comparable; ``"filter"``: each panel uses its own
+        min/max (more contrast, magnitudes no longer comparable).
+      max_filters: draw only the first ``max_filters`` filters (default: all ``C_out``).
+      title: figure title.
+      panel_size: inches per panel.
+      path: also write a PNG there (``panel_size * cols * dpi`` pixels wide).
+      dpi: pixels per inch of the PNG.
+
+    Panels are RGB (``(kh, kw, 3)``, input channels in R, G, B order) when ``C_in == 3``,
+    otherwise the mean over input channels in grey. With ``normalize="layer"`` grey panels
+    show the channel mean of the layer-normalised weights on a fixed [0, 1] scale; with
+    ``"filter"`` the mean map is itself stretched to [0, 1]. Each panel is titled with the
+    filter's index.
+
+    Returns:
+      The figure; ``count_image_panels(fig) == min(C_out, max_filters)``.
+    """
+    fn = "plot_filters"
+    k = np.asarray(kernel)
+    if k.ndim != 4:
+        raise ValueError(f"{fn}: kernel must be (kh, kw, C_in, C_out) HWIO, got shape {k.shape}")
+    if not np.issubdtype(k.dtype, np.number) or k.size == 0:
+        raise TypeError(f"{fn}: kernel must be a non-empty numeric array, got dtype {k.dtype} shape {k.shape}")
+    k = k.astype(np.float64)
+    if not np.all(np.isfinite(k)):
+        raise ValueError(f"{fn}: kernel has NaN or inf entries")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"{fn}: normalize={normalize!r}; allowed: {NORMALIZE}")
+    ncols = _check_count(fn, "ncols", ncols)
+    n = k.shape[3] if max_filters is None else min(_check_count(fn, "max_filters", max_filters), k.shape[3])
+    rgb = k.shape[2] == 3
+
+    if normalize == "layer":
+        k = _unit(k)  # one affine map for the whole layer
+    panels = []
+    for i in range(n):
+        f = k[:, :, :, i]  # (kh, kw, C_in)
+        p = f if rgb else f.mean(axis=2)  # (kh, kw, 3) or (kh, kw)
+        panels.append(_unit(p) if normalize == "filter" else p)
+    fig = _image_grid(fn, panels, [str(i) for i in range(n)], ncols=ncols, panel_size=panel_size, title=title,
+                      cmap="gray")
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig
+
+
+def plot_activations(
+    activations,
+    *,
+    image=None,
+    ncols: int = 8,
+    max_maps: Optional[int] = None,
+    title: Optional[str] = None,
+    panel_size: float = 1.0,
+    path: Optional[Union[str, os.PathLike]] = None,
+    dpi: int = 100,
+) -> Figure:
+    """Draw one image's feature maps as a grid of grey panels, each scaled to its own range.
+
+    Args:
+      activations: ``(H, W, C)`` or ``(1, H, W, C)`` NHWC, e.g. the output of the first conv
+        layer (after ReLU) for one image.
+      image: optional input image ``(H0, W0, 3)`` (uint8 0-255 or float, shown min/max
+        scaled), drawn as the first panel titled ``"input"``.
+      ncols, max_maps, title, panel_size, path, dpi: as in :func:`plot_filters`.
+
+    Returns:
+      The figure; ``count_image_panels(fig) == min(C, max_maps) + (image is not None)``.
+    """
+    fn = "plot_activations"
+    a = np.asarray(activations)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"{fn}: activations must be (H, W, C) or (1, H, W, C), got shape {np.shape(activations)}")
+    if not np.issubdtype(a.dtype, np.number) or a.size == 0:
+        raise TypeError(f"{fn}: activations must be a non-empty numeric array, got dtype {a.dtype}")
+    ncols = _check_count(fn, "ncols", ncols)
+    n = a.shape[2] if max_maps is None else min(_check_count(fn, "max_maps", max_maps), a.shape[2])
+    panels, titles = [], []
+    if image is not None:
+        img = np.asarray(image)
+        if img.ndim != 3 or img.shape[2] not in (1, 3):
+            raise ValueError(f"{fn}: image must be (H, W, 3) or (H, W, 1), got shape {img.shape}")
+        img = _unit(img.astype(np.float64))
+        panels.append(img if img.shape[2] == 3 else img[:, :, 0])
+        titles.append("input")
+    a = a.astype(np.float64)
+    for c in range(n):
+        panels.append(_unit(a[:, :, c]))  # (H, W)
+        titles.append(str(c))
+    fig = _image_grid(fn, panels, titles, ncols=ncols, panel_size=panel_size, title=title, cmap="viridis")
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig
+
+
+# ---------------------------------------------------------------------------- curves
+
+
+def load_run_record(workdir: Union[str, os.PathLike]) -> tuple[list[dict], dict]:
+    """``(history, summary)`` of a run folder: ``history.json`` (required, a list of
+    per-epoch dicts) and ``summary.json`` (``{}`` when the run has not written it yet)."""
+    workdir = Path(workdir)
+    hist_path = workdir / "history.json"
+    if not hist_path.is_file():
+        raise FileNotFoundError(f"load_run_record: no history.json in {str(workdir)!r}")
+    history = json.loads(hist_path.read_text())
+    summary_path = workdir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return history, summary
+
+
+def _check_history(fn: str, history) -> list[dict]:
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence) or not history:
+        raise ValueError(f"{fn}: history must be a non-empty list of per-epoch dicts, got {type(history).__name__}")
+    for row in history:
+        if not isinstance(row, Mapping) or "epoch" not in row:
+            raise ValueError(f"{fn}: every history row must be a dict with an 'epoch' key, got {row!r}")
+    return [dict(r) for r in history]
+
+
+def _column(history: list[dict], key: str) -> Optional[np.ndarray]:
+    """The column as floats (missing / None -> NaN), or None if no row has a number there."""
+    vals = [r.get(key) for r in history]
+    if all(v is None for v in vals):
+        return None
+    col = np.array([np.nan if v is None else float(v) for v in vals])
+    return col if np.any(np.isfinite(col)) else None
+
+
+def plot_curves(
+    run,
+    path: Optional[Union[str, os.PathLike]] = None,
+    *,
+    summary: Optional[Mapping[str, Any]] = None,
+    title: Optional[str] = None,
+    dpi: int = 100,
+) -> Figure:
+    """Training curves of one run: loss, accuracy and learning rate per epoch.
+
+    Args:
+      run: a run folder (reads ``history.json`` and, if present, ``summary.json``) or the
+        history itself (a list of dicts with ``epoch`` and any of ``train_loss``,
+        ``val_loss``, ``train_accuracy``, ``val_accuracy``, ``lr``).
+      path: where to write the PNG. Default: ``<run>/plots/curves.png`` when ``run`` is a
+        folder; nothing is written when ``run`` is a history and ``path`` is None.
+      summary: the run's summary (default: read from the folder); ``best_epoch`` is marked
+        with a dashed line, and ``stop_epoch`` with a dotted one when ``stopped_early``.
+      title: figure title (default: the folder name and the dataset from the summary).
+      dpi: the PNG is ``(9, 7.5)`` inches ``* dpi`` pixels.
+
+    Three stacked panels share the epoch axis: loss (train, val), accuracy (train, val),
+    and the learning rate on its own panel (log scale when it changes by more than 10x)
+    so reduce-on-plateau drops show as steps.
+
+    Returns:
+      The figure.
+    """
+    fn = "plot_curves"
+    if isinstance(run, (str, os.PathLike)):
+        workdir = Path(run)
+        history, file_summary = load_run_record(workdir)
+        summary = file_summary if summary is None else summary
+        if path is None:
+            path = workdir / "plots" / "curves.png"
+        if title is None:
+            title = workdir.name + (f" ({summary['dataset']})" if summary.get("dataset") else "")
+    else:
+        history = run
+    history = _check_history(fn, history)
+    summary = dict(summary or {})
+    epochs = np.array([float(r["epoch"]) for r in history])
+
+    fig = Figure(figsize=(9, 7.5), layout="constrained")
+    ax_loss, ax_acc, ax_lr = fig.subplots(3, 1, sharex=True, height_ratios=(2, 2, 1))
+    for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
+        for split, style in (("train", "-"), ("val", "-")):
+            col = _column(history, f"{split}_{metric}")
+            if col is not None:
+                ax.plot(epochs, col, style, marker="o", markersize=3, label=f"{split} {label}")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    lr = _column(history, "lr")
+    if lr is not None:
+        ax_lr.plot(epochs, lr, drawstyle="steps-post", color="tab:purple", marker="o", markersize=3,
+                   label="learning rate")
+        pos = lr[np.isfinite(lr) & (lr > 0)]
+        if pos.size and pos.max() / pos.min() > 10.0:
+            ax_lr.set_yscale("log")
+    else:
+        ax_lr.text(0.5, 0.5, "no learning rate recorded", transform=ax_lr.transAxes, ha="center", va="center")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.grid(True, alpha=0.3)
+
+    best, stop = summary.get("best_epoch"), summary.get("stop_epoch")
+    for ax in (ax_loss, ax_acc, ax_lr):
+        if best is not None:
+            ax.axvline(float(best), color="tab:green", linestyle="--", linewidth=1, label=f"best epoch {best}")
+        if summary.get("stopped_early") and stop is not None:
+            ax.axvline(float(stop), color="tab:red", linestyle=":", linewidth=1.5, label=f"early stop at epoch {stop}")
+    for ax in (ax_loss, ax_acc):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig
+
+
+def plot_histories(
+    histories: Mapping[str, History],
+    *,
+    path: Optional[Union[str, os.PathLike]] = None,
+    title: Optional[str] = None,
+    dpi: int = 100,
+) -> Figure:
+    """Several runs on one figure: accuracy (validation solid, training dashed, same colour
+    per run, so the train-val gap is visible) and validation loss, per epoch.
+
+    Args:
+      histories: ``{label: history}`` (each a list of per-epoch dicts as in ``history.json``).
+      path: also write a PNG there (``(12, 4.5)`` inches ``* dpi`` pixels).
+      title: figure title.
+
+    Returns:
+      The figure; its first axes hold one solid validation-accuracy line per run, in order.
+    """
+    fn = "plot_histories"
+    if not isinstance(histories, Mapping) or not histories:
+        raise ValueError(f"{fn}: histories must be a non-empty {{label: history}} mapping, got {histories!r}")
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    colors = [f"C{i}" for i in range(10)]
+    for i, (label, hist) in enumerate(histories.items()):
+        hist = _check_history(fn, hist)
+        epochs = np.array([float(r["epoch"]) for r in hist])
+        c = colors[i % len(colors)]
+        for ax, key, style, text in (
+            (ax_acc, "val_accuracy", "-", f"{label} (val)"),
+            (ax_loss, "val_loss", "-", f"{label}"),
+        ):
+            col = _column(hist, key)
+            if col is not None:
+                ax.plot(epochs, col, style, color=c, marker="o", markersize=3, label=text)
+    for i, (label, hist) in enumerate(histories.items()):  # dashed train lines after the solid ones
+        col = _column(list(hist), "train_accuracy")
+        if col is not None:
+            epochs = np.array([float(r["epoch"]) for r in hist])
+            ax_acc.plot(epochs, col, "--", color=colors[i % len(colors)], linewidth=1, alpha=0.7,
+                        label=f"{label} (train)")
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy: validation (solid), training (dashed)")
+    ax_loss.set(xlabel="epoch", ylabel="validation loss", title="validation loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig

@@ -263,3 +263,39 @@ def test_resolve_weights_paths_and_errors(tmp_path):
         imagenet.resolve_weights(str(tmp_path / "missing.h5"), include_top=True)
     with pytest.raises(TypeError, match="weights must be"):
         imagenet.resolve_weights(3, include_top=True)
+
+
+# --------------------------------------------------------------------------- into a fine-tuning model
+
+
+def test_with_backbone_variables_puts_converted_weights_under_backbone(tiny_files):
+    from jaxcnn.models.resnet import Classifier, with_backbone_variables
+
+    kmodel, path = tiny_files[False]
+    converted = load_keras_h5(path, include_top=False, model=ResNetTiny(include_top=False))
+    clf = Classifier(ResNetTiny(include_top=False, pooling="avg"), num_classes=3)
+    x = np.random.default_rng(1).normal(0, 50, (2, 32, 32, 3)).astype(np.float32)
+    fresh = jax.jit(lambda k: clf.init(k, jnp.asarray(x), train=False))(jax.random.key(0))
+    variables = with_backbone_variables(fresh, converted)
+    assert variables["params"]["backbone"]["conv1_conv"]["kernel"] is converted["params"]["conv1_conv"]["kernel"]
+    assert variables["params"]["head"] is fresh["params"]["head"]
+    logits = clf.apply(variables, jnp.asarray(x), train=False)
+    feats = np.asarray(kmodel(x, training=False)).mean(axis=(1, 2))  # Keras no-top map, averaged
+    head = variables["params"]["head"]
+    want = feats @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    wrong = load_keras_h5(tiny_files[True][1], include_top=True, model=ResNetTiny())
+    with pytest.raises(ValueError, match="do not match"):
+        with_backbone_variables(fresh, wrong)
+
+
+def test_model_rejects_bad_arguments():
+    x = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="pooling='mean'"):
+        ResNetTiny(include_top=False, pooling="mean").init(jax.random.key(0), x, train=False)
+    with pytest.raises(TypeError, match="train must be a Python bool"):
+        ResNetTiny().init(jax.random.key(0), x, train=1)
+    with pytest.raises(ValueError, match=r"frozen_bn names not in this model: \['conv9_bn'\]"):
+        ResNetTiny().init(jax.random.key(0), x, train=True, frozen_bn=frozenset({"conv9_bn"}))
+    with pytest.raises(TypeError, match="float"):
+        ResNetTiny().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False)

@@ -115,6 +115,7 @@ def plot_filters(
     *,
     ncols: int = 8,
     normalize: str = "layer",
+    input_order: str = "RGB",
     max_filters: Optional[int] = None,
     title: Optional[str] = None,
     panel_size: float = 1.0,
@@ -131,6 +132,9 @@ def plot_filters(
       normalize: ``"layer"`` (default, as the seed): one min/max over the whole kernel maps
         weights to [0, 1], so panels are comparable; ``"filter"``: each panel uses its own
         min/max (more contrast, magnitudes no longer comparable).
+      input_order: ``"RGB"`` (default) or ``"BGR"``: the colour order of the kernel's input
+        channels when ``C_in == 3``. A model fed BGR images (Keras' caffe-preprocessed
+        ResNet50) has BGR kernels; ``"BGR"`` flips them so panels show true colours.
       max_filters: draw only the first ``max_filters`` filters (default: all ``C_out``).
       title: figure title.
       panel_size: inches per panel.
@@ -157,9 +161,13 @@ def plot_filters(
         raise ValueError(f"{fn}: kernel has NaN or inf entries")
     if normalize not in NORMALIZE:
         raise ValueError(f"{fn}: normalize={normalize!r}; allowed: {NORMALIZE}")
+    if input_order not in ("RGB", "BGR"):
+        raise ValueError(f"{fn}: input_order={input_order!r}; allowed: 'RGB', 'BGR'")
     ncols = _check_count(fn, "ncols", ncols)
     n = k.shape[3] if max_filters is None else min(_check_count(fn, "max_filters", max_filters), k.shape[3])
     rgb = k.shape[2] == 3
+    if rgb and input_order == "BGR":
+        k = k[:, :, ::-1, :]  # (kh, kw, [R, G, B], C_out)
 
     if normalize == "layer":
         k = _unit(k)  # one affine map for the whole layer

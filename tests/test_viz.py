@@ -37,6 +37,14 @@ def test_filters_rgb_layer_normalised_like_the_seed():
     assert titles == [str(i) for i in range(32)]
 
 
+def test_bgr_kernel_is_shown_in_rgb_order():
+    k = np.random.default_rng(5).normal(size=(7, 7, 3, 4))  # a caffe-style (BGR input) kernel
+    panels = panel_arrays(viz.plot_filters(k, input_order="BGR"))
+    want = (k - k.min()) / (k.max() - k.min())
+    np.testing.assert_allclose(panels[2][:, :, 0], want[:, :, 2, 2], atol=1e-12)  # red panel channel = B-G-R's R
+    np.testing.assert_allclose(panels[2][:, :, 2], want[:, :, 0, 2], atol=1e-12)
+
+
 def test_filters_grey_channel_mean_and_per_filter_option():
     rng = np.random.default_rng(1)
     k = rng.normal(size=(5, 5, 4, 6))  # C_in != 3 -> grey mean over input channels
@@ -98,6 +106,7 @@ def test_filter_png_size_and_not_blank(tmp_path):
         (dict(kernel=np.zeros((3, 3, 3))), ValueError, "HWIO"),
         (dict(kernel=np.zeros((3, 3, 3, 4)), normalize="global"), ValueError, "normalize='global'"),
         (dict(kernel=np.zeros((3, 3, 3, 4)), ncols=0), ValueError, "ncols=0"),
+        (dict(kernel=np.zeros((3, 3, 3, 4)), input_order="rgb"), ValueError, "input_order='rgb'"),
         (dict(kernel=np.zeros((3, 3, 3, 4)), max_filters=0), ValueError, "max_filters=0"),
         (dict(kernel=np.full((3, 3, 3, 4), np.nan)), ValueError, "NaN"),
         (dict(kernel=np.array(["a"] * 4).reshape(1, 1, 1, 4)), TypeError, "numeric"),

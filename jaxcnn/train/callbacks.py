@@ -1,0 +1,115 @@
+"""Host-side epoch callbacks with Keras' semantics: early stopping and reduce-LR-on-plateau.
+
+Both watch a value to minimise (validation loss) once per epoch, keep their whole state in
+plain Python numbers (``state_dict`` / ``load_state_dict``, JSON-serialisable, saved in
+every checkpoint so ``--resume`` continues them exactly), and never touch device arrays:
+the loop acts on what they decide. They work for negative values too (optax's
+``reduce_on_plateau`` does not: optax PR 1767).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _check(name: str, value, *, minimum, integer=False, below=None):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum
+    if integer:
+        ok = ok and isinstance(value, int)
+    if below is not None:
+        ok = ok and value < below
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        what = "an int" if integer else "a number"
+        rng = f">= {minimum}" + (f" and < {below}" if below is not None else "")
+        raise ValueError(f"{name}={value!r}; must be {what} {rng}")
+
+
+class EarlyStopping:
+    """Stop when the monitored value has not improved for ``patience`` epochs (Keras' ``EarlyStopping``).
+
+    An epoch improves when ``value < best - min_delta``. After ``update`` returns,
+    ``should_stop`` tells the loop to stop; with ``patience=5`` and the best value at epoch
+    ``e``, training stops after epoch ``e + 5``. ``best_epoch`` names the weights to restore
+    (the loop keeps them, as ``restore_best_weights=True``).
+    """
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.0):
+        _check("EarlyStopping: patience", patience, minimum=0, integer=True)
+        _check("EarlyStopping: min_delta", min_delta, minimum=0.0)
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.best = math.inf
+        self.best_epoch = 0
+        self.wait = 0
+        self.stopped_epoch = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record epoch ``epoch`` (1-based) with monitored ``value``; returns True if it is the new best."""
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError(f"EarlyStopping: monitored value is NaN at epoch {epoch}")
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait = value, int(epoch), 0
+            return True
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = int(epoch)
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stopped_epoch > 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.best_epoch = float(d["best"]), int(d["best_epoch"])
+        self.wait, self.stopped_epoch = int(d["wait"]), int(d["stopped_epoch"])
+
+
+class ReduceLROnPlateau:
+    """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement
+    (Keras' ``ReduceLROnPlateau``: ``min_delta`` absolute, ``cooldown``, ``min_lr``).
+
+    With ``patience=3`` and the best value at epoch ``e``, the rate is reduced after epoch
+    ``e + 3`` (and again 3 epochs later if nothing improves).
+    """
+
+    def __init__(self, factor: float = 0.5, patience: int = 3, min_delta: float = 1e-4,
+                 cooldown: int = 0, min_lr: float = 0.0):
+        _check("ReduceLROnPlateau: factor", factor, minimum=0.0, below=1.0)
+        if factor == 0:
+            raise ValueError("ReduceLROnPlateau: factor=0; must be in (0, 1)")
+        _check("ReduceLROnPlateau: patience", patience, minimum=0, integer=True)
+        _check("ReduceLROnPlateau: min_delta", min_delta, minimum=0.0)
+        _check("ReduceLROnPlateau: cooldown", cooldown, minimum=0, integer=True)
+        _check("ReduceLROnPlateau: min_lr", min_lr, minimum=0.0)
+        self.factor, self.patience, self.min_delta = float(factor), patience, float(min_delta)
+        self.cooldown, self.min_lr = cooldown, float(min_lr)
+        self.best = math.inf
+        self.wait = 0
+        self.cooldown_counter = 0
+
+    def update(self, epoch: int, value: float, lr: float) -> float:
+        """Record epoch ``epoch``'s monitored ``value``; returns the learning rate for the next epoch."""
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError(f"ReduceLROnPlateau: monitored value is NaN at epoch {epoch}")
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if value < self.best - self.min_delta:
+            self.best, self.wait = value, 0
+        elif self.cooldown_counter == 0:
+            self.wait += 1
+            if self.wait >= self.patience and lr > self.min_lr:
+                self.cooldown_counter, self.wait = self.cooldown, 0
+                return max(lr * self.factor, self.min_lr)
+        return lr
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait, "cooldown_counter": self.cooldown_counter}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.wait, self.cooldown_counter = float(d["best"]), int(d["wait"]), int(d["cooldown_counter"])

@@ -1,0 +1,108 @@
+"""``TrainState``: everything a training run changes, in one pytree.
+
+``params``, ``batch_stats``, ``opt_state``, ``step`` and the run's base PRNG ``key`` are
+arrays (so the state can be jitted, donated, sharded and checkpointed); ``apply_fn`` and
+``tx`` are static. The step's randomness is ``fold_in(key, step)``, never a stored,
+advancing key, so a run resumed from a checkpoint repeats exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """The training state (a pytree; ``apply_fn`` and ``tx`` are static fields).
+
+    Attributes:
+      step: int32 scalar, number of optimizer steps taken.
+      params: model parameters (``variables["params"]``).
+      batch_stats: BatchNorm running statistics (``{}`` for models without BN).
+      opt_state: ``tx``'s state.
+      key: the run's base ``jax.random.key``; step ``s`` uses ``fold_in(key, s)``.
+      apply_fn: ``model.apply`` (or a ``functools.partial`` of it with extra keyword
+        arguments, e.g. the ResNet's ``frozen_bn``).
+      tx: the optimizer (an ``optax.GradientTransformation``).
+    """
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    key: jax.Array
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, *, apply_fn: Callable, variables: PyTree, tx: optax.GradientTransformation,
+               key: jax.Array) -> "TrainState":
+        """A fresh state at step 0: ``opt_state = tx.init(variables["params"])``."""
+        params = variables["params"]
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                   key=key, apply_fn=apply_fn, tx=tx)
+
+    @property
+    def variables(self) -> dict:
+        """``{"params": ..., "batch_stats": ...}`` (no ``batch_stats`` entry when empty)."""
+        out = {"params": self.params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+
+def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None) -> optax.GradientTransformation:
+    """Adam whose learning rate lives in the optimizer state (``optax.inject_hyperparams``),
+    so callbacks set it between epochs (``set_learning_rate``) and checkpoints keep it.
+
+    ``labels`` (a ``"trainable"``/``"frozen"`` tree, see ``jaxcnn.freeze``) masks frozen
+    parameters with ``jaxcnn.freeze.masked``.
+    """
+    if not learning_rate > 0:
+        raise ValueError(f"adam: learning_rate={learning_rate!r}; must be > 0")
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+    if labels is not None:
+        from jaxcnn import freeze  # the fine-tuning path
+
+        tx = freeze.masked(tx, labels)
+    return tx
+
+
+def _is_inject_state(x) -> bool:
+    return isinstance(x, optax.InjectStatefulHyperparamsState)
+
+
+def _inject_states(opt_state) -> list:
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_inject_state) if _is_inject_state(s)]
+
+
+def get_learning_rate(opt_state: PyTree) -> float:
+    """The learning rate held in an ``optax.inject_hyperparams`` state anywhere inside ``opt_state``."""
+    states = _inject_states(opt_state)
+    if not states:
+        raise ValueError("get_learning_rate: opt_state holds no optax.inject_hyperparams state "
+                         "(build the optimizer with jaxcnn.train.adam or optax.inject_hyperparams)")
+    return float(states[0].hyperparams["learning_rate"])
+
+
+def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
+    """A copy of ``state`` whose every ``inject_hyperparams`` learning rate is ``learning_rate``."""
+    if not _inject_states(state.opt_state):
+        raise ValueError("set_learning_rate: opt_state holds no optax.inject_hyperparams state")
+
+    def put(s):
+        if not _is_inject_state(s):
+            return s
+        old = s.hyperparams["learning_rate"]
+        new = jax.device_put(jnp.asarray(learning_rate, jnp.asarray(old).dtype), getattr(old, "sharding", None))
+        return s._replace(hyperparams={**s.hyperparams, "learning_rate": new})
+
+    return state.replace(opt_state=jax.tree.map(put, state.opt_state, is_leaf=_is_inject_state))

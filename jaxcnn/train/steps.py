@@ -1,0 +1,123 @@
+"""Pure train and eval steps, built once per run and jitted by the caller (see ``jaxcnn.train.loop``).
+
+A batch is a dict of device arrays::
+
+    {"image": uint8 (B, H, W, C), "label": int32 (B,)}                     # train
+    {"image": uint8 (B, H, W, C), "label": int32 (B,), "mask": bool (B,)}   # eval
+
+Images stay uint8 until here; ``preprocess`` (default ``scale_to_unit``: ``x / 255``) turns
+them into floats inside the step, then ``augment_fn`` (train only) runs on the device.
+The step's keys are ``fold_in(state.key, state.step)`` split into (dropout, augment),
+so they depend on (seed, step) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcnn.train.state import TrainState
+
+PyTree = Any
+
+
+def scale_to_unit(images: jax.Array) -> jax.Array:
+    """uint8 ``(N, H, W, C)`` -> float32 in [0, 1] (the seed's ``x / 255``)."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def step_keys(key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(dropout_key, augment_key)`` of optimizer step ``step``: ``split(fold_in(key, step))``."""
+    k = jax.random.fold_in(key, step)
+    dropout_key, augment_key = jax.random.split(k)
+    return dropout_key, augment_key
+
+
+def _forward(state: TrainState, params, images, *, train: bool, dropout_key=None):
+    """Logits ``(B, K)`` and the new batch_stats (unchanged when ``train`` is False or no BN)."""
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    if not train:
+        return state.apply_fn(variables, images, train=False), state.batch_stats
+    mutable = ["batch_stats"] if state.batch_stats else False
+    out = state.apply_fn(variables, images, train=True, rngs={"dropout": dropout_key}, mutable=mutable)
+    if state.batch_stats:
+        logits, updates = out
+        return logits, updates["batch_stats"]
+    return out, state.batch_stats
+
+
+def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Callable] = None,
+                    preprocess: Callable = scale_to_unit) -> Callable:
+    """``train_step(state, batch) -> (state, metrics)``, pure; jit it with ``donate_argnums=0``.
+
+    Args:
+      labels: ``None`` to train every parameter; or a ``"trainable"``/``"frozen"`` label tree
+        (``jaxcnn.freeze``): the gradient is taken **only** w.r.t. the trainable part (the
+        frozen part is closed over, so frozen layers cost their forward pass), and the
+        update goes through the optimizer's mask (build ``tx`` with ``adam(labels=...)``).
+      augment_fn: ``augment_fn(key, images) -> images`` on float ``(B, H, W, C)``, e.g.
+        ``functools.partial(jaxcnn.data.augment.random_augment, rotation=15.0)``; None: no augmentation.
+      preprocess: uint8 images -> float model input (default ``scale_to_unit``).
+
+    ``metrics``: ``{"loss": mean softmax cross-entropy, "accuracy": fraction correct}`` of the batch.
+    """
+    if labels is not None:
+        from jaxcnn import freeze  # the fine-tuning path; freeze owns partition/combine
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        dropout_key, augment_key = step_keys(state.key, state.step)
+        images = preprocess(batch["image"])  # (B, H, W, C) float
+        if augment_fn is not None:
+            images = augment_fn(augment_key, images)
+        targets = batch["label"]  # (B,)
+
+        def loss_fn(params):
+            logits, new_stats = _forward(state, params, images, train=True, dropout_key=dropout_key)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            return loss, (logits, new_stats)
+
+        if labels is None:
+            (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        else:
+            trainable, frozen = freeze.partition(state.params, labels)
+            (loss, (logits, new_stats)), t_grads = jax.value_and_grad(
+                lambda t: loss_fn(freeze.combine(t, frozen)), has_aux=True)(trainable)
+            grads = freeze.fill_frozen(t_grads, frozen)
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+            params = freeze.apply_trainable_updates(state.params, updates, labels)
+
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return train_step
+
+
+def make_eval_step(*, preprocess: Callable = scale_to_unit) -> Callable:
+    """``eval_step(state, batch) -> sums``, pure (inference mode: no dropout, BN running stats).
+
+    ``batch["mask"]`` (bool ``(B,)``, optional) marks real examples; padding rows count for
+    nothing. Returns sums, so that a whole set is evaluated exactly once whatever the batch:
+    ``{"loss_sum", "correct", "count"}`` (float32 scalars); loss = loss_sum / count.
+    """
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        images = preprocess(batch["image"])
+        logits, _ = _forward(state, state.params, images, train=False)
+        targets = batch["label"]
+        mask = batch.get("mask")
+        mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B,)
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        return {"loss_sum": jnp.sum(jnp.where(mask > 0, losses, 0.0)), "correct": jnp.sum(correct * mask),
+                "count": jnp.sum(mask)}
+
+    return eval_step

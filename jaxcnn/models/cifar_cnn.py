@@ -6,7 +6,7 @@ last layer returns **logits**; apply ``jax.nn.softmax`` where probabilities are 
 
 Keras defaults are kept, so the model is the seed's model: convs ``padding="same"`` with
 bias, Glorot-uniform kernels and zero biases, BatchNorm momentum 0.99 and epsilon 1e-3.
-With the default widths it has 551,466 trainable parameters and 1,856 non-trainable
+With the default widths it has 551,722 trainable parameters and 1,152 non-trainable
 ones (the BN moving means and variances, here ``batch_stats``), as ``model.summary()``
 reports for the seed's Keras model (checked in ``tests/test_cifar_cnn.py``).
 

@@ -1,0 +1,141 @@
+"""Early stopping and reduce-LR-on-plateau on scripted loss sequences, alone and inside ``fit``."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnn.checkpoint import Checkpoints
+from jaxcnn.data import Dataset, Split
+from jaxcnn.models.cifar_cnn import CifarCNN
+from jaxcnn.train import EarlyStopping, FitConfig, ReduceLROnPlateau, TrainState, adam, fit, make_eval_step
+
+# val loss per epoch: best at epoch 4, then five epochs without improvement.
+SCRIPT = [1.0, 0.8, 0.9, 0.7, 0.75, 0.76, 0.77, 0.78, 0.79, 0.5, 0.4]
+
+
+def test_early_stopping_fires_patience_epochs_after_the_best():
+    es = EarlyStopping(patience=5)
+    stopped_at = None
+    for epoch, v in enumerate(SCRIPT, start=1):
+        es.update(epoch, v)
+        if es.should_stop:
+            stopped_at = epoch
+            break
+    assert stopped_at == 9 and es.best_epoch == 4 and es.best == 0.7
+
+
+def test_early_stopping_min_delta_and_negative_values():
+    es = EarlyStopping(patience=2, min_delta=0.1)
+    assert es.update(1, -1.0) is True
+    assert es.update(2, -1.05) is False  # better by less than min_delta
+    assert es.update(3, -1.2) is True
+    es.update(4, -1.2)
+    es.update(5, -1.25)
+    assert es.should_stop and es.best_epoch == 3
+
+
+def test_plateau_halves_after_patience_epochs_without_improvement():
+    rop = ReduceLROnPlateau(factor=0.5, patience=3)
+    lr, lrs = 1e-3, []
+    for epoch, v in enumerate([1.0, 0.8, 0.9, 0.7, 0.75, 0.76, 0.77, 0.78, 0.79, 0.80, 0.5], start=1):
+        lr = rop.update(epoch, v, lr)
+        lrs.append(lr)  # the rate for the next epoch
+    # no improvement at epochs 5, 6, 7 -> halved after 7; again after 10 (8, 9, 10).
+    assert lrs == [1e-3] * 6 + [5e-4] * 3 + [2.5e-4] * 2
+
+
+def test_plateau_works_for_negative_values_unlike_optax_contrib():
+    """optax PR 1767: optax's reduce_on_plateau never reduces when the value is negative."""
+    rop = ReduceLROnPlateau(factor=0.5, patience=2)
+    lr = 1.0
+    for epoch, v in enumerate([-5.0, -4.0, -4.0], start=1):
+        lr = rop.update(epoch, v, lr)
+    assert lr == 0.5
+
+
+def test_plateau_cooldown_and_min_lr():
+    # As Keras: the cooldown counter is decremented at the start of an epoch, so cooldown=2 skips one epoch.
+    rop = ReduceLROnPlateau(factor=0.1, patience=1, cooldown=2, min_lr=0.05)
+    lr, lrs = 1.0, []
+    for epoch in range(1, 6):
+        lr = rop.update(epoch, 1.0, lr)
+        lrs.append(lr)
+    # epoch 1 sets best; 2 reduces (1 -> 0.1), 3 cools down, 4 reduces (clipped to min_lr), then it stays.
+    assert lrs == [1.0, 0.1, 0.1, 0.05, 0.05]
+
+
+def test_callback_state_round_trips_through_json():
+    es, rop = EarlyStopping(patience=5), ReduceLROnPlateau(patience=3)
+    for epoch, v in enumerate(SCRIPT[:6], start=1):
+        es.update(epoch, v)
+        rop.update(epoch, v, 1.0)
+    es2, rop2 = EarlyStopping(patience=5), ReduceLROnPlateau(patience=3)
+    es2.load_state_dict(json.loads(json.dumps(es.state_dict())))
+    rop2.load_state_dict(json.loads(json.dumps(rop.state_dict())))
+    for epoch, v in enumerate(SCRIPT[6:], start=7):
+        assert es.update(epoch, v) == es2.update(epoch, v)
+        assert rop.update(epoch, v, 1.0) == rop2.update(epoch, v, 1.0)
+        assert es.state_dict() == es2.state_dict() and rop.state_dict() == rop2.state_dict()
+    # a fresh EarlyStopping serialises its infinite "best" too
+    assert math.isinf(json.loads(json.dumps(EarlyStopping().state_dict()))["best"])
+
+
+@pytest.mark.parametrize("bad", [dict(patience=-1), dict(patience=1.5), dict(min_delta=-0.1)])
+def test_early_stopping_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        EarlyStopping(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(factor=1.0), dict(factor=0.0), dict(patience=-2), dict(min_lr=-1.0)])
+def test_plateau_rejects_bad_settings(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ReduceLROnPlateau(**bad)
+
+
+def _tiny_dataset(n_train=32, n_eval=8):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int32))
+
+    return Dataset(name="synthetic", train=split(n_train), val=split(n_eval), test=split(n_eval), num_classes=3,
+                   class_names=("a", "b", "c"))
+
+
+def test_fit_stops_on_script_restores_best_weights_and_keeps_latest_and_best_apart(tmp_path):
+    """The eval step reports the scripted loss of the current epoch (from state.step): fit must stop after
+    epoch 9, restore epoch 4's weights, halve the LR after epoch 7, and keep latest = 7, 8, 9 and best = 4."""
+    steps_per_epoch = 2  # 32 examples, batch 16
+    script = jnp.asarray(SCRIPT)
+    real_eval = make_eval_step()
+
+    def scripted_eval(state, batch):
+        out = real_eval(state, batch)
+        epoch = state.step // steps_per_epoch
+        return {**out, "loss_sum": script[epoch - 1] * out["count"]}
+
+    model = CifarCNN(widths=(4,), dense_units=8, num_classes=3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3), key=jax.random.key(1))
+    config = FitConfig(epochs=len(SCRIPT), batch_size=16, eval_batch_size=8, augment=False)
+    final, history, summary = fit(state, _tiny_dataset(), config, tmp_path, eval_step=scripted_eval, progress=False)
+
+    assert [r["epoch"] for r in history] == list(range(1, 10))
+    assert [r["val_loss"] for r in history] == pytest.approx(SCRIPT[:9])
+    assert [r["lr"] for r in history] == pytest.approx([1e-3] * 7 + [5e-4] * 2)
+    assert summary["stopped_early"] and summary["stop_epoch"] == 9 and summary["best_epoch"] == 4
+    assert summary["best_val_loss"] == pytest.approx(0.7)
+
+    ckpts = Checkpoints(tmp_path, keep=config.keep_checkpoints)
+    assert ckpts.all_epochs("latest") == [7, 8, 9] and ckpts.all_epochs("best") == [4]
+    best, meta = ckpts.restore(state, "best")
+    ckpts.close()
+    assert int(best.step) == 4 * steps_per_epoch and meta["epoch"] == 4
+    jax.tree.map(np.testing.assert_array_equal, final.params, best.params)
+    jax.tree.map(np.testing.assert_array_equal, final.batch_stats, best.batch_stats)
+    assert not np.array_equal(final.params["logits"]["kernel"], state.params["logits"]["kernel"])
+    assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == 4

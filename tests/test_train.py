@@ -1,0 +1,152 @@
+"""Train and eval steps: NumPy-checked loss and Adam update, keys from (seed, step), masked eval, frozen params."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcnn.models.cifar_cnn import CifarCNN
+from jaxcnn.train import (TrainState, adam, evaluate, get_learning_rate, make_eval_step, make_mesh,
+                          make_train_step, pad_split, set_learning_rate, step_keys)
+
+
+class Linear(nn.Module):
+    """Flatten + Dense: no BN, no dropout; the step's arithmetic can be written out in NumPy."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        return nn.Dense(3, name="out")(x.reshape((x.shape[0], -1)))
+
+
+def _np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_train_step_matches_numpy_loss_gradient_and_adam():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 2, 2, 1), dtype=np.uint8)
+    labels = np.array([0, 2, 1, 2], np.int32)
+    model = Linear()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)), train=False)
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(0.01), key=jax.random.key(1))
+    w = np.asarray(variables["params"]["out"]["kernel"], np.float64)  # (4, 3)
+    b = np.asarray(variables["params"]["out"]["bias"], np.float64)
+
+    step = jax.jit(make_train_step(), donate_argnums=0)
+    new, metrics = step(state, {"image": jnp.asarray(images), "label": jnp.asarray(labels)})
+
+    x = images.reshape(4, -1).astype(np.float64) / 255.0
+    p = _np_softmax(x @ w + b)
+    loss = -np.mean(np.log(p[np.arange(4), labels]))
+    onehot = np.eye(3)[labels]
+    gw, gb = x.T @ (p - onehot) / 4, (p - onehot).mean(0)
+    # Adam, first step: m̂ = g, v̂ = g², update = -lr · g / (|g| + eps).
+    adam_step = lambda g: -0.01 * g / (np.abs(g) + 1e-8)  # noqa: E731
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-6)
+    assert float(metrics["accuracy"]) == np.mean(p.argmax(-1) == labels)
+    np.testing.assert_allclose(np.asarray(new.params["out"]["kernel"]), w + adam_step(gw), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new.params["out"]["bias"]), b + adam_step(gb), rtol=1e-5, atol=1e-6)
+    assert int(new.step) == 1 and new.batch_stats == {}
+
+
+def _tiny_cnn_state(seed=0, lr=1e-3, labels=None):
+    model = CifarCNN(widths=(4, 8), dense_units=8, num_classes=3)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)), train=False)
+    return model, TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(lr, labels=labels),
+                                    key=jax.random.key(seed + 100))
+
+
+def _batch(n=8, seed=0, size=8):
+    rng = np.random.default_rng(seed)
+    return {"image": jnp.asarray(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)),
+            "label": jnp.asarray(rng.integers(0, 3, n).astype(np.int32))}
+
+
+def test_train_step_uses_fold_in_seed_step_keys_and_updates_batch_stats():
+    """Loss of step s == the model applied with dropout key split(fold_in(key, s))[0]."""
+    model, state = _tiny_cnn_state()
+    batch = _batch()
+    step = jax.jit(make_train_step())
+    for s in range(3):
+        dropout_key, _ = step_keys(state.key, jnp.asarray(s))
+        x = batch["image"].astype(jnp.float32) / 255.0
+        logits, upd = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
+                                  rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        state, metrics = step(state, batch)
+        np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-6)
+        jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7),
+                     state.batch_stats, upd["batch_stats"])
+    assert int(state.step) == 3
+
+
+def test_augment_fn_gets_the_step_augment_key():
+    seen = []
+    _, state = _tiny_cnn_state()
+
+    def augment(key, images):  # records the key; flips the images so the result depends on it
+        seen.append(key)
+        return images[:, :, ::-1]
+
+    make_train_step(augment_fn=augment)(state, _batch())
+    _, expected = step_keys(state.key, state.step)
+    np.testing.assert_array_equal(jax.random.key_data(seen[0]), jax.random.key_data(expected))
+
+
+def test_eval_counts_every_example_once_with_a_non_dividing_batch():
+    model, state = _tiny_cnn_state()
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 10).astype(np.int32)
+    mesh = make_mesh()
+    got = evaluate(state, pad_split(images, labels, 4, mesh), jax.jit(make_eval_step()), 4, mesh)  # 4 + 4 + 2
+    logits = np.asarray(model.apply(state.variables, jnp.asarray(images, jnp.float32) / 255.0, train=False),
+                        np.float64)
+    p = _np_softmax(logits)
+    assert got["count"] == 10
+    np.testing.assert_allclose(got["loss"], -np.mean(np.log(p[np.arange(10), labels])), rtol=1e-5)
+    assert got["accuracy"] == pytest.approx(np.mean(p.argmax(-1) == labels))
+
+
+def test_learning_rate_lives_in_the_state_and_can_be_set():
+    _, state = _tiny_cnn_state(lr=1e-3)
+    assert get_learning_rate(state.opt_state) == pytest.approx(1e-3)
+    halved = set_learning_rate(state, 5e-4)
+    assert get_learning_rate(halved.opt_state) == pytest.approx(5e-4)
+    batch = _batch()
+    a, _ = make_train_step()(state, batch)
+    b, _ = make_train_step()(halved, batch)
+    # Adam's first step is ±lr per weight (where the gradient is not tiny): half the move.
+    da = np.asarray(a.params["logits"]["bias"] - state.params["logits"]["bias"])
+    db = np.asarray(b.params["logits"]["bias"] - state.params["logits"]["bias"])
+    np.testing.assert_allclose(db, da / 2, rtol=1e-4)
+
+
+def test_frozen_labels_differentiate_only_the_trainable_part():
+    from jaxcnn import freeze
+
+    _, plain = _tiny_cnn_state()
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: freeze.FROZEN if path[0].key.startswith("block1") else freeze.TRAINABLE, plain.params)
+    _, state = _tiny_cnn_state(labels=labels)
+    batch = _batch()
+    split_step = jax.jit(make_train_step(labels=labels))
+    full_step = jax.jit(make_train_step())  # full gradient, the optimizer's mask zeroes the frozen updates
+    a, ma = split_step(state, batch)
+    b, mb = full_step(state, batch)
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+    for name in state.params:
+        for leaf in state.params[name]:
+            if name.startswith("block1"):  # frozen: bitwise unchanged
+                np.testing.assert_array_equal(a.params[name][leaf], state.params[name][leaf])
+            else:
+                np.testing.assert_allclose(a.params[name][leaf], b.params[name][leaf], rtol=1e-5, atol=1e-7)
+                assert not np.array_equal(a.params[name][leaf], state.params[name][leaf])
+    # The split step's jaxpr computes no gradient for the frozen conv: no conv with block1's kernel as output.
+    # (checked by counting convolutions: forward 4 + backward of block2 only.)
+    n_conv = lambda f: str(jax.make_jaxpr(f)(state, batch)).count("conv_general_dilated")  # noqa: E731
+    assert n_conv(make_train_step(labels=labels)) < n_conv(make_train_step())

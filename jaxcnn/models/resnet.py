@@ -221,21 +221,29 @@ ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), filters=(4, 4, 
 class Classifier(nn.Module):
     """A pretrained backbone plus a new dense head: the fine-tuning model.
 
-    ``params`` is ``{"backbone": <Keras-named layers>, "head": {"kernel", "bias"}}`` so
-    ``jaxcnn.freeze.backbone()`` freezes the whole backbone and
-    ``first_n_keras_layers(n)`` still means ``base_model.layers[:n]``. Fill the backbone
-    from ``load_keras_h5(path, include_top=False)`` (see ``with_backbone_variables``).
+    ``params`` is ``{"backbone": <Keras-named layers>, "head": {"kernel", "bias"}}`` (plus
+    ``"head_hidden"`` with ``hidden``) so ``jaxcnn.freeze.backbone()`` freezes the whole
+    backbone and ``first_n_keras_layers(n)`` still means ``base_model.layers[:n]``. Fill the
+    backbone from ``load_keras_h5(path, include_top=False)`` (see ``with_backbone_variables``).
+
+    With ``hidden=256, dropout_rate=0.5`` this is the seed's Keras head::
+
+        GlobalAveragePooling2D -> Dense(256, relu) -> Dropout(0.5) -> Dense(N)
+        (backbone pooling="avg")   "head_hidden"                      "head" (logits)
 
     Attributes:
       backbone: e.g. ``ResNet50(include_top=False, pooling="avg")`` (must return ``(N, F)``).
       num_classes: width of the head (logits, no softmax).
-      dropout_rate: probability of zeroing a feature before the head (0 = none); needs a
-        ``"dropout"`` rng when ``train=True``.
+      dropout_rate: probability of zeroing a unit before the ``head`` layer (0 = none); needs
+        a ``"dropout"`` rng when ``train=True``.
+      hidden: width of a ReLU dense layer ``"head_hidden"`` between the features and the
+        dropout, or ``None`` (default: features -> dropout -> ``head``).
     """
 
     backbone: nn.Module
     num_classes: int
     dropout_rate: float = 0.0
+    hidden: Optional[int] = None
 
     @nn.compact
     def __call__(self, x, *, train: bool, frozen_bn: frozenset = frozenset()):
@@ -246,9 +254,14 @@ class Classifier(nn.Module):
         """
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"Classifier: dropout_rate={self.dropout_rate!r}; allowed: 0 <= rate < 1")
+        if self.hidden is not None and (isinstance(self.hidden, bool) or not isinstance(self.hidden, int)
+                                        or self.hidden < 1):
+            raise ValueError(f"Classifier: hidden={self.hidden!r}; allowed: None or an int >= 1")
         feats = self.backbone(x, train=train, frozen_bn=frozen_bn)
         if feats.ndim != 2:
             raise ValueError(f"Classifier: backbone must return (N, F) features (use pooling='avg'), got {feats.shape}")
+        if self.hidden is not None:
+            feats = nn.relu(nn.Dense(self.hidden, kernel_init=_glorot, dtype=feats.dtype, name="head_hidden")(feats))
         if self.dropout_rate > 0.0:
             key = self.make_rng("dropout") if train else None
             feats = layers.dropout(feats, self.dropout_rate, key=key, train=train)

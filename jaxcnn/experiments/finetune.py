@@ -1,0 +1,361 @@
+"""The seed's fine-tuning experiment (question 6): a pretrained ResNet50, a new head, two phases.
+
+    python -m jaxcnn.experiments.finetune                                   # tf_flowers 224, ImageNet weights
+    python -m jaxcnn.experiments.finetune --preset offline --weights none   # embedded data, no download
+    python -m jaxcnn.experiments.finetune --weights ~/resnet50_notop.h5     # a weight file of your own
+
+Model: ``ResNet50(include_top=False)`` -> global average pooling -> Dense 256 ReLU
+(``head_hidden``) -> Dropout 0.5 -> Dense N (``head``, logits); caffe preprocessing (RGB -> BGR,
+ImageNet mean) runs inside the jitted step on uint8 images kept on the device; augmentation is
+a random left-right flip and a shift of up to 10 % (no rotation).
+
+* Phase 1: the whole backbone frozen (Keras ``base_model.trainable = False``), Adam 1e-3.
+* Phase 2: starts from the phase-1 best checkpoint **read back from disk**; everything but the
+  first 100 Keras layers trains (``base_model.layers[:100]`` frozen: up to and including
+  ``conv4_block2_3_conv``), a fresh Adam 1e-5.
+
+Frozen layers are frozen three ways from one label tree (``jaxcnn.freeze``): the gradient is
+taken w.r.t. the trainable part only (a frozen layer costs its forward pass), the optimizer
+is masked, and frozen BatchNorm layers run in inference mode (``frozen_bn``), as in Keras.
+Each phase runs the shared ``jaxcnn.train.fit`` for a fixed number of epochs (no early stop,
+no LR drop) and keeps the weights of its lowest validation loss.
+
+``<workdir>`` (default ``checkpoints/finetune-<dataset>-<preset>``) receives ``phase1/`` and
+``phase2/`` (each a run record: config.json, history.json/.csv, summary.json,
+freeze_summary.txt, checkpoints/{latest,best}, tensorboard/, plots/) and ``summary.json``
+with the accuracy of each phase and ``pretrained: true|false``.
+
+Presets (``get_config``), what to expect, measured time:
+
+* ``default``: tf_flowers at 224, batch 32, 10 + 20 epochs, ``--weights imagenet``.
+  NOT MEASURED: neither tf_flowers nor the ImageNet file can be downloaded on the build
+  machine. ResNet50 training at 224 runs at a few images/s on a 2-core CPU, so this preset
+  wants a GPU.
+* ``offline``: the embedded offline dataset at 32x32 (2,000 / 500 / 500), batch 32,
+  4 + 6 epochs. Needs ``--weights none`` (or a file) where ImageNet weights cannot be had.
+  Measured: see ``OFFLINE_MEASURED`` below and ``experiments/finetune/``.
+* ``smoke``: ResNetTiny, 64 images, 2 + 2 epochs; the test suite runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn import checkpoint, freeze
+from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
+from jaxcnn.preprocess import caffe_preprocess
+from jaxcnn.train import TrainState, adam, make_eval_step, make_mesh, make_train_step
+from jaxcnn.train.loop import FitConfig, augment_fn_from_config, fit
+
+PRESETS = ("default", "offline", "smoke")
+DATASETS = ("tf_flowers", "offline")
+MODELS = ("resnet50", "tiny")
+MODEL_NAME = "finetune_classifier"  # config["model"] of each phase, for checkpoint.restore_for_inference
+
+OFFLINE_MEASURED = "not measured yet"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything ``python -m jaxcnn.experiments.finetune`` reads (saved in each phase's config.json).
+
+    ``weights``: ``"imagenet"`` (the official Keras no-top file, fetched into the Keras cache),
+    a path to a Keras legacy ``.h5`` file of the backbone, or ``"none"`` (random init).
+    ``phase2_frozen_layers``: Keras ``base_model.layers[:n]`` stay frozen in phase 2.
+    """
+
+    preset: str = "default"
+    dataset: str = "tf_flowers"
+    data_dir: Optional[str] = None
+    image_size: int = 224
+    num_train: int = 2000  # offline split sizes (tf_flowers: 80 / 10 / 10 % of its 3,670 photos)
+    num_val: int = 500
+    num_test: int = 500
+    model: str = "resnet50"
+    weights: str = "imagenet"
+    hidden: int = 256
+    dropout: float = 0.5
+    phase1_epochs: int = 10
+    phase1_lr: float = 1e-3
+    phase2_epochs: int = 20
+    phase2_lr: float = 1e-5
+    phase2_frozen_layers: int = 100
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    seed: int = 0
+    augment: bool = True
+    width_shift: float = 0.1
+    height_shift: float = 0.1
+    horizontal_flip: bool = True
+
+    def __post_init__(self):
+        for name, allowed in (("preset", PRESETS), ("dataset", DATASETS), ("model", MODELS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"FinetuneConfig: {name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        for name in ("image_size", "num_train", "num_val", "num_test", "hidden", "phase1_epochs", "phase2_epochs",
+                     "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"FinetuneConfig: {name}={v!r}; must be an int >= 1")
+        if self.image_size < 32:
+            raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
+        if self.model == "tiny" and self.weights == "imagenet":
+            raise ValueError("FinetuneConfig: weights='imagenet' is a ResNet50 file; with model='tiny' use "
+                             "'none' or a path to a file of the tiny model")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def get_config(name: str = "default", **overrides) -> FinetuneConfig:
+    """The preset ``name`` ("default" | "offline" | "smoke") with ``overrides`` applied (None values ignored)."""
+    if name == "default":
+        base = FinetuneConfig(preset="default")
+    elif name == "offline":
+        base = FinetuneConfig(preset="offline", dataset="offline", image_size=32, phase1_epochs=4,
+                              phase2_epochs=6, eval_batch_size=250)
+    elif name == "smoke":
+        base = FinetuneConfig(preset="smoke", dataset="offline", image_size=32, num_train=64, num_val=32,
+                              num_test=32, model="tiny", weights="none", phase1_epochs=2, phase2_epochs=2,
+                              phase2_frozen_layers=20, batch_size=16, eval_batch_size=32)
+    else:
+        raise ValueError(f"get_config: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(FinetuneConfig)}
+    if unknown:
+        raise ValueError(f"get_config: unknown settings {sorted(unknown)}")
+    return dataclasses.replace(base, **overrides)
+
+
+# --------------------------------------------------------------------------- model and weights
+
+
+def build_model(config: dict | FinetuneConfig, num_classes: int) -> Classifier:
+    """The fine-tuning ``Classifier``: backbone (no top, average pooling) + the seed's head."""
+    c = config if isinstance(config, dict) else config.to_dict()
+    backbone_name = c.get("backbone", c["model"])  # a phase's config.json names it "backbone"
+    make = {"resnet50": ResNet50, "tiny": ResNetTiny}[backbone_name]
+    return Classifier(make(include_top=False, pooling="avg"), num_classes=int(num_classes),
+                      dropout_rate=float(c["dropout"]), hidden=int(c["hidden"]))
+
+
+checkpoint.register_model(MODEL_NAME, lambda c: build_model(c, c["num_classes"]))
+
+
+class WeightsUnavailableError(RuntimeError):
+    """``--weights`` names no usable file (no network and nothing in the Keras cache, or a missing
+    path); the message says where to put the file."""
+
+
+def weights_path(config: FinetuneConfig) -> Optional[pathlib.Path]:
+    """The backbone weight file of ``config.weights`` (None for ``"none"``): ``"imagenet"`` is
+    fetched into / reused from the Keras cache (``jaxcnn.weights.resolve_weights``).
+
+    Raises:
+      WeightsUnavailableError: the file cannot be had; the message says where to put it.
+    """
+    from jaxcnn.weights import resolve_weights
+
+    try:
+        return resolve_weights(None if config.weights == "none" else config.weights, include_top=False)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise WeightsUnavailableError(str(e)) from None
+
+
+def initial_variables(config: FinetuneConfig, model: Classifier, image_shape,
+                      path: Optional[pathlib.Path]) -> dict:
+    """A fresh init from ``key(seed)``, the backbone filled from the weight file ``path``
+    (a Keras legacy no-top file; None: the backbone stays random)."""
+    from jaxcnn.weights import load_keras_h5
+
+    init_key = jax.random.split(jax.random.key(config.seed))[0]
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(init_key)
+    if path is not None:
+        converted = load_keras_h5(path, include_top=False, model=model.backbone)
+        variables = with_backbone_variables(variables, converted)
+    return variables
+
+
+def phase_rule(config: FinetuneConfig, phase: int) -> freeze.Rule:
+    """Phase 1: the whole backbone; phase 2: Keras' ``base_model.layers[:phase2_frozen_layers]``."""
+    return freeze.backbone() if phase == 1 else freeze.first_n_keras_layers(config.phase2_frozen_layers)
+
+
+def restore_phase(workdir, phase: int, *, which: str = "best") -> tuple[Classifier, dict, dict]:
+    """``(model, variables, config)`` of ``<workdir>/phase<phase>`` read from its Orbax checkpoint."""
+    return checkpoint.restore_for_inference(pathlib.Path(workdir) / f"phase{phase}", which=which)
+
+
+# --------------------------------------------------------------------------- one phase
+
+
+def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: dict, dataset, workdir, *,
+              pretrained: bool, progress: bool = True, mesh=None,
+              on_start: Optional[Callable[[int, TrainState], None]] = None) -> dict:
+    """Freeze by ``phase_rule``, print the Keras-like counts, ``fit`` into ``<workdir>/phase<phase>``."""
+    phase_dir = pathlib.Path(workdir) / f"phase{phase}"
+    order = model.backbone.layer_order()
+    rule = phase_rule(config, phase)
+    labels = freeze.label_tree(variables["params"], rule, layer_order=order)
+    frozen_bn = freeze.frozen_layer_names(labels, under="backbone")
+    lr, epochs = (config.phase1_lr, config.phase1_epochs) if phase == 1 else (config.phase2_lr, config.phase2_epochs)
+
+    table = freeze.summary(variables["params"], variables.get("batch_stats", {}), labels, layer_order=order)
+    trainable, non_trainable = freeze.count_params(variables["params"], variables.get("batch_stats", {}), labels)
+    n_layers = len(variables["params"]["backbone"]) + len(variables["params"]) - 1  # backbone + head layers
+    n_frozen = len(freeze.frozen_layer_names(labels))
+    print(f"\n=== Phase {phase}: {rule.description}, Adam {lr:g}, {epochs} epochs ===")
+    n_bn = sum(name.endswith("_bn") for name in frozen_bn)
+    print(f"{n_frozen} of {n_layers} weighted layers frozen ({n_bn} of them BatchNorm, run in inference mode)")
+    print("\n".join(table.splitlines()[-3:]))
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    (phase_dir / "freeze_summary.txt").write_text(table + "\n")
+
+    fit_config = FitConfig(epochs=epochs, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+                           learning_rate=lr, seed=config.seed, augment=config.augment, rotation=0.0,
+                           width_shift=config.width_shift, height_shift=config.height_shift,
+                           horizontal_flip=config.horizontal_flip,
+                           early_stopping_patience=epochs, plateau_patience=epochs)  # fixed schedule
+    state_key = jax.random.fold_in(jax.random.split(jax.random.key(config.seed))[1], phase)
+    state = TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn), variables=variables,
+                              tx=adam(lr, labels=labels), key=state_key)
+    if on_start is not None:
+        on_start(phase, state)
+    extra = {**config.to_dict(), "phase": phase, "model": MODEL_NAME, "backbone": config.model,
+             "num_classes": int(dataset.num_classes), "freeze_rule": rule.description, "pretrained": pretrained,
+             "trainable_params": trainable, "non_trainable_params": non_trainable}
+    train_step = make_train_step(labels=labels, augment_fn=augment_fn_from_config(fit_config),
+                                 preprocess=caffe_preprocess)
+    _, _, summary = fit(state, dataset, fit_config, phase_dir, train_step=train_step,
+                        eval_step=make_eval_step(preprocess=caffe_preprocess), mesh=mesh, progress=progress,
+                        extra_config=extra)
+    _plot(phase_dir)
+    print(f"phase {phase}: test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}), best "
+          f"val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}, "
+          f"{summary['wall_time_s']:.0f} s")
+    return {**summary, "freeze_rule": rule.description, "learning_rate": lr, "epochs": epochs,
+            "trainable_params": trainable, "non_trainable_params": non_trainable}
+
+
+def _plot(phase_dir: pathlib.Path) -> None:
+    try:
+        from jaxcnn.viz import plot_curves
+    except ImportError:
+        return
+    plot_curves(phase_dir)
+
+
+# --------------------------------------------------------------------------- both phases
+
+
+def load_data(config: FinetuneConfig):
+    """The config's dataset; raises ``jaxcnn.data.DatasetUnavailableError`` when tf_flowers cannot be had."""
+    from jaxcnn.data import load_dataset
+
+    if config.dataset == "offline":
+        return load_dataset("offline", seed=config.seed, num_train=config.num_train, num_val=config.num_val,
+                            num_test=config.num_test, image_size=config.image_size)
+    return load_dataset("tf_flowers", data_dir=config.data_dir, seed=config.seed, image_size=config.image_size)
+
+
+NO_WEIGHTS_WARNING = ("WARNING: running WITHOUT pretrained weights (--weights none): the backbone is randomly "
+                      "initialised, so phase 1 trains a head on random features and the accuracies below are "
+                      "not those of fine-tuning a pretrained network.")
+
+
+def run(config: FinetuneConfig, workdir, *, dataset=None, progress: bool = True, mesh=None,
+        on_phase_start: Optional[Callable[[int, TrainState], None]] = None) -> dict:
+    """Both phases; phase 2 starts from phase 1's best checkpoint as read back from disk.
+
+    ``on_phase_start(phase, state)`` sees each phase's initial ``TrainState`` (for tests).
+    Returns the summary also written to ``<workdir>/summary.json``.
+    """
+    t0 = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    for phase in (1, 2):
+        if checkpoint.has_checkpoints(workdir / f"phase{phase}"):
+            raise FileExistsError(f"{workdir / f'phase{phase}'} already holds checkpoints; choose another "
+                                  "--workdir (nothing was changed)")
+    path = weights_path(config)  # fail fast, before the data
+    dataset = load_data(config) if dataset is None else dataset
+    model = build_model(config, dataset.num_classes)
+    variables = initial_variables(config, model, dataset.image_shape, path)
+    pretrained = path is not None
+    if pretrained:
+        print(f"backbone weights: {path}")
+    else:
+        print(NO_WEIGHTS_WARNING, file=sys.stderr)
+    mesh = make_mesh() if mesh is None else mesh
+    common = dict(pretrained=pretrained, progress=progress, mesh=mesh, on_start=on_phase_start)
+
+    s1 = run_phase(config, 1, model, variables, dataset, workdir, **common)
+    _, restored, _ = restore_phase(workdir, 1)  # from disk, not the in-memory state
+    s2 = run_phase(config, 2, model, restored, dataset, workdir, **common)
+
+    summary = {"pretrained": pretrained, "weights": str(path) if pretrained else "none",
+               "dataset": dataset.name, "image_size": int(dataset.image_shape[0]), "model": config.model,
+               "num_classes": int(dataset.num_classes), "num_train": len(dataset.train.labels),
+               "phase1": s1, "phase2": s2, "wall_time_s": time.perf_counter() - t0, "device": s2["device"]}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="default", choices=PRESETS)
+    p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
+    p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none")
+    p.add_argument("--image_size", type=int)
+    p.add_argument("--phase1_epochs", type=int)
+    p.add_argument("--phase2_epochs", type=int)
+    p.add_argument("--phase2_frozen_layers", type=int, help="Keras base_model.layers[:n] frozen in phase 2 (100)")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model", choices=MODELS, help="resnet50 (default) or tiny (tests)")
+    p.add_argument("--data_dir", help="tfds data directory (tf_flowers without network: "
+                                      "<data_dir>/downloads/manual/flower_photos.tgz)")
+    p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
+    p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = _parse(argv)
+    from jaxcnn.data import DatasetUnavailableError
+
+    try:
+        config = get_config(args.preset, dataset=args.dataset, weights=args.weights, image_size=args.image_size,
+                            phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
+                            phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
+                            seed=args.seed, model=args.model, data_dir=args.data_dir,
+                            augment=False if args.no_augment else None)
+        workdir = pathlib.Path(args.workdir or f"checkpoints/finetune-{config.dataset}-{config.preset}")
+        summary = run(config, workdir, progress=not args.no_progress)
+    except (WeightsUnavailableError, DatasetUnavailableError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s1, s2 = summary["phase1"], summary["phase2"]
+    print(f"\n{summary['dataset']} {summary['image_size']}px, "
+          f"{'pretrained' if summary['pretrained'] else 'NO PRETRAINED WEIGHTS'}: test accuracy phase 1 "
+          f"{s1['test_accuracy']:.4f}, phase 2 {s2['test_accuracy']:.4f}; {summary['wall_time_s']:.0f} s on "
+          f"{summary['device']}")
+    print(f"records: {workdir}/summary.json, {workdir}/phase1/, {workdir}/phase2/ (checkpoints/best inside each)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import shutil
 import sys
@@ -28,10 +29,15 @@ RECORD_FILES = ("config.json", "history.json", "history.csv", "summary.json")
 
 
 def build_model(config: ExperimentConfig) -> CifarCNN:
-    """The config's ``CifarCNN``."""
-    return CifarCNN(num_classes=config.num_classes, widths=tuple(config.widths), dense_units=config.dense_units,
-                    conv_dropout=config.conv_dropout, conv_dropout_rate=config.conv_dropout_rate,
-                    dense_dropout=config.dense_dropout)
+    """The config's ``CifarCNN`` (the same object for the same settings, so compiled steps are reused)."""
+    return _model(config.num_classes, tuple(int(w) for w in config.widths), config.dense_units,
+                  config.conv_dropout, float(config.conv_dropout_rate), float(config.dense_dropout))
+
+
+@functools.lru_cache(maxsize=32)
+def _model(num_classes, widths, dense_units, conv_dropout, conv_dropout_rate, dense_dropout) -> CifarCNN:
+    return CifarCNN(num_classes=num_classes, widths=widths, dense_units=dense_units, conv_dropout=conv_dropout,
+                    conv_dropout_rate=conv_dropout_rate, dense_dropout=dense_dropout)
 
 
 def create_state(config: ExperimentConfig, model, image_shape) -> TrainState:
@@ -39,7 +45,7 @@ def create_state(config: ExperimentConfig, model, image_shape) -> TrainState:
     step key from its second split (``jaxcnn.train.loop.shuffle_key`` is a third stream)."""
     init_key, state_key = jax.random.split(jax.random.key(config.seed))
     x = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
-    variables = jax.jit(lambda k: model.init(k, x, train=False))(init_key)
+    variables = model.init(init_key, x, train=False)  # eager: its small compiled ops are cached per process
     return TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(config.learning_rate),
                              key=state_key)
 
@@ -75,6 +81,7 @@ def _parse(argv):
     p.add_argument("--seed", type=int)
     p.add_argument("--data_dir", help="tfds data directory (CIFAR-10 without network: "
                                       "<data_dir>/downloads/manual/cifar-10-binary.tar.gz)")
+    p.add_argument("--val_size", type=int, help="cifar10: examples of the train split held out for validation (5000)")
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
     p.add_argument("--no_augment", action="store_true", help="train without augmentation")
     p.add_argument("--workdir", help="default: checkpoints/cifar10-<dataset>-<preset>")
@@ -91,7 +98,7 @@ def main(argv: Optional[list] = None) -> int:
         print("error: --resume and --overwrite exclude each other", file=sys.stderr)
         return 2
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
+                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir, val_size=args.val_size,
                         conv_dropout=args.conv_dropout, augment=False if args.no_augment else None)
     workdir = pathlib.Path(args.workdir or f"checkpoints/cifar10-{config.dataset}-{config.preset}")
     from jaxcnn.data import DatasetUnavailableError

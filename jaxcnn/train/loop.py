@@ -79,12 +79,35 @@ class FitConfig:
 
 def augment_fn_from_config(config: FitConfig) -> Optional[Callable]:
     """``random_augment`` with the config's ranges, or None when ``config.augment`` is False."""
-    if not config.augment:
+    return _augment_fn(_augment_settings(config))
+
+
+def _augment_fn(settings: Optional[tuple]) -> Optional[Callable]:
+    if settings is None:
         return None
     from jaxcnn.data.augment import random_augment
 
-    return functools.partial(random_augment, rotation=float(config.rotation), width_shift=float(config.width_shift),
-                             height_shift=float(config.height_shift), horizontal_flip=bool(config.horizontal_flip))
+    rotation, width_shift, height_shift, horizontal_flip = settings
+    return functools.partial(random_augment, rotation=rotation, width_shift=width_shift,
+                             height_shift=height_shift, horizontal_flip=horizontal_flip)
+
+
+def _augment_settings(config: FitConfig) -> Optional[tuple]:
+    if not config.augment:
+        return None
+    return (float(config.rotation), float(config.width_shift), float(config.height_shift), bool(config.horizontal_flip))
+
+
+# The default steps are built once per setting: runs in one process (tests, studies) whose
+# model and optimizer objects are the same then share the compiled step.
+@functools.lru_cache(maxsize=16)
+def _default_train_step(augment: Optional[tuple]) -> Callable:
+    return jax.jit(make_train_step(augment_fn=_augment_fn(augment)), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_eval_step() -> Callable:
+    return jax.jit(make_eval_step())
 
 
 def shuffle_key(seed: int) -> jax.Array:
@@ -211,8 +234,9 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, train_step: O
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(run_config, indent=1, default=str))
 
-    train_step = jax.jit(train_step or make_train_step(augment_fn=augment_fn_from_config(config)), donate_argnums=0)
-    eval_step = jax.jit(eval_step or make_eval_step())
+    train_step = (_default_train_step(_augment_settings(config)) if train_step is None
+                  else jax.jit(train_step, donate_argnums=0))
+    eval_step = _default_eval_step() if eval_step is None else jax.jit(eval_step)
     early = cb.EarlyStopping(patience=config.early_stopping_patience)
     plateau = cb.ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
                                    min_delta=config.plateau_min_delta, min_lr=config.min_lr)

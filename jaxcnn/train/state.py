@@ -8,6 +8,7 @@ advancing key, so a run resumed from a checkpoint repeats exactly.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -66,14 +67,21 @@ def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None) -> opt
     ``labels`` (a ``"trainable"``/``"frozen"`` tree, see ``jaxcnn.freeze``) masks frozen
     parameters with ``jaxcnn.freeze.masked``.
     """
-    if not learning_rate > 0:
-        raise ValueError(f"adam: learning_rate={learning_rate!r}; must be > 0")
-    tx = optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
+        raise ValueError(f"adam: learning_rate={learning_rate!r}; must be a number > 0")
+    tx = _adam(float(learning_rate))
     if labels is not None:
         from jaxcnn import freeze  # the fine-tuning path
 
         tx = freeze.masked(tx, labels)
     return tx
+
+
+@functools.lru_cache(maxsize=64)
+def _adam(learning_rate: float) -> optax.GradientTransformation:
+    # One object per rate: a TrainState's tx is a static jit argument, so equal runs in one
+    # process (tests, studies) reuse the compiled step instead of compiling it again.
+    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
 
 
 def _is_inject_state(x) -> bool:

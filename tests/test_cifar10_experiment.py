@@ -1,0 +1,75 @@
+"""``python -m jaxcnn.experiments.cifar10`` end to end: offline data, tfds mock CIFAR-10, errors."""
+
+import json
+import math
+
+import pytest
+
+from jaxcnn.data import DatasetUnavailableError
+from jaxcnn.experiments import cifar10
+from jaxcnn.experiments.configs import PRESETS, get_config
+
+
+def test_offline_smoke_run_then_refuse_then_resume(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert cifar10.main(["--preset", "smoke", "--workdir", str(workdir), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and str(workdir / "checkpoints" / "best") in out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["dataset"] == "offline" and summary["num_train"] == 256 and summary["stop_epoch"] == 2
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and math.isfinite(summary["test_loss"])
+    assert len(json.loads((workdir / "history.json").read_text())) == 2
+
+    # a second fresh run into the same workdir is refused, and nothing is touched
+    before = sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir())
+    assert cifar10.main(["--preset", "smoke", "--workdir", str(workdir), "--no_progress"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()) == before
+
+    # --resume with more epochs continues from epoch 2
+    assert cifar10.main(["--preset", "smoke", "--workdir", str(workdir), "--no_progress", "--resume",
+                         "--epochs", "3"]) == 0
+    history = json.loads((workdir / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_cifar10_path_on_tfds_mock_data(tmp_path, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    workdir = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=40):
+        rc = cifar10.main(["--dataset", "cifar10", "--preset", "smoke", "--data_dir", str(tmp_path / "tfds"),
+                           "--val_size", "8", "--workdir", str(workdir), "--no_progress", "--epochs", "1"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["dataset"] == "cifar10" and summary["num_train"] == 32 and summary["num_test"] == 40
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["dataset"] == "cifar10" and config["val_size"] == 8
+
+
+def test_unavailable_cifar10_exits_with_the_message_and_no_traceback(tmp_path, capsys, monkeypatch):
+    def unavailable(config):
+        raise DatasetUnavailableError("CIFAR-10 is not here: place cifar-10-binary.tar.gz ... or --dataset offline")
+
+    monkeypatch.setattr(cifar10, "load_data", unavailable)
+    assert cifar10.main(["--workdir", str(tmp_path / "run"), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset offline" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_presets_and_overrides():
+    assert set(PRESETS) == {"default", "demo", "smoke"}
+    default = get_config("default")
+    assert (default.dataset, default.epochs, default.batch_size, default.learning_rate) == ("cifar10", 50, 64, 1e-3)
+    assert (default.early_stopping_patience, default.plateau_patience, default.plateau_factor) == (5, 3, 0.5)
+    assert default.widths == (32, 64, 128) and default.augment
+    assert get_config("demo").dataset == "offline"
+    assert get_config("smoke", epochs=7, seed=None).epochs == 7
+    with pytest.raises(ValueError, match="no_such"):
+        get_config("smoke", no_such=1)
+    with pytest.raises(ValueError, match="preset"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="dataset='mnist'"):
+        get_config("default", dataset="mnist")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        get_config("default", batch_size=0)

@@ -110,3 +110,20 @@ def test_config_errors():
         ds.get_config("smoke", depth=3)
     cfg = ds.get_config("default")
     assert dataclasses.replace(cfg).widths == (32, 64, 128) and cfg.variants == VARIANTS
+
+
+def test_figure_marks_the_final_inference_train_accuracy(tmp_path):
+    study = ds.get_config("smoke", variants=("none", "dropout"))
+    hist = [{"epoch": e, "train_accuracy": 0.5 + 0.1 * e, "val_accuracy": 0.4, "val_loss": 1.0} for e in (1, 2)]
+    rows = [dict(variant=v, description=ds.DESCRIPTIONS[v], epochs=2, train_accuracy=acc, val_accuracy=0.4,
+                 gap=acc - 0.4, val_loss=1.0, train_accuracy_running=0.7, best_val_accuracy=0.4,
+                 best_val_accuracy_epoch=1) for v, acc in (("none", 0.95), ("dropout", 0.75))]
+    meta = {"hardware": "test", "wall_time_s": 60.0, "jax_version": "x", "date_utc": "today"}
+    fig = ds.write_records(tmp_path, study, rows, {"none": hist, "dropout": hist}, meta)
+    stars = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in fig.axes[0].lines
+             if ln.get_marker() == "*"}
+    assert stars == {"none (train, final, dropout off)": ([2], [0.95]),
+                     "dropout (train, final, dropout off)": ([2], [0.75])}
+    md = (tmp_path / "study.md").read_text()
+    assert "| 95.0 % | 40.0 % | +55.0 pt |" in md and "| 75.0 % | 40.0 % | +35.0 pt |" in md
+    assert "1.0 min for all variants" in md

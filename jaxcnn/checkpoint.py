@@ -94,9 +94,14 @@ class Checkpoints:
     def save(self, epoch: int, state: TrainState, meta: dict, *, best: bool = False) -> None:
         """Save ``state`` and JSON ``meta`` as epoch ``epoch`` (1-based) in latest, and in best if ``best``."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(meta))
-        for which in (LATEST, BEST) if best else (LATEST,):
-            self._managers[which].save(int(epoch), args=args, force=True)
-            self._managers[which].wait_until_finished()
+        # Best before latest: a crash in between leaves latest at the previous epoch, so a resume
+        # repeats this epoch (bitwise the same) instead of trusting a best that was never written.
+        for which in (BEST, LATEST) if best else (LATEST,):
+            mgr = self._managers[which]
+            if int(epoch) in mgr.all_steps():  # written before a crash; a resumed run recomputes it identically
+                continue
+            mgr.save(int(epoch), args=args, force=True)
+            mgr.wait_until_finished()
 
     def restore(self, template: TrainState, which: str = LATEST, epoch: Optional[int] = None
                 ) -> tuple[TrainState, dict]:

@@ -83,7 +83,8 @@ def _parse(argv):
                                       "<data_dir>/downloads/manual/cifar-10-binary.tar.gz)")
     p.add_argument("--val_size", type=int, help="cifar10: examples of the train split held out for validation (5000)")
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
-    p.add_argument("--no_augment", action="store_true", help="train without augmentation")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
     p.add_argument("--workdir", help="default: checkpoints/cifar10-<dataset>-<preset>")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -99,7 +100,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir, val_size=args.val_size,
-                        conv_dropout=args.conv_dropout, augment=False if args.no_augment else None)
+                        conv_dropout=args.conv_dropout, augment=args.augment)
     workdir = pathlib.Path(args.workdir or f"checkpoints/cifar10-{config.dataset}-{config.preset}")
     from jaxcnn.data import DatasetUnavailableError
     from jaxcnn.checkpoint import has_checkpoints
@@ -132,16 +133,19 @@ def main(argv: Optional[list] = None) -> int:
     except ImportError:
         plot_curves = None
     if plot_curves is not None:
-        plots = plot_curves(workdir)
+        figure = plot_curves(workdir)  # writes <workdir>/plots/curves.png
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        plots = sorted(str(p) for p in (workdir / "plots").glob("*.png"))
 
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "
           f"with the best weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "
           f"{'stopped early' if summary['stopped_early'] else 'ran'} to epoch {summary['stop_epoch']}, "
           f"{summary['wall_time_s']:.0f} s on {summary['device']}")
     print(f"checkpoints: {workdir / 'checkpoints' / 'best'} (best), {workdir / 'checkpoints' / 'latest'} (resume)")
-    print(f"records: {workdir}/history.csv, summary.json, tensorboard/"
-          + (f"; plots: {plots if isinstance(plots, (str, pathlib.Path)) else workdir / 'plots'}"
-             if plots is not None else "; plots: none (jaxcnn.viz not installed)"))
+    print(f"records: {workdir}/config.json, history.csv, summary.json, tensorboard/")
+    print(f"plots: {', '.join(plots)}" if plots else "plots: none (jaxcnn.viz.plot_curves not available)")
     return 0
 
 

@@ -178,8 +178,12 @@ def restore_for_inference(workdir, *, which: str = BEST, model=None) -> tuple[An
             raise ValueError(f"restore_for_inference: config model={name!r} has no builder; pass model=... "
                              f"or register_model(); known: {sorted(_MODEL_BUILDERS)}")
         model = _MODEL_BUILDERS[name](config)
+    if which not in (LATEST, BEST):
+        raise ValueError(f"restore_for_inference: which={which!r}; allowed: {LATEST!r}, {BEST!r}")
     d = checkpoint_dir(workdir) / which
-    with ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+    if not d.is_dir():
+        raise FileNotFoundError(f"restore_for_inference: no {which!r} checkpoints under {d}")
+    with ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(create=False),  # read_only logs warnings
                                item_names=("state", "meta")) as mgr:
         epoch = mgr.latest_step()
         if epoch is None:

@@ -114,3 +114,11 @@ def test_restore_for_inference_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": "no_such_model"}))
     with pytest.raises(ValueError, match="no_such_model"):
         checkpoint.restore_for_inference(tmp_path)
+
+
+def test_restore_for_inference_without_checkpoints(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(get_config("smoke").to_dict()))
+    with pytest.raises(FileNotFoundError, match="no 'best' checkpoints"):
+        checkpoint.restore_for_inference(tmp_path)
+    with pytest.raises(ValueError, match="which='newest'"):
+        checkpoint.restore_for_inference(tmp_path, which="newest")

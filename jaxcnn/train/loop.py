@@ -289,7 +289,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, train_step: O
             val = evaluate(state, val_data, eval_step, config.eval_batch_size, mesh)
             row = {"epoch": epoch, "train_loss": float(m["loss"]) / steps_per_epoch,
                    "train_accuracy": float(m["accuracy"]) / steps_per_epoch,
-                   "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": lr,
+                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                   "lr": float(f"{lr:.7g}"),  # the float32 rate, without float32's decimal noise
                    "epoch_time_s": time.perf_counter() - t0,
                    "images_per_s": steps_per_epoch * config.batch_size / train_time}
             history.append(row)

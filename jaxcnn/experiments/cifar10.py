@@ -11,6 +11,13 @@ and plots/ (when ``jaxcnn.viz`` is installed).
 
 from __future__ import annotations
 
+import os
+
+# tfds imports TensorFlow, which only reads and decodes data here: keep its start-up logs out of the CLI
+# (TF 2.21 prints its oneDNN notice whatever TF_CPP_MIN_LOG_LEVEL says, unless oneDNN is off).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 import argparse
 import dataclasses
 import functools

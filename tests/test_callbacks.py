@@ -122,6 +122,7 @@ def test_fit_stops_on_script_restores_best_weights_and_keeps_latest_and_best_apa
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
     state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3), key=jax.random.key(1))
     config = FitConfig(epochs=len(SCRIPT), batch_size=16, eval_batch_size=8, augment=False)
+    initial_kernel = np.array(state.params["logits"]["kernel"])  # fit donates the state it is given
     final, history, summary = fit(state, _tiny_dataset(), config, tmp_path, eval_step=scripted_eval, progress=False)
 
     assert [r["epoch"] for r in history] == list(range(1, 10))
@@ -132,10 +133,10 @@ def test_fit_stops_on_script_restores_best_weights_and_keeps_latest_and_best_apa
 
     ckpts = Checkpoints(tmp_path, keep=config.keep_checkpoints)
     assert ckpts.all_epochs("latest") == [7, 8, 9] and ckpts.all_epochs("best") == [4]
-    best, meta = ckpts.restore(state, "best")
+    best, meta = ckpts.restore(final, "best")
     ckpts.close()
     assert int(best.step) == 4 * steps_per_epoch and meta["epoch"] == 4
     jax.tree.map(np.testing.assert_array_equal, final.params, best.params)
     jax.tree.map(np.testing.assert_array_equal, final.batch_stats, best.batch_stats)
-    assert not np.array_equal(final.params["logits"]["kernel"], state.params["logits"]["kernel"])
+    assert not np.array_equal(np.asarray(final.params["logits"]["kernel"]), initial_kernel)
     assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == 4

@@ -145,7 +145,36 @@ def test_frozen_labels_differentiate_only_the_trainable_part():
                 np.testing.assert_array_equal(a.params[name][leaf], state.params[name][leaf])
             else:
                 np.testing.assert_allclose(a.params[name][leaf], b.params[name][leaf], rtol=1e-5, atol=1e-7)
-                assert not np.array_equal(a.params[name][leaf], state.params[name][leaf])
+                assert not np.array_equal(np.asarray(a.params[name][leaf]), np.asarray(state.params[name][leaf]))
     # The split step takes no gradient through the frozen block: fewer convolutions in its program.
     n_conv = lambda f: str(jax.make_jaxpr(f)(state, batch)).count("conv_general_dilated")  # noqa: E731
     assert n_conv(make_train_step(labels=labels)) < n_conv(make_train_step())
+
+
+def test_fit_with_frozen_labels_keeps_frozen_params_through_checkpoints(tmp_path):
+    """The fine-tuning path end to end: fit with a label tree, the checkpoint (optax MaskedNode state) restores."""
+    from jaxcnn import freeze
+    from jaxcnn.checkpoint import Checkpoints
+    from jaxcnn.data import Dataset, Split
+    from jaxcnn.train import FitConfig, fit
+
+    _, plain = _tiny_cnn_state()
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: freeze.FROZEN if path[0].key.startswith("block1") else freeze.TRAINABLE, plain.params)
+    _, state = _tiny_cnn_state(labels=labels)
+    rng = np.random.default_rng(0)
+    split = lambda n: Split(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),  # noqa: E731
+                            rng.integers(0, 3, n).astype(np.int32))
+    ds = Dataset(name="synthetic", train=split(32), val=split(8), test=split(8), num_classes=3,
+                 class_names=("a", "b", "c"))
+    config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=False)
+    initial = jax.tree.map(np.array, state.params)  # fit consumes (donates) the state it is given
+    final, _, _ = fit(state, ds, config, tmp_path, train_step=make_train_step(labels=labels), progress=False)
+    with Checkpoints(tmp_path) as c:
+        saved, _ = c.restore(final, "latest")
+    for name in initial:
+        for leaf in initial[name]:
+            same = np.array_equal(np.asarray(saved.params[name][leaf]), initial[name][leaf])
+            assert same == name.startswith("block1"), (name, leaf)
+            np.testing.assert_array_equal(saved.params[name][leaf], final.params[name][leaf])
+    assert int(saved.step) == 2

@@ -5,8 +5,9 @@
     python -m jaxcnn.experiments.cifar10                        # --preset default --dataset cifar10
     # 45,000 train / 5,000 val / 10,000 test, batch 64, Adam 1e-3, augmentation, up to 50
     # epochs with early stopping (patience 5) and LR halving (patience 3).
-    # Expect: NOT MEASURED here (no network for CIFAR-10 on the build machine). At the
-    # measured ~300 img/s of the 2-core CPU, an epoch takes ~2.5 min, 50 epochs ~2 h.
+    # Expect: NOT MEASURED (no CIFAR-10 on the build machine). Estimate only: at the demo's
+    # ~300 img/s on the 2-core CPU an epoch is ~2.5 min before augmentation's own cost,
+    # so up to ~2 h for 50 epochs.
 
 ``demo`` — the same model and loop on the embedded offline data, sized for a laptop::
 

@@ -201,6 +201,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, train_step: O
 
     Args:
       state: a fresh ``TrainState`` (when resuming: one built the same way, used as the template).
+        It is consumed: the jitted step donates its buffers, so keep a copy
+        (``jax.tree.map(np.array, state.params)``) if you need the initial values afterwards.
       dataset: ``train`` / ``val`` / ``test`` splits of uint8 ``(N, H, W, C)`` images, int32 labels.
       config: a ``FitConfig`` (or subclass); saved, with ``extra_config``, to ``config.json``.
       workdir: run directory (created). A workdir that already holds checkpoints is refused

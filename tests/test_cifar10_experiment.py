@@ -73,3 +73,16 @@ def test_presets_and_overrides():
         get_config("default", dataset="mnist")
     with pytest.raises(ValueError, match="batch_size=0"):
         get_config("default", batch_size=0)
+
+
+def test_default_workdir_never_refuses_or_overwrites(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--preset", "smoke", "--epochs", "1", "--no_progress"]
+    assert cifar10.main(args) == 0 and cifar10.main(args) == 0
+    out = capsys.readouterr().out
+    first, second = tmp_path / "checkpoints" / "cifar10-offline-smoke", tmp_path / "checkpoints" / "cifar10-offline-smoke-2"
+    assert (first / "summary.json").is_file() and (second / "summary.json").is_file()
+    assert "cifar10-offline-smoke-2" in out
+    # --resume without --workdir continues the base workdir
+    assert cifar10.main(args[:2] + ["--epochs", "2", "--no_progress", "--resume"]) == 0
+    assert len(json.loads((first / "history.json").read_text())) == 2

@@ -78,6 +78,18 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
     return fit(state, dataset, config, workdir, resume=resume, progress=progress, mesh=mesh)
 
 
+def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.Path:
+    """``checkpoints/cifar10-<dataset>-<preset>``; with ``fresh``, the first of it, ``-2``, ``-3``, ...
+    that holds no checkpoints (so a repeated ``make demo`` neither refuses nor overwrites)."""
+    from jaxcnn.checkpoint import has_checkpoints
+
+    base = pathlib.Path("checkpoints") / f"cifar10-{config.dataset}-{config.preset}"
+    workdir, n = base, 2
+    while fresh and has_checkpoints(workdir):
+        workdir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return workdir
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="default", choices=PRESETS)
@@ -92,7 +104,8 @@ def _parse(argv):
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
-    p.add_argument("--workdir", help="default: checkpoints/cifar10-<dataset>-<preset>")
+    p.add_argument("--workdir", help="default: checkpoints/cifar10-<dataset>-<preset> (a fresh run takes the "
+                                     "first of it, -2, -3, ... without checkpoints; --resume takes it as is)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints and records already in --workdir, then start afresh")
@@ -108,7 +121,7 @@ def main(argv: Optional[list] = None) -> int:
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir, val_size=args.val_size,
                         conv_dropout=args.conv_dropout, augment=args.augment)
-    workdir = pathlib.Path(args.workdir or f"checkpoints/cifar10-{config.dataset}-{config.preset}")
+    workdir = pathlib.Path(args.workdir) if args.workdir else default_workdir(config, fresh=not args.resume)
     from jaxcnn.data import DatasetUnavailableError
     from jaxcnn.checkpoint import has_checkpoints
 

@@ -20,7 +20,7 @@ import math
 import pathlib
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -70,11 +70,11 @@ def _grid(n: int, ncols: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def _unit(a: np.ndarray) -> np.ndarray:
-    """Scale ``a`` to [0, 1] by its own min/max; a constant array becomes 0.5."""
+def _unit(a: np.ndarray, constant: float = 0.5) -> np.ndarray:
+    """Scale ``a`` to [0, 1] by its own min/max; a constant array becomes ``constant``."""
     lo, hi = float(a.min()), float(a.max())
     if hi - lo <= 0.0:
-        return np.full(a.shape, 0.5, dtype=np.float64)
+        return np.full(a.shape, constant, dtype=np.float64)
     return (a - lo) / (hi - lo)
 
 
@@ -194,7 +194,8 @@ def plot_activations(
     path: Optional[Union[str, os.PathLike]] = None,
     dpi: int = 100,
 ) -> Figure:
-    """Draw one image's feature maps as a grid of grey panels, each scaled to its own range.
+    """Draw one image's feature maps as a grid of panels, each scaled to its own range
+    (a constant map, e.g. a dead ReLU channel, is drawn at the bottom of the colour scale).
 
     Args:
       activations: ``(H, W, C)`` or ``(1, H, W, C)`` NHWC, e.g. the output of the first conv
@@ -226,7 +227,7 @@ def plot_activations(
         titles.append("input")
     a = a.astype(np.float64)
     for c in range(n):
-        panels.append(_unit(a[:, :, c]))  # (H, W)
+        panels.append(_unit(a[:, :, c], constant=0.0))  # (H, W)
         titles.append(str(c))
     fig = _image_grid(fn, panels, titles, ncols=ncols, panel_size=panel_size, title=title, cmap="viridis")
     if path is not None:

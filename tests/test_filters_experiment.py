@@ -62,7 +62,8 @@ def test_cli_draws_the_checkpointed_kernel_and_says_resnet_is_unavailable(run, t
                                   np.asarray(fresh["block1_conv1"]["kernel"]))
 
     # 8 filters -> one row of 8 panels of 100 px, plus 40 px of title
-    for name in ("cifar_cnn_filters.png", "cifar_cnn_filters_per_filter.png", "cifar_cnn_filters_init.png"):
+    for name in ("cifar_cnn_filters.png", "cifar_cnn_filters_per_filter.png", "cifar_cnn_filters_init.png",
+                 "cifar_cnn_filters_change.png"):
         img = png(out / name)
         assert img.shape == (140, 800, 3) and img.var() > 1e-4
     acts = png(out / "cifar_cnn_activations.png")  # input + 8 maps = 9 panels: 2 rows of 8
@@ -74,6 +75,11 @@ def test_cli_draws_the_checkpointed_kernel_and_says_resnet_is_unavailable(run, t
     assert record["cifar_cnn"]["kernel"]["max"] == pytest.approx(float(kernel.max()))
     assert record["cifar_cnn"]["image_label"] == dataset.class_names[int(dataset.val.labels[0])]
     assert record["cifar_cnn"]["test_accuracy"] == 0.5
+    k0 = np.asarray(fresh["block1_conv1"]["kernel"])
+    assert record["cifar_cnn"]["relative_change"] == pytest.approx(np.linalg.norm(kernel - k0) / np.linalg.norm(k0))
+    image = dataset.val.images[0]
+    acts = filters.first_layer_activations(image, kernel, np.asarray(params["block1_conv1"]["bias"]))
+    assert record["cifar_cnn"]["dead_maps"] == int(np.sum(acts.max(axis=(0, 1)) <= 0))
     assert record["resnet50"]["drawn"] is False and "could not download" in record["resnet50"]["reason"]
 
 

@@ -133,6 +133,8 @@ def test_activations_grid_with_input(tmp_path):
     assert img.var() > VAR_FLOOR
     with pytest.raises(ValueError, match="activations"):
         viz.plot_activations(np.zeros((2, 4, 4, 3)))
+    dead = viz.plot_activations(np.zeros((4, 4, 2)))  # all-zero (dead ReLU) maps: bottom of the scale
+    np.testing.assert_array_equal(panel_arrays(dead)[1], np.zeros((4, 4)))
 
 
 HISTORY = [

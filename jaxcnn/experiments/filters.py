@@ -16,9 +16,10 @@ Writes into ``--out``:
 * ``cifar_cnn_filters.png`` — ``block1_conv1`` (3×3×3×32), one min/max for the layer
   (the seed's normalisation); ``cifar_cnn_filters_per_filter.png`` — each filter stretched
   to its own range; ``cifar_cnn_filters_init.png`` — the same layer at initialisation
-  (same seed), for comparison;
+  (same seed), and ``cifar_cnn_filters_change.png`` — trained minus initial (a short run
+  moves 3×3 first-layer filters little: ``filters.json`` records ``|ΔW| / |W0|``);
 * ``cifar_cnn_activations.png`` — one validation image and its 32 first-layer feature
-  maps (ReLU(conv), before BatchNorm);
+  maps (ReLU(conv), before BatchNorm; all-zero "dead" maps are dark, counted in the record);
 * ``resnet50_filters.png`` — ``conv1_conv`` (7×7×3×64; kernels see BGR, drawn as RGB);
   only from real weights. Without them the script says so and draws nothing, unless
   ``--resnet_weights random`` asks for randomly initialised filters, which are then
@@ -95,10 +96,16 @@ def draw_cifar(params: dict, out: Path, *, image: Optional[np.ndarray], source: 
         k0, _ = first_conv(init_params)
         viz.plot_filters(k0, normalize=normalize, path=out / "cifar_cnn_filters_init.png",
                          title=f"CIFAR CNN {CIFAR_FIRST_CONV} at initialisation (Glorot uniform, same seed)")
+        change = float(np.linalg.norm(kernel - k0) / np.linalg.norm(k0))
+        viz.plot_filters(kernel - k0, normalize=normalize, path=out / "cifar_cnn_filters_change.png",
+                         title=f"trained minus initial {CIFAR_FIRST_CONV}: what training changed "
+                               f"(|ΔW| / |W0| = {change:.2f})")
         rec["init_kernel"] = _stats(k0)
-        rec["files"].append("cifar_cnn_filters_init.png")
+        rec["relative_change"] = change  # Frobenius norm of (trained - init) / norm of init
+        rec["files"] += ["cifar_cnn_filters_init.png", "cifar_cnn_filters_change.png"]
     if image is not None:
         acts = first_layer_activations(image, kernel, bias)  # (H, W, 32)
+        rec["dead_maps"] = int(np.sum(acts.max(axis=(0, 1)) <= 0.0))  # channels all zero for this image
         viz.plot_activations(acts, image=image, path=out / "cifar_cnn_activations.png",
                              title=f"one validation image{f' ({image_label})' if image_label else ''} and its "
                                    f"{acts.shape[-1]} first-layer feature maps (ReLU(conv), each map scaled)")

@@ -64,7 +64,7 @@ def test_restore_in_a_fresh_process_gives_the_same_test_metrics(two_epochs):
         from jaxcnn.experiments.cifar10 import load_data
         from jaxcnn.experiments.configs import get_config
         model, variables, config = checkpoint.restore_for_inference({str(workdir)!r})
-        test = load_data(get_config(config["preset"], epochs=config["epochs"])).test
+        test = load_data(get_config(config["preset"], dataset=config["dataset"], seed=config["seed"])).test
         probs = checkpoint.predict(model, variables, test.images, batch_size=64)
         loss = float(np.mean(-np.log(probs[np.arange(len(test)), test.labels])))
         acc = float(np.mean(probs.argmax(-1) == test.labels))

@@ -153,10 +153,7 @@ def main(argv: Optional[list] = None) -> int:
     except ImportError:
         plot_curves = None
     if plot_curves is not None:
-        figure = plot_curves(workdir)  # writes <workdir>/plots/curves.png
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        plot_curves(workdir)  # writes <workdir>/plots/curves.png (a bare Figure: nothing to close)
         plots = sorted(str(p) for p in (workdir / "plots").glob("*.png"))
 
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "

@@ -75,10 +75,16 @@ def get_config(name: str = "default", **overrides) -> ExperimentConfig:
                                 widths=(8, 16, 32), dense_units=32, epochs=2, batch_size=32, eval_batch_size=64)
     else:
         raise ValueError(f"get_config: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    if overrides.get("widths") is not None:
+        overrides["widths"] = tuple(overrides["widths"])
+    return with_overrides(base, overrides)
+
+
+def with_overrides(base, overrides: dict):
+    """``base`` (a config dataclass) with ``overrides`` applied; None values are ignored (an
+    unset command-line flag), unknown names raise ``ValueError`` listing them."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(base)}
     if unknown:
         raise ValueError(f"get_config: unknown settings {sorted(unknown)}")
-    if "widths" in overrides:
-        overrides["widths"] = tuple(overrides["widths"])
     return dataclasses.replace(base, **overrides)

@@ -53,6 +53,7 @@ import jax
 import numpy as np
 
 from jaxcnn import viz
+from jaxcnn.experiments.configs import with_overrides
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": dict(conv_dropout="none", conv_dropout_rate=0.0, dense_dropout=0.0),
@@ -98,11 +99,7 @@ def get_config(preset: str = "default", **overrides) -> StudyConfig:
                            dense_units=8, epochs=2, batch_size=32, eval_batch_size=64)
     else:
         raise ValueError(f"get_config: preset={preset!r}; allowed: {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(StudyConfig)}
-    if unknown:
-        raise ValueError(f"get_config: unknown settings {sorted(unknown)}")
-    cfg = dataclasses.replace(base, **overrides)
+    cfg = with_overrides(base, overrides)
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or not cfg.variants:
         raise ValueError(f"get_config: variants={cfg.variants!r}; allowed: a non-empty subset of {tuple(VARIANTS)}")

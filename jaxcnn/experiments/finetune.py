@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn import checkpoint, freeze
+from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.preprocess import caffe_preprocess
 from jaxcnn.train import TrainState, adam, make_eval_step, make_mesh, make_train_step
@@ -137,11 +138,7 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
                               phase2_frozen_layers=20, batch_size=16, eval_batch_size=32)
     else:
         raise ValueError(f"get_config: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(FinetuneConfig)}
-    if unknown:
-        raise ValueError(f"get_config: unknown settings {sorted(unknown)}")
-    return dataclasses.replace(base, **overrides)
+    return with_overrides(base, overrides)
 
 
 # --------------------------------------------------------------------------- model and weights

@@ -1,5 +1,6 @@
 """jaxcnn.layers against the plain NumPy loops in jaxcnn.reference: values and gradients."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -200,13 +201,15 @@ def test_pools_keep_dtype_under_jit(dtype):
 def test_float64_paths_are_float64():
     x, wt, b = _conv_case(0, 1, 5, 5, 2, 2, (3, 3))
     with jax.enable_x64(True):
-        y = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b))
-        assert y.dtype == jnp.float64
-        for f in (layers.max_pool2d, layers.avg_pool2d):
-            assert f(jnp.asarray(x)).dtype == jnp.float64
-        key = jax.random.key(0)
-        for f in (layers.dropout, layers.spatial_dropout2d, layers.dropblock):
-            assert f(jnp.asarray(x), 0.3, key=key, train=True).dtype == jnp.float64
+        for wrap in (lambda f: f, jax.jit):  # eagerly and under jit
+            y = wrap(layers.conv2d)(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b))
+            assert y.dtype == jnp.float64
+            for f in (layers.max_pool2d, layers.avg_pool2d):
+                assert wrap(f)(jnp.asarray(x)).dtype == jnp.float64
+            key = jax.random.key(0)
+            for f in (layers.dropout, layers.spatial_dropout2d, layers.dropblock):
+                g = wrap(functools.partial(f, rate=0.3, train=True))
+                assert g(jnp.asarray(x), key=key).dtype == jnp.float64
 
 
 def test_every_layer_differentiates_under_jit():

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_preset_learns_well_above_chance(tmp_path):
-    """``make demo``'s run: 10 classes, so chance is 10 %; measured 93.7 % test accuracy."""
+    """``make demo``'s run: 10 classes, so chance is 10 %; measured 93.7 % and 87.6 % on two CPUs."""
     from jaxcnn import checkpoint
     from jaxcnn.experiments import cifar10
     from jaxcnn.experiments.configs import get_config

@@ -86,3 +86,13 @@ def test_default_workdir_never_refuses_or_overwrites(tmp_path, monkeypatch, caps
     # --resume without --workdir continues the base workdir
     assert cifar10.main(args[:2] + ["--epochs", "2", "--no_progress", "--resume"]) == 0
     assert len(json.loads((first / "history.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("flag, value, message", [("--epochs", "-1", "epochs=-1"),
+                                                   ("--learning_rate", "0", "learning_rate=0.0")])
+def test_cli_bad_setting_is_an_error_message_not_a_traceback(tmp_path, capsys, flag, value, message):
+    workdir = tmp_path / "run"
+    assert cifar10.main(["--preset", "smoke", "--workdir", str(workdir), "--no_progress", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not workdir.exists()

@@ -127,3 +127,10 @@ def test_figure_marks_the_final_inference_train_accuracy(tmp_path):
     md = (tmp_path / "study.md").read_text()
     assert "| 95.0 % | 40.0 % | +55.0 pt |" in md and "| 75.0 % | 40.0 % | +35.0 pt |" in md
     assert "1.0 min for all variants" in md
+
+
+def test_cli_bad_setting_is_an_error_message(tmp_path, capsys):
+    workdir = tmp_path / "study"
+    assert ds.main(["--preset", "smoke", "--workdir", str(workdir), "--epochs", "0", "--no_progress"]) == 2
+    assert "epochs=0" in capsys.readouterr().err
+    assert not workdir.exists()

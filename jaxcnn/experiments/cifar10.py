@@ -118,9 +118,13 @@ def main(argv: Optional[list] = None) -> int:
     if args.resume and args.overwrite:
         print("error: --resume and --overwrite exclude each other", file=sys.stderr)
         return 2
-    config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir, val_size=args.val_size,
-                        conv_dropout=args.conv_dropout, augment=args.augment)
+    try:
+        config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
+                            val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     workdir = pathlib.Path(args.workdir) if args.workdir else default_workdir(config, fresh=not args.resume)
     from jaxcnn.data import DatasetUnavailableError
     from jaxcnn.checkpoint import has_checkpoints

@@ -278,12 +278,12 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--export", type=pathlib.Path, help="copy records and plots (no checkpoints) to this folder")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    study = get_config(args.preset, num_train=args.num_train, epochs=args.epochs, seed=args.seed,
-                       variants=tuple(args.variants) if args.variants else None)
-    workdir = args.workdir or pathlib.Path(f"runs/dropout_study-{study.preset}")
     try:
+        study = get_config(args.preset, num_train=args.num_train, epochs=args.epochs, seed=args.seed,
+                           variants=tuple(args.variants) if args.variants else None)
+        workdir = args.workdir or pathlib.Path(f"runs/dropout_study-{study.preset}")
         rows = run_study(study, workdir, progress=not args.no_progress)
-    except FileExistsError as e:
+    except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((workdir / "study.md").read_text())

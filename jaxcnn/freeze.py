@@ -16,7 +16,7 @@ at every leaf. It drives three things, all from the same tree:
 Rules decide per *layer* (a Flax submodule, named as the Keras layer, e.g.
 ``conv4_block2_3_conv``), never per variable, because Keras' ``trainable`` is per layer::
 
-    labels = label_tree(params, first_n_keras_layers(100))   # = base_model.layers[:100]
+    labels = label_tree(params, first_n_keras_layers(100, model.backbone.layer_order()))  # = base_model.layers[:100]
     labels = label_tree(params, by_prefix("conv1", "conv2"))
     labels = label_tree(params, by_pattern(r"_bn$"))
     labels = label_tree(params, backbone())                   # everything under "backbone"
@@ -122,7 +122,7 @@ def masked(tx: optax.GradientTransformation, labels: PyTree) -> optax.GradientTr
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Which layers to freeze. ``frozen(path, layer_order) -> bool`` per layer.
+    """Which layers to freeze. ``frozen(path) -> bool`` per layer.
 
     ``path`` is the layer's module path in ``params`` (``("backbone", "conv1_conv")`` or
     ``("conv1_conv",)``); its last element is the layer name. Build rules with
@@ -131,7 +131,7 @@ class Rule:
     """
 
     description: str
-    frozen: Callable[[tuple[str, ...], Sequence[str]], bool]
+    frozen: Callable[[tuple[str, ...]], bool]
     must_match: bool = True  # label_tree raises if the rule freezes no layer (a typo)
 
     def __or__(self, other: "Rule") -> "Rule":
@@ -139,28 +139,32 @@ class Rule:
             return NotImplemented
         return Rule(
             f"{self.description} | {other.description}",
-            lambda path, order: self.frozen(path, order) or other.frozen(path, order),
+            lambda path: self.frozen(path) or other.frozen(path),
             self.must_match or other.must_match,
         )
 
 
-def first_n_keras_layers(n: int) -> Rule:
+def first_n_keras_layers(n: int, layer_order: Sequence[str]) -> Rule:
     """Freeze what ``for layer in base_model.layers[:n]: layer.trainable = False`` freezes.
 
-    ``n`` counts Keras layers in ``model.layers`` order, weightless ones included (input,
-    padding, activation, add, pooling): for ResNet50 ``n=100`` ends at
-    ``conv4_block2_3_conv`` (index 99), so ``conv4_block2_3_bn`` stays trainable.
-    The order comes from ``label_tree(..., layer_order=...)`` (default: ResNet50's).
+    Args:
+      n: how many Keras layers, counted in ``model.layers`` order, weightless ones included
+        (input, padding, activation, add, pooling): for ResNet50 ``n=100`` ends at
+        ``conv4_block2_3_conv`` (index 99), so ``conv4_block2_3_bn`` stays trainable.
+      layer_order: the Keras model's layer names in ``model.layers`` order, e.g.
+        ``ResNet50(include_top=False).layer_order()`` or a ``Classifier``'s
+        ``model.backbone.layer_order()``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"first_n_keras_layers: n must be an int >= 0, got {n!r}")
-
-    def frozen(path, order):
-        if n > len(order):
-            raise ValueError(f"first_n_keras_layers: n={n} but the layer order has only {len(order)} layers")
-        return path[-1] in set(order[:n])
-
-    return Rule(f"first_n_keras_layers({n})", frozen, must_match=n > 0)
+    if isinstance(layer_order, str) or not isinstance(layer_order, Sequence) or \
+            not all(isinstance(name, str) for name in layer_order):
+        raise TypeError(f"first_n_keras_layers: layer_order must be a sequence of layer names, got "
+                        f"{type(layer_order).__name__}")
+    if n > len(layer_order):
+        raise ValueError(f"first_n_keras_layers: n={n} but layer_order has only {len(layer_order)} layers")
+    names = frozenset(layer_order[:n])
+    return Rule(f"first_n_keras_layers({n})", lambda path: path[-1] in names, must_match=n > 0)
 
 
 def by_prefix(*prefixes: str) -> Rule:
@@ -172,7 +176,7 @@ def by_prefix(*prefixes: str) -> Rule:
         raise ValueError(f"by_prefix: give one or more non-empty strings, got {prefixes!r}")
     return Rule(
         f"by_prefix{prefixes!r}",
-        lambda path, order: any(path[-1].startswith(p) or "/".join(path).startswith(p) for p in prefixes),
+        lambda path: any(path[-1].startswith(p) or "/".join(path).startswith(p) for p in prefixes),
     )
 
 
@@ -190,7 +194,7 @@ def by_pattern(regex: str) -> Rule:
         raise ValueError(f"by_pattern: invalid regex {regex!r}: {e}") from None
     return Rule(
         f"by_pattern({regex!r})",
-        lambda path, order: bool(pat.search(path[-1]) or pat.search("/".join(path))),
+        lambda path: bool(pat.search(path[-1]) or pat.search("/".join(path))),
     )
 
 
@@ -200,12 +204,12 @@ def backbone(name: str = "backbone") -> Rule:
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"backbone: name must be a non-empty str, got {name!r}")
-    return Rule(f"backbone({name!r})", lambda path, order: len(path) > 1 and path[0] == name)
+    return Rule(f"backbone({name!r})", lambda path: len(path) > 1 and path[0] == name)
 
 
 def nothing() -> Rule:
     """Freeze nothing: every parameter trainable."""
-    return Rule("nothing()", lambda path, order: False, must_match=False)
+    return Rule("nothing()", lambda path: False, must_match=False)
 
 
 # --------------------------------------------------------------------------- label trees
@@ -222,21 +226,12 @@ def _layers(tree: PyTree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...],
     return out
 
 
-def _default_order() -> tuple[str, ...]:
-    from jaxcnn.models.resnet import KERAS_LAYER_ORDER  # lazy: freeze does not need the model
-
-    return KERAS_LAYER_ORDER
-
-
-def label_tree(params: PyTree, rule: Rule, *, layer_order: Optional[Sequence[str]] = None) -> PyTree:
+def label_tree(params: PyTree, rule: Rule) -> PyTree:
     """Labels for ``params``: ``"frozen"`` where ``rule`` freezes the layer, else ``"trainable"``.
 
     Args:
       params: nested dict of parameters (``variables["params"]``), layers keyed by name.
-      rule: a ``Rule`` (``first_n_keras_layers(100)``, ``backbone()``, ...).
-      layer_order: Keras ``model.layers`` names in order, for ``first_n_keras_layers``;
-        default ``jaxcnn.models.resnet.KERAS_LAYER_ORDER`` (ResNet50 with top; its first 175
-        are the no-top model).
+      rule: a ``Rule`` (``first_n_keras_layers(100, order)``, ``backbone()``, ...).
 
     Returns:
       A tree of the same structure as ``params`` with string leaves.
@@ -249,9 +244,8 @@ def label_tree(params: PyTree, rule: Rule, *, layer_order: Optional[Sequence[str
         raise TypeError(f"label_tree: rule must be a jaxcnn.freeze.Rule, got {type(rule).__name__}")
     if not isinstance(params, Mapping):
         raise TypeError(f"label_tree: params must be a nested dict, got {type(params).__name__}")
-    order = tuple(_default_order() if layer_order is None else layer_order)
     layers = _layers(params)
-    frozen_paths = {path for path in layers if path and rule.frozen(path, order)}
+    frozen_paths = {path for path in layers if path and rule.frozen(path)}
     if rule.must_match and not frozen_paths:
         raise ValueError(
             f"label_tree: {rule.description} freezes no layer of params (layers: "
@@ -308,13 +302,15 @@ def summary(
     """A Keras-like summary: one row per layer (parameters, trainable or not), then the totals
     ``Total params / Trainable params / Non-trainable params`` as ``model.summary()`` prints them.
 
-    Rows follow ``layer_order`` (default ResNet50's Keras order) where a layer is in it.
+    Rows follow ``layer_order`` (a model's ``layer_order()``) where a layer is in it, then
+    the order of ``params`` (the order the model created its layers).
     """
     _check_labels(labels)
-    order = {n: i for i, n in enumerate(_default_order() if layer_order is None else layer_order)}
+    order = {n: i for i, n in enumerate(layer_order or ())}
     p_layers, l_layers = _layers(params), _layers(labels)
     s_layers = _layers(batch_stats or {})
-    paths = sorted(set(p_layers) | set(s_layers), key=lambda p: (order.get(p[-1] if p else "", len(order)), p))
+    made = {path: i for i, path in enumerate(list(p_layers) + [q for q in s_layers if q not in p_layers])}
+    paths = sorted(made, key=lambda p: (order.get(p[-1] if p else "", len(order)), made[p]))
     rows = []
     for path in paths:
         n = sum(int(v.size) for v in p_layers.get(path, {}).values())

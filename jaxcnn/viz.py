@@ -8,16 +8,15 @@ know the size in advance.
 * :func:`plot_filters` — a conv kernel ``(kh, kw, C_in, C_out)`` HWIO as a grid of
   ``C_out`` panels: RGB when ``C_in == 3``, the channel mean in grey otherwise.
 * :func:`plot_activations` — one image's feature maps ``(H, W, C)`` as a grid.
-* :func:`plot_curves` — a run's ``history.json`` / ``summary.json`` (the shared run
-  record): loss, accuracy, learning rate per epoch, best / early-stopping epoch marked.
-  ``plot_curves(workdir)`` writes ``<workdir>/plots/curves.png``.
+* :func:`plot_curves` — a run's history and summary (read through ``jaxcnn.runfolder``):
+  loss, accuracy, learning rate per epoch, best / early-stopping epoch marked.
+  ``plot_curves(workdir)`` writes the run's ``plots/curves.png``.
 * :func:`plot_histories` — several runs' curves on one figure (the dropout study).
 * :func:`count_image_panels` — how many axes of a figure show an image.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,8 @@ from typing import Any, Optional, Union
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from jaxcnn.runfolder import RunFolder
 
 __all__ = [
     "plot_filters",
@@ -239,16 +240,10 @@ def plot_activations(
 
 
 def load_run_record(workdir: Union[str, os.PathLike]) -> tuple[list[dict], dict]:
-    """``(history, summary)`` of a run folder: ``history.json`` (required, a list of
-    per-epoch dicts) and ``summary.json`` (``{}`` when the run has not written it yet)."""
-    workdir = Path(workdir)
-    hist_path = workdir / "history.json"
-    if not hist_path.is_file():
-        raise FileNotFoundError(f"load_run_record: no history.json in {str(workdir)!r}")
-    history = json.loads(hist_path.read_text())
-    summary_path = workdir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return history, summary
+    """``(history, summary)`` of a run folder (``jaxcnn.runfolder.RunFolder``): the per-epoch
+    rows (required) and the summary (``{}`` when the run has not written it yet)."""
+    run = RunFolder(workdir)
+    return run.read_history(), run.read_summary()
 
 
 def _check_history(fn: str, history) -> list[dict]:
@@ -280,10 +275,10 @@ def plot_curves(
     """Training curves of one run: loss, accuracy and learning rate per epoch.
 
     Args:
-      run: a run folder (reads ``history.json`` and, if present, ``summary.json``) or the
+      run: a run folder (reads its history and, if present, its summary) or the
         history itself (a list of dicts with ``epoch`` and any of ``train_loss``,
         ``val_loss``, ``train_accuracy``, ``val_accuracy``, ``lr``).
-      path: where to write the PNG. Default: ``<run>/plots/curves.png`` when ``run`` is a
+      path: where to write the PNG. Default: the run's ``plots/curves.png`` when ``run`` is a
         folder; nothing is written when ``run`` is a history and ``path`` is None.
       summary: the run's summary (default: read from the folder); ``best_epoch`` is marked
         with a dashed line, and ``stop_epoch`` with a dotted one when ``stopped_early``.
@@ -299,13 +294,13 @@ def plot_curves(
     """
     fn = "plot_curves"
     if isinstance(run, (str, os.PathLike)):
-        workdir = Path(run)
-        history, file_summary = load_run_record(workdir)
+        folder = RunFolder(run)
+        history, file_summary = folder.read_history(), folder.read_summary()
         summary = file_summary if summary is None else summary
         if path is None:
-            path = workdir / "plots" / "curves.png"
+            path = folder.plot_path("curves.png")
         if title is None:
-            title = workdir.name + (f" ({summary['dataset']})" if summary.get("dataset") else "")
+            title = folder.path.name + (f" ({summary['dataset']})" if summary.get("dataset") else "")
     else:
         history = run
     history = _check_history(fn, history)

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn.checkpoint import Checkpoints
+from jaxcnn.runfolder import RunFolder
 from jaxcnn.data import Dataset, Split
 from jaxcnn.models.cifar_cnn import CifarCNN
-from jaxcnn.train import EarlyStopping, FitConfig, ReduceLROnPlateau, TrainState, adam, fit, make_eval_step
+from jaxcnn.train import (EarlyStopping, FitConfig, ReduceLROnPlateau, TrainState, adam, fit, make_eval_step,
+                          state_from_tree, state_to_tree)
 
 # val loss per epoch: best at epoch 4, then five epochs without improvement.
 SCRIPT = [1.0, 0.8, 0.9, 0.7, 0.75, 0.76, 0.77, 0.78, 0.79, 0.5, 0.4]
@@ -121,7 +122,7 @@ def test_fit_stops_on_script_restores_best_weights_and_keeps_latest_and_best_apa
     model = CifarCNN(widths=(4,), dense_units=8, num_classes=3)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
     state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3), key=jax.random.key(1))
-    config = FitConfig(epochs=len(SCRIPT), batch_size=16, eval_batch_size=8, augment=False)
+    config = FitConfig(epochs=len(SCRIPT), batch_size=16, eval_batch_size=8, augment=None)
     initial_kernel = np.array(state.params["logits"]["kernel"])  # fit donates the state it is given
     final, history, summary = fit(state, _tiny_dataset(), config, tmp_path, eval_step=scripted_eval, progress=False)
 
@@ -131,10 +132,10 @@ def test_fit_stops_on_script_restores_best_weights_and_keeps_latest_and_best_apa
     assert summary["stopped_early"] and summary["stop_epoch"] == 9 and summary["best_epoch"] == 4
     assert summary["best_val_loss"] == pytest.approx(0.7)
 
-    ckpts = Checkpoints(tmp_path, keep=config.keep_checkpoints)
-    assert ckpts.all_epochs("latest") == [7, 8, 9] and ckpts.all_epochs("best") == [4]
-    best, meta = ckpts.restore(final, "best")
-    ckpts.close()
+    with RunFolder(tmp_path).checkpoints(read_only=True) as ckpts:
+        assert ckpts.all_epochs("latest") == [7, 8, 9] and ckpts.all_epochs("best") == [4]
+        tree, meta = ckpts.restore("best", target=state_to_tree(final))
+    best = state_from_tree(final, tree)
     assert int(best.step) == 4 * steps_per_epoch and meta["epoch"] == 4
     jax.tree.map(np.testing.assert_array_equal, final.params, best.params)
     jax.tree.map(np.testing.assert_array_equal, final.batch_stats, best.batch_stats)

@@ -1,18 +1,16 @@
-"""Orbax checkpoints: exact resume, restore in a fresh process, no overwriting, latest vs best."""
+"""Run folders and their Orbax checkpoints: exact resume, no overwriting, the resume rule, the records."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from jaxcnn import checkpoint
+from jaxcnn import inference
 from jaxcnn.experiments.cifar10 import build_model, create_state, load_data, run
 from jaxcnn.experiments.configs import get_config
+from jaxcnn.runfolder import RunFolder
+from jaxcnn.train import state_from_tree, state_to_tree
 
 CONFIG = get_config("smoke", epochs=2)  # 256 offline images, tiny CifarCNN, augmentation on
 
@@ -30,9 +28,10 @@ def two_epochs(tmp_path_factory, data):
 
 
 def _latest(workdir, config, data):
-    template = create_state(config, build_model(config), data.image_shape)
-    with checkpoint.Checkpoints(workdir) as c:
-        return c.restore(template, "latest")
+    template = create_state(config, build_model(config, data.num_classes), data.image_shape)
+    with RunFolder(workdir).checkpoints(read_only=True) as c:
+        tree, meta = c.restore("latest", target=state_to_tree(template))
+    return state_from_tree(template, tree), meta
 
 
 def _strip_times(history):
@@ -56,31 +55,6 @@ def test_resume_continues_exactly(tmp_path, data, two_epochs):
     assert summary2["test_accuracy"] == summary["test_accuracy"] and summary2["test_loss"] == summary["test_loss"]
 
 
-def test_restore_in_a_fresh_process_gives_the_same_test_metrics(two_epochs):
-    workdir, _, _, summary = two_epochs
-    script = textwrap.dedent(f"""
-        import json, numpy as np
-        from jaxcnn import checkpoint
-        from jaxcnn.experiments.cifar10 import load_data
-        from jaxcnn.experiments.configs import get_config
-        model, variables, config = checkpoint.restore_for_inference({str(workdir)!r})
-        test = load_data(get_config(config["preset"], dataset=config["dataset"], seed=config["seed"])).test
-        probs = checkpoint.predict(model, variables, test.images, batch_size=64)
-        loss = float(np.mean(-np.log(probs[np.arange(len(test)), test.labels])))
-        acc = float(np.mean(probs.argmax(-1) == test.labels))
-        print(json.dumps({{"loss": loss, "accuracy": acc, "n": len(probs), "rows": float(probs.sum(-1).mean())}}))
-    """)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["n"] == summary["num_test"] == 100
-    assert got["rows"] == pytest.approx(1.0, abs=1e-5)
-    assert got["accuracy"] == summary["test_accuracy"]
-    assert got["loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
-
-
 def test_a_fresh_run_never_overwrites_checkpoints(two_epochs, data):
     workdir, *_ = two_epochs
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
@@ -89,36 +63,62 @@ def test_a_fresh_run_never_overwrites_checkpoints(two_epochs, data):
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
 
 
-def test_resume_refuses_a_changed_config(two_epochs, data):
+def test_resume_refuses_a_changed_config_and_names_the_setting(two_epochs, data):
     workdir, *_ = two_epochs
-    with pytest.raises(ValueError, match="learning_rate"):
+    config_before = (workdir / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"optimizer.learning_rate \(0.001 -> 0.5\)"):
         run(get_config("smoke", epochs=3, learning_rate=0.5), workdir, dataset=data, progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"model.widths \(\[8, 16, 32\] -> \[8, 16\]\)"):
+        run(get_config("smoke", epochs=3, widths=(8, 16)), workdir, dataset=data, progress=False, resume=True)
+    assert (workdir / "config.json").read_bytes() == config_before
 
 
-def test_run_records(two_epochs):
+def test_run_records(two_epochs, data):
     workdir, state, history, summary = two_epochs
-    assert json.loads((workdir / "history.json").read_text()) == history
+    folder = RunFolder(workdir)
+    assert folder.read_history() == history
     header = (workdir / "history.csv").read_text().splitlines()[0]
     assert header == "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr,epoch_time_s,images_per_s"
-    config = json.loads((workdir / "config.json").read_text())
-    assert config["preset"] == "smoke" and config["widths"] == [8, 16, 32] and config["model"] == "cifar_cnn"
+    config = folder.read_config()
+    # the model's every constructor argument, the learning rate from the optimizer, the data to reload
+    assert config["model"] == {"kind": "cifar_cnn", "num_classes": 10, "widths": [8, 16, 32], "dense_units": 32,
+                               "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
+                               "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 0.001}
+    assert config["optimizer"] == {"learning_rate": 1e-3}
+    assert config["fit"]["epochs"] == 2 and config["fit"]["preprocess"] == "unit"
+    assert "learning_rate" not in config["fit"]  # one home: the optimizer
+    assert config["experiment"]["name"] == "cifar10" and config["experiment"]["preset"] == "smoke"
+    assert config["data"]["source"] == data.source and config["data"]["image_shape"] == [32, 32, 3]
+    assert config["data"]["class_names"] == list(data.class_names)
     assert set(summary) >= {"best_epoch", "stopped_early", "stop_epoch", "best_val_loss", "best_val_accuracy",
                             "test_loss", "test_accuracy", "wall_time_s", "dataset", "num_train", "device"}
     assert summary["num_train"] == 256 and summary["dataset"] == "offline"
-    assert any((workdir / "tensorboard").iterdir())
+    assert any(folder.tensorboard_dir.iterdir())
 
 
-def test_restore_for_inference_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        checkpoint.restore_for_inference(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model": "no_such_model"}))
-    with pytest.raises(ValueError, match="no_such_model"):
-        checkpoint.restore_for_inference(tmp_path)
+def test_records_are_strict_json(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.path.mkdir(exist_ok=True)
+    folder.write_summary({"test_loss": float("inf"), "x": [float("nan"), 1.0]})
+    text = (tmp_path / "summary.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text) == {"test_loss": None, "x": [None, 1.0]}
 
 
-def test_restore_for_inference_without_checkpoints(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(get_config("smoke").to_dict()))
-    with pytest.raises(FileNotFoundError, match="no 'best' checkpoints"):
-        checkpoint.restore_for_inference(tmp_path)
+def test_restore_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        inference.restore(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "no_such_model"}}))
+    with pytest.raises(ValueError, match="kind='no_such_model'"):
+        inference.restore(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model": None}))
+    with pytest.raises(ValueError, match="no model spec; pass the module"):
+        inference.restore(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "cifar_cnn"}}))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        inference.restore(tmp_path)
     with pytest.raises(ValueError, match="which='newest'"):
-        checkpoint.restore_for_inference(tmp_path, which="newest")
+        inference.restore(tmp_path, which="newest")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        inference.restore(tmp_path)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from jaxcnn.data import DatasetUnavailableError
+from jaxcnn.data import AugmentConfig, DatasetUnavailableError
 from jaxcnn.experiments import cifar10
 from jaxcnn.experiments.configs import PRESETS, get_config
 
@@ -43,7 +43,9 @@ def test_cifar10_path_on_tfds_mock_data(tmp_path, capsys):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["dataset"] == "cifar10" and summary["num_train"] == 32 and summary["num_test"] == 40
     config = json.loads((workdir / "config.json").read_text())
-    assert config["dataset"] == "cifar10" and config["val_size"] == 8
+    assert config["experiment"]["dataset"] == "cifar10" and config["experiment"]["val_size"] == 8
+    assert config["data"]["source"] == {"name": "cifar10", "data_dir": str(tmp_path / "tfds"), "seed": 0,
+                                        "val_size": 8}
 
 
 def test_unavailable_cifar10_exits_with_the_message_and_no_traceback(tmp_path, capsys, monkeypatch):
@@ -60,11 +62,14 @@ def test_unavailable_cifar10_exits_with_the_message_and_no_traceback(tmp_path, c
 def test_presets_and_overrides():
     assert set(PRESETS) == {"default", "demo", "smoke"}
     default = get_config("default")
-    assert (default.dataset, default.epochs, default.batch_size, default.learning_rate) == ("cifar10", 50, 64, 1e-3)
-    assert (default.early_stopping_patience, default.plateau_patience, default.plateau_factor) == (5, 3, 0.5)
-    assert default.widths == (32, 64, 128) and default.augment
-    assert get_config("demo").dataset == "offline"
-    assert get_config("smoke", epochs=7, seed=None).epochs == 7
+    fit = default.fit
+    assert (default.dataset, fit.epochs, fit.batch_size, default.learning_rate) == ("cifar10", 50, 64, 1e-3)
+    assert (fit.early_stopping_patience, fit.plateau_patience, fit.plateau_factor) == (5, 3, 0.5)
+    assert default.widths == (32, 64, 128) and fit.augment == AugmentConfig() and fit.preprocess == "unit"
+    assert get_config("demo").dataset == "offline" and get_config("demo").fit.augment is None
+    assert get_config("demo", augment=True).fit.augment == AugmentConfig()
+    assert get_config("smoke", epochs=7, seed=None).fit.epochs == 7  # a loop setting, routed to fit
+    assert get_config("smoke", epochs=7).fit.seed == 0
     with pytest.raises(ValueError, match="no_such"):
         get_config("smoke", no_such=1)
     with pytest.raises(ValueError, match="preset"):

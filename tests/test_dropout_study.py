@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxcnn.experiments import dropout_study as ds
+from jaxcnn.runfolder import RunFolder, config_differences
 
 VARIANTS = ("none", "dropout", "spatial", "dropblock")
 
@@ -25,16 +26,19 @@ def smoke(tmp_path_factory):
 
 def test_variants_share_everything_but_dropout(smoke):
     workdir, _ = smoke
-    configs = {v: json.loads((workdir / v / "config.json").read_text()) for v in VARIANTS}
-    dropout_keys = {"conv_dropout", "conv_dropout_rate", "dense_dropout"}
-    base = {k: val for k, val in configs["none"].items() if k not in dropout_keys}
-    for v in VARIANTS:
-        assert {k: val for k, val in configs[v].items() if k not in dropout_keys} == base
-        assert {k: configs[v][k] for k in dropout_keys} == ds.VARIANTS[v]
-    assert base["augment"] is False
-    assert base["early_stopping_patience"] > base["epochs"] and base["plateau_patience"] > base["epochs"]
+    configs = {v: RunFolder(workdir / v).read_config() for v in VARIANTS}
+    dropout_keys = ("conv_dropout", "conv_dropout_rate", "dense_dropout")
+    for v in VARIANTS:  # the model and the experiment's record differ in the dropout settings, nothing else
+        differ = {d.split(" ")[0] for d in config_differences(configs["none"], configs[v], allowed=frozenset())}
+        assert differ == {f"{section}.{k}" for section in ("model", "experiment") for k in dropout_keys
+                          if ds.VARIANTS[v][k] != ds.VARIANTS["none"][k]}
+        assert {k: configs[v]["model"][k] for k in dropout_keys} == ds.VARIANTS[v]
+    fit = configs["none"]["fit"]
+    assert fit["augment"] is None
+    assert fit["early_stopping_patience"] > fit["epochs"] and fit["plateau_patience"] > fit["epochs"]
     study = ds.get_config("smoke")
-    assert (base["num_train"], base["epochs"], base["seed"]) == (study.num_train, study.epochs, study.seed)
+    assert (configs["none"]["data"]["num_train"], fit["epochs"], fit["seed"]) == (study.num_train, study.epochs,
+                                                                                    study.seed)
     for v in VARIANTS:  # the full budget ran, at a constant learning rate
         hist = json.loads((workdir / v / "history.json").read_text())
         assert [r["epoch"] for r in hist] == list(range(1, study.epochs + 1))
@@ -67,15 +71,15 @@ def test_records_hold_the_runs_numbers(smoke):
 
 
 def test_inference_train_accuracy_is_recomputable(smoke):
-    from jaxcnn.checkpoint import predict, restore_for_inference
     from jaxcnn.data import make_offline_dataset
+    from jaxcnn.inference import predict, restore
 
     workdir, _ = smoke
     study = ds.get_config("smoke")
     data = make_offline_dataset(num_train=study.num_train, num_val=study.num_val, num_test=study.num_test,
                                 seed=study.seed)
-    model, variables, _ = restore_for_inference(workdir / "dropout", which="latest")
-    acc = np.mean(predict(model, variables, data.train.images).argmax(-1) == data.train.labels)
+    run = restore(workdir / "dropout", which="latest")
+    acc = np.mean(predict(run.model, run.variables, data.train.images).argmax(-1) == data.train.labels)
     row = json.loads((workdir / "study.json").read_text())["results"][1]
     assert row["variant"] == "dropout" and row["train_accuracy"] == pytest.approx(acc, abs=1e-9)
 

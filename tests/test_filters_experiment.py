@@ -10,10 +10,12 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from jaxcnn import checkpoint, viz
+from jaxcnn import viz
 from jaxcnn.experiments import cifar10, filters
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.models.resnet import ResNetTiny
+from jaxcnn.runfolder import RunFolder
+from jaxcnn.train import run_config, state_to_tree
 
 
 def png(path):
@@ -25,16 +27,18 @@ def run(tmp_path_factory):
     """A CIFAR-10-experiment workdir whose best checkpoint holds a known first-layer kernel."""
     workdir = tmp_path_factory.mktemp("run")
     cfg = get_config("smoke", dataset="offline", num_train=32, num_val=16, num_test=16)
-    model = cifar10.build_model(cfg)
+    data = cifar10.load_data(cfg)
+    model = cifar10.build_model(cfg, data.num_classes)
     state = cifar10.create_state(cfg, model, (32, 32, 3))
     kernel = np.random.default_rng(0).normal(size=(3, 3, 3, cfg.widths[0])).astype(np.float32)  # (3, 3, 3, 8)
     params = dict(state.params)
     params["block1_conv1"] = {"kernel": jax.numpy.asarray(kernel), "bias": params["block1_conv1"]["bias"] + 0.1}
     state = state.replace(params=params)
-    (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
-    (workdir / "summary.json").write_text(json.dumps({"test_accuracy": 0.5}))
-    with checkpoint.Checkpoints(workdir) as ck:
-        ck.save(1, state, {"epoch": 1}, best=True)
+    folder = RunFolder(workdir)
+    folder.begin(run_config(state, data, cfg.fit, experiment={"name": "cifar10", **cfg.settings()}), resume=False)
+    folder.write_summary({"test_accuracy": 0.5})
+    with folder.checkpoints() as ck:
+        ck.save(1, state_to_tree(state), {"epoch": 1}, best=True)
     return workdir, cfg, kernel
 
 
@@ -55,9 +59,10 @@ def test_cli_draws_the_checkpointed_kernel_and_says_resnet_is_unavailable(run, t
     assert filters.main(["--run", str(workdir), "--out", str(out)]) == 0
     assert "cannot draw pretrained ResNet50 filters" in capsys.readouterr().err
 
-    params, init_params, _, dataset = filters.load_run(workdir)
+    restored, init_params, dataset = filters.load_run(workdir)
+    params = restored.variables["params"]
     np.testing.assert_array_equal(np.asarray(params["block1_conv1"]["kernel"]), kernel)
-    fresh = cifar10.create_state(cfg, cifar10.build_model(cfg), (32, 32, 3)).params  # the run's seed
+    fresh = cifar10.create_state(cfg, cifar10.build_model(cfg, 10), (32, 32, 3)).params  # the run's seed
     np.testing.assert_array_equal(np.asarray(init_params["block1_conv1"]["kernel"]),
                                   np.asarray(fresh["block1_conv1"]["kernel"]))
 
@@ -80,12 +85,16 @@ def test_cli_draws_the_checkpointed_kernel_and_says_resnet_is_unavailable(run, t
     image = dataset.val.images[0]
     acts = filters.first_layer_activations(image, kernel, np.asarray(params["block1_conv1"]["bias"]))
     assert record["cifar_cnn"]["dead_maps"] == int(np.sum(acts.max(axis=(0, 1)) <= 0))
+    # the run's own model computes the same first-layer maps (what the CLI draws for any run)
+    np.testing.assert_allclose(filters.model_activations(restored, image), acts, rtol=1e-5, atol=1e-5)
     assert record["resnet50"]["drawn"] is False and "could not download" in record["resnet50"]["reason"]
 
 
 def test_panels_hold_the_kernel(run, tmp_path):
     workdir, _, kernel = run
-    params, _, _, _ = filters.load_run(workdir)
+    restored, _, _ = filters.load_run(workdir)
+    params = restored.variables["params"]
+    assert filters.first_conv_path(params) == ("block1_conv1",)
     fig = viz.plot_filters(filters.first_conv(params)[0])
     assert viz.count_image_panels(fig) == 8
     want = (kernel - kernel.min()) / (kernel.max() - kernel.min())

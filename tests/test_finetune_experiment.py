@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcnn import checkpoint
-from jaxcnn.experiments import finetune
-from jaxcnn.models.resnet import Classifier, ResNetTiny
-from jaxcnn.preprocess import caffe_preprocess
+from jaxcnn import inference
+from jaxcnn.experiments import filters, finetune
+from jaxcnn.models import Classifier, ResNetTiny, model_spec
+from jaxcnn.runfolder import RunFolder
 
 K = 20  # smoke preset: ResNetTiny's Keras layers[:20] frozen in phase 2 (ends at conv3_block1_1_conv)
 TINY_ORDER = ResNetTiny(include_top=False, pooling="avg").layer_order()
@@ -59,9 +59,9 @@ def smoke_run(tmp_path_factory):
 
 
 def best_variables(workdir, phase):
-    _, variables, config = finetune.restore_phase(workdir, phase)
-    assert config["phase"] == phase and config["model"] == finetune.MODEL_NAME
-    return variables
+    restored = finetune.restore_phase(workdir, phase)
+    assert restored.config["experiment"]["phase"] == phase and restored.config["model"]["kind"] == "classifier"
+    return restored.variables
 
 
 # --------------------------------------------------------------------------- the run
@@ -81,12 +81,19 @@ def test_records_and_accuracies(smoke_run):
         assert on_disk[f"phase{phase}"]["test_accuracy"] == rec["test_accuracy"]
         assert (d / "history.csv").read_text().count("\n") == 3
         assert (d / "checkpoints" / "best").is_dir() and (d / "freeze_summary.txt").is_file()
-        # The reported accuracy is what the best checkpoint scores on the test set.
-        model, variables, config = checkpoint.restore_for_inference(d)
-        probs = checkpoint.predict(model, variables, ds.test.images, preprocess=caffe_preprocess)
+        # The reported accuracy is what the best checkpoint scores on the test set, with the run's own
+        # (caffe) preprocessing, the model rebuilt from its config.json alone.
+        restored = inference.restore(d)
+        assert restored.config["fit"]["preprocess"] == "caffe"
+        assert restored.model == finetune.build_model(finetune.get_config("smoke"), 10)
+        assert restored.config["model"] == model_spec(restored.model)
+        probs = restored.predict(ds.test.images)
         assert rec["test_accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == ds.test.labels), abs=1e-6)
+        config = restored.config["experiment"]
         assert rec["num_test"] == 32 and config["freeze_rule"] == ("backbone('backbone')" if phase == 1
                                                                    else f"first_n_keras_layers({K})")
+        lr = 1e-3 if phase == 1 else 1e-5  # recorded once, from the optimizer
+        assert restored.config["optimizer"] == {"learning_rate": lr} and "learning_rate" not in restored.config["fit"]
     assert on_disk["phase1"]["learning_rate"] == 1e-3 and on_disk["phase2"]["learning_rate"] == 1e-5
     # The Keras-like counts, printed at the start of each phase; phase 1: the head alone trains.
     head = 32 * 256 + 256 + 256 * 10 + 10
@@ -195,11 +202,16 @@ def test_config_errors():
         finetune.get_config("smoke", image_size=16)
     with pytest.raises(ValueError, match="weights='imagenet' is a ResNet50 file"):
         finetune.get_config("smoke", weights="imagenet")
-    with pytest.raises(ValueError, match=r"unknown settings \['epochs'\]"):
+    with pytest.raises(ValueError, match=r"\['epochs'\] are set per phase; use phase1_epochs"):
         finetune.get_config("smoke", epochs=3)
+    with pytest.raises(ValueError, match=r"unknown settings \['depth'\]"):
+        finetune.get_config("smoke", depth=3)
     assert finetune.get_config("default").weights == "imagenet"
     c = finetune.get_config("default")
-    assert (c.dataset, c.image_size, c.phase1_epochs, c.phase2_epochs, c.batch_size) == ("tf_flowers", 224, 10, 20, 32)
+    assert (c.dataset, c.image_size, c.phase1_epochs, c.phase2_epochs, c.fit.batch_size) == ("tf_flowers", 224, 10, 20,
+                                                                                              32)
+    assert c.fit.augment.rotation == 0.0 and c.fit.preprocess == "caffe"
+    assert finetune.get_config("smoke", augment=False).fit.augment is None
     assert (c.phase1_lr, c.phase2_lr, c.phase2_frozen_layers, c.hidden, c.dropout) == (1e-3, 1e-5, 100, 256, 0.5)
 
 
@@ -275,3 +287,20 @@ def test_classifier_hidden_head_matches_numpy():
     with pytest.raises(ValueError, match="hidden=0"):
         Classifier(ResNetTiny(include_top=False, pooling="avg"), num_classes=5, hidden=0).init(jax.random.key(0), x,
                                                                                                train=False)
+
+
+def test_filters_of_a_finetune_phase(smoke_run, tmp_path, capsys):
+    """``filters --run RUN/phase1`` draws the phase's backbone conv1 from its best checkpoint."""
+    workdir = smoke_run[0]
+    out = tmp_path / "figs"
+    assert filters.main(["--run", str(workdir / "phase1"), "--resnet_weights", "none", "--out", str(out)]) == 0
+    record = json.loads((out / "filters.json").read_text())["classifier"]
+    kernel = np.asarray(finetune.restore_phase(workdir, 1).variables["params"]["backbone"]["conv1_conv"]["kernel"])
+    assert record["layer"] == "backbone/conv1_conv" and record["kernel"]["shape"] == [7, 7, 3, 64]
+    assert record["kernel"]["max"] == pytest.approx(float(kernel.max()))
+    assert record["files"] == ["classifier_filters.png", "classifier_filters_per_filter.png",
+                               "classifier_activations.png"]
+    assert "init_skipped" in record and record["test_accuracy"] == RunFolder(workdir / "phase1").read_summary()[
+        "test_accuracy"]
+    for name in record["files"]:
+        assert (out / name).stat().st_size > 1000

@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jaxcnn.models.cifar_cnn import CifarCNN
     from jaxcnn.train import TrainState, adam, make_train_step, make_eval_step, make_mesh, replicate, shard_batch
-    from jaxcnn.train import evaluate, pad_split
+    from jaxcnn.train import EvalFeed, evaluate
+    from jaxcnn.data import Split
     from jaxcnn.data.augment import random_augment
 
     assert jax.device_count() == 4, jax.devices()
@@ -38,7 +39,7 @@ SCRIPT = textwrap.dedent("""
             batch = shard_batch(b, mesh)
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
-        ev = evaluate(state, pad_split(eval_images, eval_labels, 4, mesh), jax.jit(make_eval_step()), 4, mesh)
+        ev = evaluate(state, EvalFeed(Split(eval_images, eval_labels), 4, mesh), jax.jit(make_eval_step()))
         return state, losses, ev, batch
 
     try:

@@ -13,19 +13,20 @@ pytestmark = pytest.mark.slow
 
 def test_demo_preset_learns_well_above_chance(tmp_path):
     """``make demo``'s run: 10 classes, so chance is 10 %; measured 93.7 % and 87.6 % on two CPUs."""
-    from jaxcnn import checkpoint
+    from jaxcnn import inference
+    from jaxcnn.data import load_dataset
     from jaxcnn.experiments import cifar10
     from jaxcnn.experiments.configs import get_config
 
     config = get_config("demo")
     _, history, summary = cifar10.run(config, tmp_path, progress=False)
-    assert len(history) == config.epochs
+    assert len(history) == config.fit.epochs
     assert summary["test_accuracy"] > 0.8, summary
     assert history[-1]["val_accuracy"] > history[0]["val_accuracy"] + 0.5, history
 
-    model, variables, saved = checkpoint.restore_for_inference(tmp_path)
-    test = cifar10.load_data(get_config(saved["preset"], dataset=saved["dataset"], seed=saved["seed"])).test
-    probs = checkpoint.predict(model, variables, test.images)
+    run = inference.restore(tmp_path)
+    test = load_dataset(**run.config["data"]["source"]).test
+    probs = run.predict(test.images)
     assert float(np.mean(probs.argmax(-1) == test.labels)) == summary["test_accuracy"]
 
 

@@ -8,8 +8,9 @@ import optax
 import pytest
 
 from jaxcnn.models.cifar_cnn import CifarCNN
-from jaxcnn.train import (TrainState, adam, evaluate, get_learning_rate, make_eval_step, make_mesh,
-                          make_train_step, pad_split, set_learning_rate, step_keys)
+from jaxcnn.data import Split
+from jaxcnn.train import (EvalFeed, TrainState, adam, evaluate, get_learning_rate, make_eval_step, make_mesh,
+                          make_train_step, set_learning_rate, step_keys)
 
 
 class Linear(nn.Module):
@@ -103,7 +104,7 @@ def test_eval_counts_every_example_once_with_a_non_dividing_batch():
     images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 3, 10).astype(np.int32)
     mesh = make_mesh()
-    got = evaluate(state, pad_split(images, labels, 4, mesh), jax.jit(make_eval_step()), 4, mesh)  # 4 + 4 + 2
+    got = evaluate(state, EvalFeed(Split(images, labels), 4, mesh), jax.jit(make_eval_step()))  # 4 + 4 + 2
     logits = np.asarray(model.apply(state.variables, jnp.asarray(images, jnp.float32) / 255.0, train=False),
                         np.float64)
     p = _np_softmax(logits)
@@ -154,9 +155,9 @@ def test_frozen_labels_differentiate_only_the_trainable_part():
 def test_fit_with_frozen_labels_keeps_frozen_params_through_checkpoints(tmp_path):
     """The fine-tuning path end to end: fit with a label tree, the checkpoint (optax MaskedNode state) restores."""
     from jaxcnn import freeze
-    from jaxcnn.checkpoint import Checkpoints
-    from jaxcnn.data import Dataset, Split
-    from jaxcnn.train import FitConfig, fit
+    from jaxcnn.data import Dataset
+    from jaxcnn.runfolder import RunFolder
+    from jaxcnn.train import FitConfig, fit, state_from_tree, state_to_tree
 
     _, plain = _tiny_cnn_state()
     labels = jax.tree_util.tree_map_with_path(
@@ -167,11 +168,12 @@ def test_fit_with_frozen_labels_keeps_frozen_params_through_checkpoints(tmp_path
                             rng.integers(0, 3, n).astype(np.int32))
     ds = Dataset(name="synthetic", train=split(32), val=split(8), test=split(8), num_classes=3,
                  class_names=("a", "b", "c"))
-    config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=False)
+    config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=None)
     initial = jax.tree.map(np.array, state.params)  # fit consumes (donates) the state it is given
-    final, _, _ = fit(state, ds, config, tmp_path, train_step=make_train_step(labels=labels), progress=False)
-    with Checkpoints(tmp_path) as c:
-        saved, _ = c.restore(final, "latest")
+    final, _, _ = fit(state, ds, config, tmp_path, labels=labels, progress=False)
+    with RunFolder(tmp_path).checkpoints(read_only=True) as c:
+        tree, _ = c.restore("latest", target=state_to_tree(final))
+    saved = state_from_tree(final, tree)
     for name in initial:
         for leaf in initial[name]:
             same = np.array_equal(np.asarray(saved.params[name][leaf]), initial[name][leaf])

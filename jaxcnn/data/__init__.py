@@ -11,11 +11,14 @@ package does not import TensorFlow.
 """
 
 from jaxcnn.data import augment
-from jaxcnn.data.core import DATASET_NAMES, Dataset, DatasetUnavailableError, Split, load_dataset
+from jaxcnn.data.augment import AugmentConfig
+from jaxcnn.data.core import Dataset, DatasetUnavailableError, Split
+from jaxcnn.data.load import DATASET_NAMES, load_dataset
 from jaxcnn.data.offline import make_offline_dataset
 from jaxcnn.data.tfds_data import load_cifar10, load_tf_flowers
 
 __all__ = [
+    "AugmentConfig",
     "DATASET_NAMES",
     "Dataset",
     "DatasetUnavailableError",

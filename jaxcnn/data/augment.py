@@ -9,6 +9,8 @@ transform is one vectorised gather per batch:
   bilinear as Keras' default ``interpolation_order=1``); outside the image use the
   nearest edge pixel (Keras ``fill_mode="nearest"``).
 * :func:`random_augment` draws the per-example parameters from a key and calls it.
+* :class:`AugmentConfig` holds the ranges (a training config's one home for them) and
+  gives ``augment_fn(key, images)`` for a train step.
 
 Conventions (pixel grid with row 0 at the top, as images are displayed):
 
@@ -24,7 +26,10 @@ Randomness comes only from ``key``; the same key gives the same batch.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import numbers
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,14 +118,7 @@ def random_augment(key, images, *, rotation=15.0, width_shift=0.1, height_shift=
       Augmented images ``(N, H, W, C)``, same dtype, within the input's value range.
     """
     _check_images("random_augment", images)
-    if not isinstance(rotation, numbers.Real) or isinstance(rotation, bool) \
-            or not np.isfinite(rotation) or rotation < 0:
-        raise ValueError(f"random_augment: rotation={rotation!r}; must be a finite number of degrees >= 0")
-    for arg, value in (("width_shift", width_shift), ("height_shift", height_shift)):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
-            raise ValueError(f"random_augment: {arg}={value!r}; must be a fraction in [0, 1)")
-    if not isinstance(horizontal_flip, (bool, np.bool_)):
-        raise TypeError(f"random_augment: horizontal_flip={horizontal_flip!r}; must be a bool")
+    _check_ranges("random_augment", rotation, width_shift, height_shift, horizontal_flip)
     n, h, w, _ = images.shape
     k_angle, k_x, k_y, k_flip = jax.random.split(key, 4)
     angle = jax.random.uniform(k_angle, (n,), jnp.float32, -rotation, rotation)
@@ -128,6 +126,17 @@ def random_augment(key, images, *, rotation=15.0, width_shift=0.1, height_shift=
     shift_y = jax.random.uniform(k_y, (n,), jnp.float32, -height_shift, height_shift) * h
     flip = jax.random.bernoulli(k_flip, 0.5, (n,)) & horizontal_flip
     return affine_transform(images, angle, shift_x, shift_y, flip, interpolation=interpolation)
+
+
+def _check_ranges(fn, rotation, width_shift, height_shift, horizontal_flip):
+    if not isinstance(rotation, numbers.Real) or isinstance(rotation, bool) \
+            or not np.isfinite(rotation) or rotation < 0:
+        raise ValueError(f"{fn}: rotation={rotation!r}; must be a finite number of degrees >= 0")
+    for arg, value in (("width_shift", width_shift), ("height_shift", height_shift)):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+            raise ValueError(f"{fn}: {arg}={value!r}; must be a fraction in [0, 1)")
+    if not isinstance(horizontal_flip, (bool, np.bool_)):
+        raise TypeError(f"{fn}: horizontal_flip={horizontal_flip!r}; must be a bool")
 
 
 def _check_images(fn, images):
@@ -150,3 +159,29 @@ def _gather(images, iy, ix, dtype=None):
     idx = (iy * w + ix).reshape(n, -1, 1)                                   # (N, H'*W', 1)
     out = jnp.take_along_axis(flat, idx, axis=1).reshape(n, *iy.shape[1:], c)
     return out if dtype is None else out.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """The ranges of :func:`random_augment`, validated when built; defaults are the seed's.
+
+    ``AugmentConfig().fn()`` is ``augment_fn(key, images) -> images`` for
+    ``jaxcnn.train.make_train_step``. A training config holds one of these, or None for no
+    augmentation.
+    """
+
+    rotation: float = 15.0
+    width_shift: float = 0.1
+    height_shift: float = 0.1
+    horizontal_flip: bool = True
+    interpolation: str = "nearest"
+
+    def __post_init__(self):
+        _check_ranges("AugmentConfig", self.rotation, self.width_shift, self.height_shift, self.horizontal_flip)
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"AugmentConfig: interpolation={self.interpolation!r}; allowed: "
+                             f"{', '.join(INTERPOLATIONS)}")
+
+    def fn(self) -> Callable:
+        """``random_augment`` with these ranges: ``fn(key, images (N, H, W, C) float) -> images``."""
+        return functools.partial(random_augment, **dataclasses.asdict(self))

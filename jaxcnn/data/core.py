@@ -1,4 +1,4 @@
-"""Dataset containers and the `load_dataset` dispatch.
+"""Dataset containers: :class:`Split` and :class:`Dataset` (``load_dataset`` is in ``jaxcnn.data.load``).
 
 Every dataset in jaxcnn is three in-memory splits of uint8 images ``(N, H, W, 3)``
 and int32 labels ``(N,)``. They are small enough (CIFAR-10 is ~180 MB of uint8) to
@@ -9,11 +9,9 @@ be put on device once and sliced there; augmentation then runs inside jit
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
-
-DATASET_NAMES = ("cifar10", "offline", "tf_flowers")
-
 
 class DatasetUnavailableError(RuntimeError):
     """A dataset cannot be had here (no network and no manually placed file).
@@ -64,6 +62,8 @@ class Dataset:
       train, val, test: :class:`Split` (uint8 ``(N, H, W, C)``, int32 ``(N,)``).
       num_classes: number of classes; labels lie in ``[0, num_classes)``.
       class_names: ``num_classes`` human-readable names, index = label.
+      source: how to load it again, ``load_dataset(**source)`` (set by ``load_dataset``;
+        None for a dataset built by hand). Runs record it in their ``config.json``.
     """
 
     name: str
@@ -72,6 +72,7 @@ class Dataset:
     test: Split
     num_classes: int
     class_names: tuple[str, ...]
+    source: Optional[dict] = None
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:
@@ -86,33 +87,3 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         """``(H, W, C)`` of every image in every split."""
         return tuple(int(d) for d in self.train.images.shape[1:])
-
-
-def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, **kwargs) -> Dataset:
-    """Loads a dataset by name.
-
-    Args:
-      name: ``"cifar10"`` (:func:`load_cifar10`), ``"offline"``
-        (:func:`make_offline_dataset`; ``data_dir`` is ignored, nothing is read or written)
-        or ``"tf_flowers"`` (:func:`load_tf_flowers`).
-      data_dir: tfds data directory (default: tfds' own, ``~/tensorflow_datasets``).
-      seed: seed of the train/val split (and of the generator for ``"offline"``).
-      **kwargs: passed on to the loader (e.g. ``val_size=``, ``image_size=``).
-
-    Returns:
-      A :class:`Dataset` with uint8 ``(N, H, W, 3)`` images and int32 ``(N,)`` labels.
-
-    Raises:
-      ValueError: unknown ``name``.
-      DatasetUnavailableError: the dataset cannot be had here (tfds datasets only).
-    """
-    # Imported here so that core has no import cycle with the loaders.
-    from jaxcnn.data import offline, tfds_data
-
-    if name == "cifar10":
-        return tfds_data.load_cifar10(data_dir, seed=seed, **kwargs)
-    if name == "offline":
-        return offline.make_offline_dataset(seed=seed, **kwargs)
-    if name == "tf_flowers":
-        return tfds_data.load_tf_flowers(data_dir, seed=seed, **kwargs)
-    raise ValueError(f"load_dataset: unknown name={name!r}; allowed: {', '.join(DATASET_NAMES)}")

@@ -4,9 +4,9 @@
     python -m jaxcnn.experiments.cifar10 --dataset offline --preset demo   # embedded data, a few minutes
     python -m jaxcnn.experiments.cifar10 --workdir runs/a --resume         # continue a run exactly
 
-Presets, their expected results and times: ``jaxcnn/experiments/configs.py``. The workdir
-receives config.json, history.json/.csv, summary.json, tensorboard/, checkpoints/{latest,best}
-and plots/ (when ``jaxcnn.viz`` is installed).
+Presets: ``jaxcnn/experiments/configs.py``; measured results and times:
+``experiments/cifar10/README.md``. The workdir is a run folder (``jaxcnn.runfolder``):
+config, history, summary, TensorBoard logs, checkpoints (latest and best) and plots.
 """
 
 from __future__ import annotations
@@ -19,42 +19,39 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import argparse
-import dataclasses
-import functools
 import pathlib
-import shutil
 import sys
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
+from jaxcnn import viz
 from jaxcnn.experiments.configs import DATASETS, PRESETS, ExperimentConfig, get_config
 from jaxcnn.models.cifar_cnn import CifarCNN
+from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
 
-RECORD_FILES = ("config.json", "history.json", "history.csv", "summary.json")
+
+def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
+    """The config's ``CifarCNN`` with ``num_classes`` outputs (the dataset's)."""
+    return CifarCNN(num_classes=int(num_classes), widths=tuple(int(w) for w in config.widths),
+                    dense_units=config.dense_units, conv_dropout=config.conv_dropout,
+                    conv_dropout_rate=float(config.conv_dropout_rate), dense_dropout=float(config.dense_dropout))
 
 
-def build_model(config: ExperimentConfig) -> CifarCNN:
-    """The config's ``CifarCNN`` (the same object for the same settings, so compiled steps are reused)."""
-    return _model(config.num_classes, tuple(int(w) for w in config.widths), config.dense_units,
-                  config.conv_dropout, float(config.conv_dropout_rate), float(config.dense_dropout))
-
-
-@functools.lru_cache(maxsize=32)
-def _model(num_classes, widths, dense_units, conv_dropout, conv_dropout_rate, dense_dropout) -> CifarCNN:
-    return CifarCNN(num_classes=num_classes, widths=widths, dense_units=dense_units, conv_dropout=conv_dropout,
-                    conv_dropout_rate=conv_dropout_rate, dense_dropout=dense_dropout)
+def init_variables(model, seed: int, image_shape) -> dict:
+    """The model's initial variables: ``model.init`` with the first split of ``key(seed)``."""
+    init_key = jax.random.split(jax.random.key(seed))[0]
+    return jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.float32), train=False))(init_key)
 
 
 def create_state(config: ExperimentConfig, model, image_shape) -> TrainState:
-    """A fresh ``TrainState``: params from ``key(seed)``'s first split, Adam(``learning_rate``),
-    step key from its second split (``jaxcnn.train.loop.shuffle_key`` is a third stream)."""
-    init_key, state_key = jax.random.split(jax.random.key(config.seed))
-    x = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
-    variables = model.init(init_key, x, train=False)  # eager: its small compiled ops are cached per process
-    return TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(config.learning_rate),
-                             key=state_key)
+    """A fresh ``TrainState``: ``init_variables(model, seed)``, Adam(``config.learning_rate``),
+    step key from the second split of ``key(seed)`` (the epoch order is a third stream)."""
+    state_key = jax.random.split(jax.random.key(config.fit.seed))[1]
+    return TrainState.create(apply_fn=model.apply, variables=init_variables(model, config.fit.seed, image_shape),
+                             tx=adam(config.learning_rate), key=state_key)
 
 
 def load_data(config: ExperimentConfig):
@@ -62,30 +59,30 @@ def load_data(config: ExperimentConfig):
     from jaxcnn.data import load_dataset
 
     if config.dataset == "offline":
-        return load_dataset("offline", seed=config.seed, num_train=config.num_train, num_val=config.num_val,
+        return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
                             num_test=config.num_test)
-    return load_dataset("cifar10", data_dir=config.data_dir, seed=config.seed, val_size=config.val_size)
+    return load_dataset("cifar10", data_dir=config.data_dir, seed=config.fit.seed, val_size=config.val_size)
 
 
-def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bool = True,
-        dataset=None, mesh=None):
-    """Load the data, build model and state, ``fit``; returns ``(state, history, summary)``."""
+def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bool = True, dataset=None,
+        mesh=None, train_step=None, eval_step=None):
+    """Load the data, build model and state, ``fit``; returns ``(state, history, summary)``.
+
+    ``train_step`` / ``eval_step``: steps built once and shared by several runs (a study).
+    """
     dataset = load_data(config) if dataset is None else dataset
-    if dataset.num_classes != config.num_classes:
-        config = dataclasses.replace(config, num_classes=dataset.num_classes)
-    model = build_model(config)
+    model = build_model(config, dataset.num_classes)
     state = create_state(config, model, dataset.image_shape)
-    return fit(state, dataset, config, workdir, resume=resume, progress=progress, mesh=mesh)
+    return fit(state, dataset, config.fit, workdir, resume=resume, progress=progress, mesh=mesh, model=model,
+               train_step=train_step, eval_step=eval_step, experiment={"name": "cifar10", **config.settings()})
 
 
 def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.Path:
     """``checkpoints/cifar10-<dataset>-<preset>``; with ``fresh``, the first of it, ``-2``, ``-3``, ...
     that holds no checkpoints (so a repeated ``make demo`` neither refuses nor overwrites)."""
-    from jaxcnn.checkpoint import has_checkpoints
-
     base = pathlib.Path("checkpoints") / f"cifar10-{config.dataset}-{config.preset}"
     workdir, n = base, 2
-    while fresh and has_checkpoints(workdir):
+    while fresh and RunFolder(workdir).has_checkpoints():
         workdir, n = base.with_name(f"{base.name}-{n}"), n + 1
     return workdir
 
@@ -126,10 +123,10 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = pathlib.Path(args.workdir) if args.workdir else default_workdir(config, fresh=not args.resume)
+    folder = RunFolder(workdir)
     from jaxcnn.data import DatasetUnavailableError
-    from jaxcnn.checkpoint import has_checkpoints
 
-    if has_checkpoints(workdir) and not (args.resume or args.overwrite):
+    if folder.has_checkpoints() and not (args.resume or args.overwrite):
         print(f"error: {workdir} already holds checkpoints of a run. Continue it with --resume, start afresh "
               f"with --overwrite (deletes them), or pass another --workdir. Nothing was changed.", file=sys.stderr)
         return 2
@@ -139,10 +136,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.overwrite:  # only after the data loaded: a failure never costs the old run
-        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
-        shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
-        for name in RECORD_FILES:
-            (workdir / name).unlink(missing_ok=True)
+        folder.remove()
 
     try:
         state, history, summary = run(config, workdir, resume=args.resume, progress=not args.no_progress,
@@ -151,22 +145,15 @@ def main(argv: Optional[list] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    plots = None
-    try:
-        from jaxcnn.viz import plot_curves
-    except ImportError:
-        plot_curves = None
-    if plot_curves is not None:
-        plot_curves(workdir)  # writes <workdir>/plots/curves.png (a bare Figure: nothing to close)
-        plots = sorted(str(p) for p in (workdir / "plots").glob("*.png"))
+    viz.plot_curves(workdir)  # writes the run's plots/curves.png (a bare Figure: nothing to close)
 
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "
           f"with the best weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "
           f"{'stopped early' if summary['stopped_early'] else 'ran'} to epoch {summary['stop_epoch']}, "
           f"{summary['wall_time_s']:.0f} s on {summary['device']}")
-    print(f"checkpoints: {workdir / 'checkpoints' / 'best'} (best), {workdir / 'checkpoints' / 'latest'} (resume)")
-    print(f"records: {workdir}/config.json, history.csv, summary.json, tensorboard/")
-    print(f"plots: {', '.join(plots)}" if plots else "plots: none (jaxcnn.viz.plot_curves not available)")
+    print(f"checkpoints: {folder.checkpoint_dir / 'best'} (best), {folder.checkpoint_dir / 'latest'} (resume)")
+    print(f"records: {', '.join(str(p) for p in folder.record_paths())}, {folder.tensorboard_dir}/")
+    print(f"plots: {', '.join(str(p) for p in sorted(folder.plots_dir.glob('*.png')))}")
     return 0
 
 

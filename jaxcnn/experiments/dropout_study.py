@@ -52,8 +52,12 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from jaxcnn import viz
+from jaxcnn import inference, viz
+from jaxcnn.experiments import cifar10
+from jaxcnn.experiments.configs import get_config as cifar_config
 from jaxcnn.experiments.configs import with_overrides
+from jaxcnn.runfolder import RunFolder
+from jaxcnn.train import make_eval_step, make_mesh, make_train_step
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": dict(conv_dropout="none", conv_dropout_rate=0.0, dense_dropout=0.0),
@@ -108,8 +112,6 @@ def get_config(preset: str = "default", **overrides) -> StudyConfig:
 
 def experiment_config(study: StudyConfig, variant: str):
     """The ``jaxcnn.experiments.cifar10`` config of one variant: identical for all but the dropout fields."""
-    from jaxcnn.experiments.configs import get_config as cifar_config
-
     never = study.epochs + 1  # patience longer than the run: no early stop, no LR reduction
     return cifar_config(
         "demo", dataset=study.dataset, num_train=study.num_train, num_val=study.num_val, num_test=study.num_test,
@@ -122,22 +124,21 @@ def experiment_config(study: StudyConfig, variant: str):
 
 def train_accuracy_inference(workdir: pathlib.Path, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(accuracy, loss) on ``images`` of the run's **latest** (final-epoch) weights, dropout off."""
-    from jaxcnn.checkpoint import predict, restore_for_inference
-
-    model, variables, _ = restore_for_inference(workdir, which="latest")
-    probs = predict(model, variables, images)  # (N, K)
+    probs = inference.restore(workdir, which="latest").predict(images)  # (N, K)
     acc = float(np.mean(probs.argmax(-1) == labels))
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
     return acc, loss
 
 
-def run_variant(study: StudyConfig, variant: str, dataset, workdir: pathlib.Path, *, progress: bool) -> dict:
-    """Train one variant with ``jaxcnn.experiments.cifar10.run`` (the shared ``fit``); return its row."""
-    from jaxcnn.experiments import cifar10
-    from jaxcnn.train import make_mesh
+def run_variant(study: StudyConfig, variant: str, dataset, workdir: pathlib.Path, *, progress: bool,
+                train_step=None, eval_step=None) -> dict:
+    """Train one variant with ``jaxcnn.experiments.cifar10.run`` (the shared ``fit``); return its row.
 
+    ``train_step`` / ``eval_step``: the study's steps, built once for all variants.
+    """
     cfg = experiment_config(study, variant)
-    _, history, summary = cifar10.run(cfg, workdir, dataset=dataset, mesh=make_mesh(), progress=progress)
+    _, history, summary = cifar10.run(cfg, workdir, dataset=dataset, mesh=make_mesh(), progress=progress,
+                                      train_step=train_step, eval_step=eval_step)
     viz.plot_curves(workdir)
     last = history[-1]
     train_acc, train_loss = train_accuracy_inference(workdir, dataset.train.images, dataset.train.labels)
@@ -220,10 +221,11 @@ def export(workdir: pathlib.Path, dest: pathlib.Path, variants) -> None:
     (dest / "plots").mkdir(exist_ok=True)
     shutil.copy2(workdir / "plots" / "val_curves.png", dest / "plots" / "val_curves.png")
     for v in variants:
-        (dest / v / "plots").mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "history.json", "history.csv", "summary.json"):
-            shutil.copy2(workdir / v / name, dest / v / name)
-        shutil.copy2(workdir / v / "plots" / "curves.png", dest / v / "plots" / "curves.png")
+        src, dst = RunFolder(workdir / v), RunFolder(dest / v)
+        dst.plots_dir.mkdir(parents=True, exist_ok=True)
+        for path in src.record_paths():
+            shutil.copy2(path, dst.path / path.name)
+        shutil.copy2(src.plot_path("curves.png"), dst.plot_path("curves.png"))
 
 
 def _hardware() -> str:
@@ -245,21 +247,20 @@ def _hardware() -> str:
 
 def run_study(study: StudyConfig, workdir, *, progress: bool = True, dataset=None) -> list[dict]:
     """Train every variant into ``<workdir>/<variant>`` and write the study's records; returns the rows."""
-    from jaxcnn.checkpoint import has_checkpoints
-    from jaxcnn.experiments import cifar10
-
     workdir = pathlib.Path(workdir)
-    taken = [v for v in study.variants if has_checkpoints(workdir / v)]
+    taken = [v for v in study.variants if RunFolder(workdir / v).has_checkpoints()]
     if taken:
         raise FileExistsError(f"run_study: {workdir} already holds runs of {taken}; choose another --workdir "
                               f"(nothing was changed)")
     if dataset is None:
         dataset = cifar10.load_data(experiment_config(study, study.variants[0]))  # one subset for all
     t0 = time.perf_counter()
+    # One pair of steps for every variant (no augmentation, x / 255): built, and jitted, once here.
+    steps = {"train_step": jax.jit(make_train_step(), donate_argnums=0), "eval_step": jax.jit(make_eval_step())}
     rows, histories = [], {}
     for v in study.variants:
-        rows.append(run_variant(study, v, dataset, workdir / v, progress=progress))
-        histories[v] = json.loads((workdir / v / "history.json").read_text())
+        rows.append(run_variant(study, v, dataset, workdir / v, progress=progress, **steps))
+        histories[v] = RunFolder(workdir / v).read_history()
     meta = {"hardware": _hardware(), "wall_time_s": time.perf_counter() - t0, "jax_version": jax.__version__,
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "num_train": int(len(dataset.train.labels)), "num_val": int(len(dataset.val.labels))}

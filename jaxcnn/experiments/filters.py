@@ -6,6 +6,8 @@ trained CNN"), for the two models this project trains or ports::
     # a trained CIFAR CNN (any run of jaxcnn.experiments.cifar10), offline data:
     python -m jaxcnn.experiments.cifar10 --dataset offline --workdir runs/cifar10_offline
     python -m jaxcnn.experiments.filters --run runs/cifar10_offline --out experiments/filters
+    # any other run folder works too, e.g. a fine-tuning phase (its backbone's conv1_conv):
+    python -m jaxcnn.experiments.filters --run runs/ft/phase1 --resnet_weights none --out /tmp/ft_filters
 
     # ResNet50's conv1 (7×7×3×64) from the official Keras ImageNet file (the seed's VGG16
     # example, done with the model we port): needs the file in Keras' cache or a path
@@ -20,6 +22,8 @@ Writes into ``--out``:
   moves 3×3 first-layer filters little: ``filters.json`` records ``|ΔW| / |W0|``);
 * ``cifar_cnn_activations.png`` — one validation image and its 32 first-layer feature
   maps (ReLU(conv), before BatchNorm; all-zero "dead" maps are dark, counted in the record);
+  a run of another model kind writes ``<kind>_filters.png`` etc. (no ``_init``: its
+  initial weights are not in its record);
 * ``resnet50_filters.png`` — ``conv1_conv`` (7×7×3×64; kernels see BGR, drawn as RGB);
   only from real weights. Without them the script says so and draws nothing, unless
   ``--resnet_weights random`` asks for randomly initialised filters, which are then
@@ -40,30 +44,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnn import layers, viz
+from jaxcnn import inference, layers, viz
+from jaxcnn.runfolder import RunFolder
 
 CIFAR_FIRST_CONV = "block1_conv1"
 RESNET_FIRST_CONV = "conv1_conv"
 
 
-# ---------------------------------------------------------------------------- CIFAR CNN
+# ---------------------------------------------------------------------------- a run's first conv layer
 
 
-def first_conv(params: dict, name: str = CIFAR_FIRST_CONV) -> tuple[np.ndarray, np.ndarray]:
-    """``(kernel (kh, kw, C_in, C_out) HWIO, bias (C_out,))`` of layer ``name`` in ``params``."""
-    if name not in params or "kernel" not in params[name]:
-        raise ValueError(f"first_conv: params have no {name!r} conv layer; layers: {sorted(params)[:12]}")
-    layer = params[name]
+def first_conv_path(params: dict) -> tuple[str, ...]:
+    """The module path of the first conv layer in ``params`` (the first HWIO ``kernel``, in the
+    order the model created its layers): ``("block1_conv1",)`` for the CIFAR CNN,
+    ``("backbone", "conv1_conv")`` for a fine-tuning ``Classifier``."""
+    def walk(tree, path):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                found = walk(v, path + (k,))
+                if found:
+                    return found
+            elif k == "kernel" and np.ndim(v) == 4:
+                return path
+        return None
+
+    path = walk(params, ())
+    if path is None:
+        raise ValueError(f"first_conv: params have no conv layer (a 4-D 'kernel'); layers: {sorted(params)[:12]}")
+    return path
+
+
+def first_conv(params: dict, path: Optional[tuple[str, ...]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(kernel (kh, kw, C_in, C_out) HWIO, bias (C_out,))`` of the conv layer at ``path``
+    (default: the first one, ``first_conv_path``)."""
+    layer = params
+    for k in path or first_conv_path(params):
+        layer = layer[k]
     kernel = np.asarray(layer["kernel"], np.float32)
     bias = np.asarray(layer.get("bias", np.zeros(kernel.shape[-1])), np.float32)
-    if kernel.ndim != 4:
-        raise ValueError(f"first_conv: {name}.kernel has shape {kernel.shape}, expected (kh, kw, C_in, C_out)")
     return kernel, bias
 
 
 def first_layer_activations(image: np.ndarray, kernel: np.ndarray, bias: np.ndarray, *,
                             scale: float = 1.0 / 255.0) -> np.ndarray:
-    """ReLU(conv(image * scale) + bias): the first layer's feature maps for one image.
+    """ReLU(conv(image * scale) + bias): the CIFAR CNN's first-layer feature maps for one image.
 
     Args:
       image: uint8 ``(H, W, C_in)``.
@@ -78,38 +102,57 @@ def first_layer_activations(image: np.ndarray, kernel: np.ndarray, bias: np.ndar
     return np.asarray(jax.nn.relu(y)[0])  # (H, W, C_out)
 
 
+def model_activations(restored: inference.Restored, image: np.ndarray) -> np.ndarray:
+    """ReLU of the first conv layer's output for one uint8 image ``(H, W, C)``, computed by the
+    run's own model and preprocessing (``capture_intermediates``): ``(H', W', C_out)``."""
+    path = first_conv_path(restored.variables["params"])
+    x = restored.preprocess(np.asarray(image)[None])
+    _, state = restored.model.apply(restored.variables, x, train=False,
+                                    capture_intermediates=lambda m, method: method == "__call__" and m.name == path[-1])
+    out = state["intermediates"]
+    for k in path:
+        out = out[k]
+    return np.asarray(jax.nn.relu(out["__call__"][0])[0])
+
+
 def _stats(k: np.ndarray) -> dict:
     return {"shape": list(k.shape), "min": float(k.min()), "max": float(k.max()), "std": float(k.std())}
 
 
-def draw_cifar(params: dict, out: Path, *, image: Optional[np.ndarray], source: str,
-               init_params: Optional[dict] = None, normalize: str = "layer", image_label: str = "") -> dict:
-    """Write the CIFAR CNN's first-layer pictures into ``out``; return their record."""
-    kernel, bias = first_conv(params)
-    rec: dict[str, Any] = {"source": source, "layer": CIFAR_FIRST_CONV, "kernel": _stats(kernel), "files": []}
-    viz.plot_filters(kernel, normalize=normalize, path=out / "cifar_cnn_filters.png",
-                     title=f"CIFAR CNN {CIFAR_FIRST_CONV} {kernel.shape}, trained ({normalize} normalised)")
-    viz.plot_filters(kernel, normalize="filter", path=out / "cifar_cnn_filters_per_filter.png",
-                     title=f"CIFAR CNN {CIFAR_FIRST_CONV}, trained (each filter normalised)")
-    rec["files"] += ["cifar_cnn_filters.png", "cifar_cnn_filters_per_filter.png"]
+def draw_run(params: dict, out: Path, *, prefix: str, title: str, image: Optional[np.ndarray], source: str,
+             acts: Optional[np.ndarray] = None, init_params: Optional[dict] = None, normalize: str = "layer",
+             image_label: str = "") -> dict:
+    """Write a run's first-layer pictures into ``out`` (``<prefix>_filters*.png``, ``_activations``); return the record.
+
+    ``acts``: the first layer's feature maps of ``image`` (``model_activations``).
+    """
+    path = first_conv_path(params)
+    name = "/".join(path)
+    kernel, _ = first_conv(params, path)
+    rec: dict[str, Any] = {"source": source, "layer": name, "kernel": _stats(kernel), "files": []}
+    input_order = "BGR" if path[-1] == RESNET_FIRST_CONV else "RGB"  # a ResNet's kernels see caffe (BGR) input
+    viz.plot_filters(kernel, normalize=normalize, input_order=input_order, path=out / f"{prefix}_filters.png",
+                     title=f"{title} {name} {kernel.shape}, trained ({normalize} normalised)")
+    viz.plot_filters(kernel, normalize="filter", input_order=input_order, path=out / f"{prefix}_filters_per_filter.png",
+                     title=f"{title} {name}, trained (each filter normalised)")
+    rec["files"] += [f"{prefix}_filters.png", f"{prefix}_filters_per_filter.png"]
     if init_params is not None:
-        k0, _ = first_conv(init_params)
-        viz.plot_filters(k0, normalize=normalize, path=out / "cifar_cnn_filters_init.png",
-                         title=f"CIFAR CNN {CIFAR_FIRST_CONV} at initialisation (Glorot uniform, same seed)")
+        k0, _ = first_conv(init_params, path)
+        viz.plot_filters(k0, normalize=normalize, input_order=input_order, path=out / f"{prefix}_filters_init.png",
+                         title=f"{title} {name} at initialisation (Glorot uniform, same seed)")
         change = float(np.linalg.norm(kernel - k0) / np.linalg.norm(k0))
-        viz.plot_filters(kernel - k0, normalize=normalize, path=out / "cifar_cnn_filters_change.png",
-                         title=f"trained minus initial {CIFAR_FIRST_CONV}: what training changed "
-                               f"(|ΔW| / |W0| = {change:.2f})")
+        viz.plot_filters(kernel - k0, normalize=normalize, input_order=input_order,
+                         path=out / f"{prefix}_filters_change.png",
+                         title=f"trained minus initial {name}: what training changed (|ΔW| / |W0| = {change:.2f})")
         rec["init_kernel"] = _stats(k0)
         rec["relative_change"] = change  # Frobenius norm of (trained - init) / norm of init
-        rec["files"] += ["cifar_cnn_filters_init.png", "cifar_cnn_filters_change.png"]
-    if image is not None:
-        acts = first_layer_activations(image, kernel, bias)  # (H, W, 32)
+        rec["files"] += [f"{prefix}_filters_init.png", f"{prefix}_filters_change.png"]
+    if image is not None and acts is not None:
         rec["dead_maps"] = int(np.sum(acts.max(axis=(0, 1)) <= 0.0))  # channels all zero for this image
-        viz.plot_activations(acts, image=image, path=out / "cifar_cnn_activations.png",
+        viz.plot_activations(acts, image=image, path=out / f"{prefix}_activations.png",
                              title=f"one validation image{f' ({image_label})' if image_label else ''} and its "
                                    f"{acts.shape[-1]} first-layer feature maps (ReLU(conv), each map scaled)")
-        rec["files"].append("cifar_cnn_activations.png")
+        rec["files"].append(f"{prefix}_activations.png")
     return rec
 
 
@@ -174,36 +217,32 @@ def draw_resnet(weights: str, out: Path, *, seed: int = 0, model=None) -> dict:
 # ---------------------------------------------------------------------------- CLI
 
 
-def load_run(run: Path, *, which: str = "best") -> tuple[dict, dict, dict, Any]:
-    """``(params, init_params, config, dataset)`` of a ``jaxcnn.experiments.cifar10`` run folder.
+def load_run(run: Path, *, which: str = "best") -> tuple[inference.Restored, Optional[dict], Any]:
+    """``(restored, init_params, dataset)`` of any run folder.
 
-    ``params``: the run's ``which`` checkpoint (``jaxcnn.checkpoint.restore_for_inference``);
-    ``init_params``: the same model initialised as the run began (its seed, via
-    ``cifar10.create_state``); ``dataset``: the run's data, or None when it cannot be had
-    (e.g. CIFAR-10 without network: the activation picture is then skipped).
+    ``restored``: the run's ``which`` checkpoint and model (``jaxcnn.inference.restore``);
+    ``init_params``: the same model as the run initialised it, for runs of
+    ``jaxcnn.experiments.cifar10`` (its seed; None for other runs, e.g. a fine-tune phase,
+    which starts from another run's weights); ``dataset``: the run's data, reloaded from its
+    record, or None when it cannot be had here (the activation picture is then skipped).
     """
-    import dataclasses
-
-    from jaxcnn import checkpoint
-    from jaxcnn.data import DatasetUnavailableError
+    from jaxcnn.data import DatasetUnavailableError, load_dataset
     from jaxcnn.experiments import cifar10
-    from jaxcnn.experiments.configs import ExperimentConfig
 
-    model, variables, config = checkpoint.restore_for_inference(run, which=which)
-    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    cfg = ExperimentConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in fields})
-    try:
-        dataset = cifar10.load_data(cfg)
-    except DatasetUnavailableError:
-        dataset = None
-    shape = dataset.image_shape if dataset is not None else (32, 32, 3)
-    init_params = cifar10.create_state(cfg, model, shape).params
-    return variables["params"], init_params, config, dataset
-
-
-def _summary(run: Path) -> dict:
-    path = Path(run) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    restored = inference.restore(run, which=which)
+    config = restored.config
+    dataset = None
+    source = config.get("data", {}).get("source")
+    if source:
+        try:
+            dataset = load_dataset(**source)
+        except DatasetUnavailableError:
+            dataset = None
+    init_params = None
+    if config.get("experiment", {}).get("name") == "cifar10":
+        init_params = cifar10.init_variables(restored.model, config["fit"]["seed"],
+                                             config["data"]["image_shape"])["params"]
+    return restored, init_params, dataset
 
 
 def main(argv=None) -> int:
@@ -224,19 +263,24 @@ def main(argv=None) -> int:
     record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.is_file() else {}
 
     if args.run is not None:
-        params, init_params, config, dataset = load_run(args.run, which=args.which)
-        image = label = None
+        restored, init_params, dataset = load_run(args.run, which=args.which)
+        kind = restored.config["model"]["kind"]
+        prefix, title = ("cifar_cnn", "CIFAR CNN") if kind == "cifar_cnn" else (kind, f"{kind} run {args.run.name}")
+        image = label = acts = None
         if dataset is not None:
             i = args.image_index % len(dataset.val.labels)
             image, label = dataset.val.images[i], dataset.class_names[int(dataset.val.labels[i])]
-        record["cifar_cnn"] = draw_cifar(params, args.out, image=image, source=f"{args.run} ({args.which} checkpoint)",
-                                         init_params=init_params, normalize=args.normalize, image_label=label or "")
-        record["cifar_cnn"].update(dataset=config.get("dataset"), image_index=args.image_index, image_label=label,
-                                   test_accuracy=_summary(args.run).get("test_accuracy"))
+            acts = model_activations(restored, image)
+        rec = record[prefix] = draw_run(restored.variables["params"], args.out, prefix=prefix, title=title,
+                                        image=image, acts=acts, source=f"{args.run} ({args.which} checkpoint)",
+                                        init_params=init_params, normalize=args.normalize, image_label=label or "")
+        rec.update(dataset=restored.config["data"]["name"], image_index=args.image_index, image_label=label,
+                   test_accuracy=RunFolder(args.run).read_summary().get("test_accuracy"))
+        if init_params is None:
+            rec["init_skipped"] = "the run's initial weights are not reproducible from its record (not a cifar10 run)"
         if image is None:
-            record["cifar_cnn"]["activations_skipped"] = f"dataset {config.get('dataset')!r} not available here"
-        print(f"CIFAR CNN {CIFAR_FIRST_CONV} {record['cifar_cnn']['kernel']['shape']}: "
-              f"{', '.join(record['cifar_cnn']['files'])} in {args.out}")
+            rec["activations_skipped"] = f"dataset {restored.config['data']['name']!r} not available here"
+        print(f"{title} {rec['layer']} {rec['kernel']['shape']}: {', '.join(rec['files'])} in {args.out}")
     if args.resnet_weights != "none":
         rec = record["resnet50"] = draw_resnet(args.resnet_weights, args.out, seed=args.seed)
         if rec["drawn"]:

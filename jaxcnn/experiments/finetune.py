@@ -45,7 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
+import math
 import pathlib
 import sys
 import time
@@ -54,32 +54,30 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxcnn import checkpoint, freeze
+from jaxcnn import freeze, inference, viz
+from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
-from jaxcnn.preprocess import caffe_preprocess
-from jaxcnn.train import TrainState, adam, make_eval_step, make_mesh, make_train_step
-from jaxcnn.train.loop import FitConfig, augment_fn_from_config, fit
+from jaxcnn.runfolder import RunFolder, write_json
+from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 
 PRESETS = ("default", "offline", "smoke")
 DATASETS = ("tf_flowers", "offline")
 MODELS = ("resnet50", "tiny")
-MODEL_NAME = "finetune_classifier"  # config["model"] of each phase, for checkpoint.restore_for_inference
-
-#: One run of ``--preset offline --weights none`` (records in ``experiments/finetune/offline/``).
-OFFLINE_MEASURED = ("ResNet50 without pretrained weights, offline 32x32, 2-core CPU shared with other jobs: "
-                    "test accuracy 0.100 (phase 1, 119 s) and 0.118 (phase 2, 374 s); 509 s in all")
+SUMMARY = "summary.json"  # <workdir>/summary.json: both phases' results (each phase is a run folder)
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything ``python -m jaxcnn.experiments.finetune`` reads (saved in each phase's config.json).
+    """Everything ``python -m jaxcnn.experiments.finetune`` reads.
 
-    ``weights``: ``"imagenet"`` (the official Keras no-top file, fetched into the Keras cache),
-    a path to a Keras legacy ``.h5`` file of the backbone, or ``"none"`` (random init).
-    ``phase2_frozen_layers``: Keras ``base_model.layers[:n]`` stay frozen in phase 2.
+    The experiment's settings are fields here (each phase saves them as ``config["experiment"]``);
+    the loop's shared settings (batch sizes, seed, augmentation, caffe preprocessing) are in
+    ``fit``, which each phase copies with its own epochs. ``weights``: ``"imagenet"`` (the
+    official Keras no-top file, fetched into the Keras cache), a path to a Keras legacy
+    ``.h5`` file of the backbone, or ``"none"`` (random init). ``phase2_frozen_layers``:
+    Keras ``base_model.layers[:n]`` stay frozen in phase 2.
     """
 
     preset: str = "default"
@@ -98,62 +96,72 @@ class FinetuneConfig:
     phase2_epochs: int = 20
     phase2_lr: float = 1e-5
     phase2_frozen_layers: int = 100
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    seed: int = 0
-    augment: bool = True
-    width_shift: float = 0.1
-    height_shift: float = 0.1
-    horizontal_flip: bool = True
+    # The seed's fine-tuning augmentation: flips and shifts, no rotation; Keras' caffe preprocessing.
+    fit: FitConfig = FitConfig(batch_size=32, eval_batch_size=64, augment=AugmentConfig(rotation=0.0),
+                               preprocess="caffe")
 
     def __post_init__(self):
         for name, allowed in (("preset", PRESETS), ("dataset", DATASETS), ("model", MODELS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FinetuneConfig: {name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        for name in ("image_size", "num_train", "num_val", "num_test", "hidden", "phase1_epochs", "phase2_epochs",
-                     "batch_size", "eval_batch_size"):
+        for name in ("image_size", "num_train", "num_val", "num_test", "hidden", "phase1_epochs", "phase2_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"FinetuneConfig: {name}={v!r}; must be an int >= 1")
+        for name in ("phase1_lr", "phase2_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"FinetuneConfig: {name}={v!r}; must be a finite number > 0")
         if self.image_size < 32:
             raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
         if self.model == "tiny" and self.weights == "imagenet":
             raise ValueError("FinetuneConfig: weights='imagenet' is a ResNet50 file; with model='tiny' use "
                              "'none' or a path to a file of the tiny model")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def settings(self) -> dict:
+        """The experiment's own settings (everything but ``fit``), JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "fit"}
+
+    def phase_fit(self, phase: int) -> FitConfig:
+        """Phase ``phase``'s loop: the shared ``fit`` with the phase's epochs, a fixed schedule
+        (no early stop, no LR drop: the patiences are the phase's length)."""
+        epochs = self.phase1_epochs if phase == 1 else self.phase2_epochs
+        return dataclasses.replace(self.fit, epochs=epochs, early_stopping_patience=epochs, plateau_patience=epochs)
 
 
 def get_config(name: str = "default", **overrides) -> FinetuneConfig:
-    """The preset ``name`` ("default" | "offline" | "smoke") with ``overrides`` applied (None values ignored)."""
+    """The preset ``name`` ("default" | "offline" | "smoke") with ``overrides`` applied (None values
+    ignored; ``batch_size``, ``seed``, ``augment`` ... go to ``fit``)."""
     if name == "default":
         base = FinetuneConfig(preset="default")
     elif name == "offline":
         base = FinetuneConfig(preset="offline", dataset="offline", image_size=32, phase1_epochs=4,
-                              phase2_epochs=6, eval_batch_size=250)
+                              phase2_epochs=6)
+        base = with_overrides(base, {"eval_batch_size": 250})
     elif name == "smoke":
         base = FinetuneConfig(preset="smoke", dataset="offline", image_size=32, num_train=64, num_val=32,
                               num_test=32, model="tiny", weights="none", phase1_epochs=2, phase2_epochs=2,
-                              phase2_frozen_layers=20, batch_size=16, eval_batch_size=32)
+                              phase2_frozen_layers=20)
+        base = with_overrides(base, {"batch_size": 16, "eval_batch_size": 32})
     else:
         raise ValueError(f"get_config: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    per_phase = sorted(k for k in ("epochs", "early_stopping_patience", "plateau_patience")
+                       if overrides.get(k) is not None)
+    if per_phase:  # each phase sets these itself (a fixed schedule)
+        raise ValueError(f"get_config: {per_phase} are set per phase; use phase1_epochs / phase2_epochs")
+    if overrides.get("augment") is True:  # --augment: the seed's flips and shifts, not the rotation
+        overrides["augment"] = AugmentConfig(rotation=0.0)
     return with_overrides(base, overrides)
 
 
 # --------------------------------------------------------------------------- model and weights
 
 
-def build_model(config: dict | FinetuneConfig, num_classes: int) -> Classifier:
+def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
     """The fine-tuning ``Classifier``: backbone (no top, average pooling) + the seed's head."""
-    c = config if isinstance(config, dict) else config.to_dict()
-    backbone_name = c.get("backbone", c["model"])  # a phase's config.json names it "backbone"
-    make = {"resnet50": ResNet50, "tiny": ResNetTiny}[backbone_name]
+    make = {"resnet50": ResNet50, "tiny": ResNetTiny}[config.model]
     return Classifier(make(include_top=False, pooling="avg"), num_classes=int(num_classes),
-                      dropout_rate=float(c["dropout"]), hidden=int(c["hidden"]))
-
-
-checkpoint.register_model(MODEL_NAME, lambda c: build_model(c, c["num_classes"]))
+                      dropout_rate=float(config.dropout), hidden=int(config.hidden))
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -182,7 +190,7 @@ def initial_variables(config: FinetuneConfig, model: Classifier, image_shape,
     (a Keras legacy no-top file; None: the backbone stays random)."""
     from jaxcnn.weights import load_keras_h5
 
-    init_key = jax.random.split(jax.random.key(config.seed))[0]
+    init_key = jax.random.split(jax.random.key(config.fit.seed))[0]
     x = jnp.zeros((1, *image_shape), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, x, train=False))(init_key)
     if path is not None:
@@ -191,14 +199,15 @@ def initial_variables(config: FinetuneConfig, model: Classifier, image_shape,
     return variables
 
 
-def phase_rule(config: FinetuneConfig, phase: int) -> freeze.Rule:
-    """Phase 1: the whole backbone; phase 2: Keras' ``base_model.layers[:phase2_frozen_layers]``."""
-    return freeze.backbone() if phase == 1 else freeze.first_n_keras_layers(config.phase2_frozen_layers)
+def phase_rule(config: FinetuneConfig, phase: int, layer_order) -> freeze.Rule:
+    """Phase 1: the whole backbone; phase 2: Keras' ``base_model.layers[:phase2_frozen_layers]``
+    (``layer_order``: the backbone's ``layer_order()``)."""
+    return freeze.backbone() if phase == 1 else freeze.first_n_keras_layers(config.phase2_frozen_layers, layer_order)
 
 
-def restore_phase(workdir, phase: int, *, which: str = "best") -> tuple[Classifier, dict, dict]:
-    """``(model, variables, config)`` of ``<workdir>/phase<phase>`` read from its Orbax checkpoint."""
-    return checkpoint.restore_for_inference(pathlib.Path(workdir) / f"phase{phase}", which=which)
+def restore_phase(workdir, phase: int, *, which: str = "best") -> inference.Restored:
+    """Phase ``phase`` of a fine-tuning run, restored for inference (``jaxcnn.inference.restore``)."""
+    return inference.restore(pathlib.Path(workdir) / f"phase{phase}", which=which)
 
 
 # --------------------------------------------------------------------------- one phase
@@ -208,56 +217,41 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
               pretrained: bool, progress: bool = True, mesh=None,
               on_start: Optional[Callable[[int, TrainState], None]] = None) -> dict:
     """Freeze by ``phase_rule``, print the Keras-like counts, ``fit`` into ``<workdir>/phase<phase>``."""
-    phase_dir = pathlib.Path(workdir) / f"phase{phase}"
+    run = RunFolder(pathlib.Path(workdir) / f"phase{phase}")
     order = model.backbone.layer_order()
-    rule = phase_rule(config, phase)
-    labels = freeze.label_tree(variables["params"], rule, layer_order=order)
+    rule = phase_rule(config, phase, order)
+    labels = freeze.label_tree(variables["params"], rule)
     frozen_bn = freeze.frozen_layer_names(labels, under="backbone")
-    lr, epochs = (config.phase1_lr, config.phase1_epochs) if phase == 1 else (config.phase2_lr, config.phase2_epochs)
+    lr = config.phase1_lr if phase == 1 else config.phase2_lr
+    fit_config = config.phase_fit(phase)
 
-    table = freeze.summary(variables["params"], variables.get("batch_stats", {}), labels, layer_order=order)
-    trainable, non_trainable = freeze.count_params(variables["params"], variables.get("batch_stats", {}), labels)
+    stats = variables.get("batch_stats", {})
+    table = freeze.summary(variables["params"], stats, labels, layer_order=order)
+    trainable, non_trainable = freeze.count_params(variables["params"], stats, labels)
     n_layers = len(variables["params"]["backbone"]) + len(variables["params"]) - 1  # backbone + head layers
     n_frozen = len(freeze.frozen_layer_names(labels))
-    print(f"\n=== Phase {phase}: {rule.description}, Adam {lr:g}, {epochs} epochs ===")
+    print(f"\n=== Phase {phase}: {rule.description}, Adam {lr:g}, {fit_config.epochs} epochs ===")
     n_bn = sum(name.endswith("_bn") for name in frozen_bn)
     print(f"{n_frozen} of {n_layers} weighted layers frozen ({n_bn} of them BatchNorm, run in inference mode)")
     print("\n".join(table.splitlines()[-3:]))
-    phase_dir.mkdir(parents=True, exist_ok=True)
-    (phase_dir / "freeze_summary.txt").write_text(table + "\n")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.freeze_summary_path.write_text(table + "\n")
 
-    fit_config = FitConfig(epochs=epochs, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                           learning_rate=lr, seed=config.seed, augment=config.augment, rotation=0.0,
-                           width_shift=config.width_shift, height_shift=config.height_shift,
-                           horizontal_flip=config.horizontal_flip,
-                           early_stopping_patience=epochs, plateau_patience=epochs)  # fixed schedule
-    state_key = jax.random.fold_in(jax.random.split(jax.random.key(config.seed))[1], phase)
+    state_key = jax.random.fold_in(jax.random.split(jax.random.key(config.fit.seed))[1], phase)
     state = TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn), variables=variables,
                               tx=adam(lr, labels=labels), key=state_key)
     if on_start is not None:
         on_start(phase, state)
-    extra = {**config.to_dict(), "phase": phase, "model": MODEL_NAME, "backbone": config.model,
-             "num_classes": int(dataset.num_classes), "freeze_rule": rule.description, "pretrained": pretrained,
-             "trainable_params": trainable, "non_trainable_params": non_trainable}
-    train_step = make_train_step(labels=labels, augment_fn=augment_fn_from_config(fit_config),
-                                 preprocess=caffe_preprocess)
-    _, _, summary = fit(state, dataset, fit_config, phase_dir, train_step=train_step,
-                        eval_step=make_eval_step(preprocess=caffe_preprocess), mesh=mesh, progress=progress,
-                        extra_config=extra)
-    _plot(phase_dir)
+    experiment = {"name": "finetune", **config.settings(), "phase": phase, "freeze_rule": rule.description,
+                  "pretrained": pretrained, "trainable_params": trainable, "non_trainable_params": non_trainable}
+    _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
+                        model=model, experiment=experiment)
+    viz.plot_curves(run.path)
     print(f"phase {phase}: test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}), best "
           f"val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}, "
           f"{summary['wall_time_s']:.0f} s")
-    return {**summary, "freeze_rule": rule.description, "learning_rate": lr, "epochs": epochs,
+    return {**summary, "freeze_rule": rule.description, "learning_rate": lr, "epochs": fit_config.epochs,
             "trainable_params": trainable, "non_trainable_params": non_trainable}
-
-
-def _plot(phase_dir: pathlib.Path) -> None:
-    try:
-        from jaxcnn.viz import plot_curves
-    except ImportError:
-        return
-    plot_curves(phase_dir)
 
 
 # --------------------------------------------------------------------------- both phases
@@ -268,9 +262,9 @@ def load_data(config: FinetuneConfig):
     from jaxcnn.data import load_dataset
 
     if config.dataset == "offline":
-        return load_dataset("offline", seed=config.seed, num_train=config.num_train, num_val=config.num_val,
+        return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
                             num_test=config.num_test, image_size=config.image_size)
-    return load_dataset("tf_flowers", data_dir=config.data_dir, seed=config.seed, image_size=config.image_size)
+    return load_dataset("tf_flowers", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size)
 
 
 NO_WEIGHTS_WARNING = ("WARNING: running WITHOUT pretrained weights (--weights none): the backbone is randomly "
@@ -288,7 +282,7 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, progress: bool = True,
     t0 = time.perf_counter()
     workdir = pathlib.Path(workdir)
     for phase in (1, 2):
-        if checkpoint.has_checkpoints(workdir / f"phase{phase}"):
+        if RunFolder(workdir / f"phase{phase}").has_checkpoints():
             raise FileExistsError(f"{workdir / f'phase{phase}'} already holds checkpoints; choose another "
                                   "--workdir (nothing was changed)")
     path = weights_path(config)  # fail fast, before the data
@@ -304,14 +298,14 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, progress: bool = True,
     common = dict(pretrained=pretrained, progress=progress, mesh=mesh, on_start=on_phase_start)
 
     s1 = run_phase(config, 1, model, variables, dataset, workdir, **common)
-    _, restored, _ = restore_phase(workdir, 1)  # from disk, not the in-memory state
+    restored = restore_phase(workdir, 1).variables  # from disk, not the in-memory state
     s2 = run_phase(config, 2, model, restored, dataset, workdir, **common)
 
     summary = {"pretrained": pretrained, "weights": str(path) if pretrained else "none",
                "dataset": dataset.name, "image_size": int(dataset.image_shape[0]), "model": config.model,
                "num_classes": int(dataset.num_classes), "num_train": len(dataset.train.labels),
                "phase1": s1, "phase2": s2, "wall_time_s": time.perf_counter() - t0, "device": s2["device"]}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(workdir / SUMMARY, summary)
     return summary
 
 

@@ -5,7 +5,8 @@ Three blocks of ``[Conv3×3-ReLU, BN, Conv3×3-ReLU, BN, MaxPool 2, Dropout 0.25
 last layer returns **logits**; apply ``jax.nn.softmax`` where probabilities are wanted.
 
 Keras defaults are kept, so the model is the seed's model: convs ``padding="same"`` with
-bias, Glorot-uniform kernels and zero biases, BatchNorm momentum 0.99 and epsilon 1e-3.
+bias, Glorot-uniform kernels and zero biases, BatchNorm momentum 0.99 and epsilon 1e-3
+(the shared bricks of :mod:`jaxcnn.models.bricks`; both BN settings are attributes).
 With the default widths it has 551,722 trainable parameters and 1,152 non-trainable
 ones (the BN moving means and variances, here ``batch_stats``), as ``model.summary()``
 reports for the seed's Keras model (checked in ``tests/test_cifar_cnn.py``).
@@ -26,24 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import layers
+from jaxcnn.models.bricks import KERAS_BN_EPSILON, KERAS_BN_MOMENTUM, BatchNorm, Conv2D, glorot_uniform
 
 CONV_DROPOUTS = ("dropout", "spatial", "dropblock", "none")
-BN_MOMENTUM = 0.99  # Keras BatchNormalization defaults
-BN_EPSILON = 1e-3
-
-_glorot = nn.initializers.glorot_uniform()  # Keras' default kernel initializer
-
-
-class Conv3x3(nn.Module):
-    """A 3×3 'same' convolution with bias, computed by :func:`jaxcnn.layers.conv2d`."""
-
-    features: int
-
-    @nn.compact
-    def __call__(self, x):  # (N, H, W, Cin) -> (N, H, W, features)
-        kernel = self.param("kernel", _glorot, (3, 3, x.shape[-1], self.features))  # HWIO
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return layers.conv2d(x, kernel, bias, padding="SAME")
 
 
 class CifarCNN(nn.Module):
@@ -59,6 +45,7 @@ class CifarCNN(nn.Module):
       conv_dropout_rate: probability of zeroing after each block (default 0.25).
       dense_dropout: probability of zeroing before the last layer (default 0.5).
       dropblock_size: DropBlock's block side (default 3; maps are 16, 8, 4 pixels wide).
+      bn_momentum, bn_epsilon: every BatchNorm's settings (Keras' defaults 0.99 and 1e-3).
 
     Call ``model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])``
     to train (BN uses batch statistics and updates ``batch_stats``) and
@@ -72,6 +59,8 @@ class CifarCNN(nn.Module):
     conv_dropout_rate: float = 0.25
     dense_dropout: float = 0.5
     dropblock_size: int = 3
+    bn_momentum: float = KERAS_BN_MOMENTUM
+    bn_epsilon: float = KERAS_BN_EPSILON
 
     def _check(self, x):
         if self.conv_dropout not in CONV_DROPOUTS:
@@ -107,21 +96,21 @@ class CifarCNN(nn.Module):
         self._check(x)
 
         def bn(name):
-            return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                epsilon=BN_EPSILON, name=name)
+            return BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             name=name)
 
         for b, width in enumerate(self.widths, start=1):
             for i in (1, 2):
-                x = nn.relu(Conv3x3(int(width), name=f"block{b}_conv{i}")(x))  # (N, H, W, width)
+                x = nn.relu(Conv2D(int(width), 3, padding="SAME", name=f"block{b}_conv{i}")(x))  # (N, H, W, width)
                 x = bn(f"block{b}_bn{i}")(x)
             x = layers.max_pool2d(x, 2)  # (N, H/2, W/2, width)
             x = self._drop_conv(x, train)
         x = x.reshape((x.shape[0], -1))  # (N, H·W·C), NHWC order as Keras' Flatten
-        x = nn.relu(nn.Dense(self.dense_units, kernel_init=_glorot, name="dense")(x))
+        x = nn.relu(nn.Dense(self.dense_units, kernel_init=glorot_uniform, name="dense")(x))
         x = bn("dense_bn")(x)
         key = self.make_rng("dropout") if train and self.dense_dropout > 0 else None
         x = layers.dropout(x, float(self.dense_dropout), key=key, train=train)
-        return nn.Dense(self.num_classes, kernel_init=_glorot, name="logits")(x)  # (N, num_classes)
+        return nn.Dense(self.num_classes, kernel_init=glorot_uniform, name="logits")(x)  # (N, num_classes)
 
 
 def count_params(variables) -> tuple[int, int]:

@@ -13,7 +13,7 @@ Parameters carry the Keras layer names, flat, one Flax submodule per Keras layer
     params["predictions"]           = {"kernel": (2048, 1000), "bias": (1000,)}
 
 so a Keras freeze rule (``base_model.layers[:100]``) means the same thing here
-(``jaxcnn.freeze.first_n_keras_layers(100)`` with ``KERAS_LAYER_ORDER``) and
+(``jaxcnn.freeze.first_n_keras_layers(100, KERAS_LAYER_ORDER)``) and
 ``jaxcnn.weights.keras_h5.load_keras_h5`` fills the tree straight from Keras' HDF5 file.
 
 Inputs are ``caffe``-preprocessed float images, NHWC (``jaxcnn.preprocess.caffe_preprocess``).
@@ -32,11 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import layers
+from jaxcnn.models.bricks import KERAS_BN_MOMENTUM, BatchNorm, Conv2D, glorot_uniform
 
-BN_EPSILON = 1.001e-5  # Keras applications' ResNet value (not Keras' 1e-3 default)
-BN_MOMENTUM = 0.99  # Keras BatchNormalization default; same meaning in Flax
-
-_glorot = nn.initializers.glorot_uniform()  # Keras' default kernel initializer
+#: Keras applications' ResNet BatchNorm epsilon (not Keras' 1e-3 default).
+RESNET_BN_EPSILON = 1.001e-5
 
 
 def keras_layer_order(
@@ -76,32 +75,6 @@ def keras_layer_order(
 KERAS_LAYER_ORDER: tuple[str, ...] = keras_layer_order()
 
 
-class Conv2D(nn.Module):
-    """Keras-style conv layer over ``jaxcnn.layers.conv2d``: kernel HWIO, optional bias.
-
-    Input ``(N, H, W, C_in)`` -> ``(N, H', W', features)``.
-    """
-
-    features: int
-    kernel_size: int
-    strides: int = 1
-    padding: Any = "VALID"  # as jaxcnn.layers.conv2d; explicit ints pad zeros
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        k = self.kernel_size
-        w = self.param("kernel", _glorot, (k, k, x.shape[-1], self.features), self.param_dtype)  # HWIO
-        b = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
-        x = x.astype(self.dtype)
-        return layers.conv2d(
-            x, w.astype(self.dtype), None if b is None else b.astype(self.dtype),
-            stride=self.strides, padding=self.padding,
-        )
-
-
 class ResNet(nn.Module):
     """Generic Keras-v1 ResNet with bottleneck blocks; ``ResNet50`` fixes the sizes.
 
@@ -116,6 +89,7 @@ class ResNet(nn.Module):
       classifier_activation: ``"softmax"`` (Keras' default: outputs are probabilities) or
         ``None`` (logits, what a loss function wants).
       dtype: compute dtype; parameters stay float32.
+      bn_momentum, bn_epsilon: every BatchNorm's settings (Keras' 0.99 and 1.001e-5).
     """
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -126,6 +100,8 @@ class ResNet(nn.Module):
     classes: int = 1000
     classifier_activation: Optional[str] = "softmax"
     dtype: Any = jnp.float32
+    bn_momentum: float = KERAS_BN_MOMENTUM
+    bn_epsilon: float = RESNET_BN_EPSILON
 
     def layer_order(self) -> tuple[str, ...]:
         """This model's Keras layer names in ``model.layers`` order."""
@@ -174,10 +150,8 @@ class ResNet(nn.Module):
         conv = functools.partial(Conv2D, dtype=self.dtype)
 
         def bn(y, name):
-            return nn.BatchNorm(
-                use_running_average=(not train) or name in frozen_bn,
-                momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype, name=name,
-            )(y)
+            return BatchNorm(use_running_average=(not train) or name in frozen_bn, momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype, name=name)(y)
 
         x = x.astype(self.dtype)
         x = conv(self.stem_filters, 7, strides=2, padding=((3, 3), (3, 3)), name="conv1_conv")(x)  # conv1_pad + VALID
@@ -200,7 +174,7 @@ class ResNet(nn.Module):
 
         if self.include_top:
             x = layers.global_avg_pool2d(x)  # (N, 2048)
-            x = nn.Dense(self.classes, kernel_init=_glorot, dtype=self.dtype, name="predictions")(x)
+            x = nn.Dense(self.classes, kernel_init=glorot_uniform, dtype=self.dtype, name="predictions")(x)
             if self.classifier_activation == "softmax":
                 x = jax.nn.softmax(x.astype(jnp.float32), axis=-1)
         elif self.pooling == "avg":
@@ -223,7 +197,7 @@ class Classifier(nn.Module):
 
     ``params`` is ``{"backbone": <Keras-named layers>, "head": {"kernel", "bias"}}`` (plus
     ``"head_hidden"`` with ``hidden``) so ``jaxcnn.freeze.backbone()`` freezes the whole
-    backbone and ``first_n_keras_layers(n)`` still means ``base_model.layers[:n]``. Fill the
+    backbone and ``first_n_keras_layers(n, model.backbone.layer_order())`` still means ``base_model.layers[:n]``. Fill the
     backbone from ``load_keras_h5(path, include_top=False)`` (see ``with_backbone_variables``).
 
     With ``hidden=256, dropout_rate=0.5`` this is the seed's Keras head::
@@ -261,11 +235,11 @@ class Classifier(nn.Module):
         if feats.ndim != 2:
             raise ValueError(f"Classifier: backbone must return (N, F) features (use pooling='avg'), got {feats.shape}")
         if self.hidden is not None:
-            feats = nn.relu(nn.Dense(self.hidden, kernel_init=_glorot, dtype=feats.dtype, name="head_hidden")(feats))
+            feats = nn.relu(nn.Dense(self.hidden, kernel_init=glorot_uniform, dtype=feats.dtype, name="head_hidden")(feats))
         if self.dropout_rate > 0.0:
             key = self.make_rng("dropout") if train else None
             feats = layers.dropout(feats, self.dropout_rate, key=key, train=train)
-        return nn.Dense(self.num_classes, kernel_init=_glorot, dtype=feats.dtype, name="head")(feats)
+        return nn.Dense(self.num_classes, kernel_init=glorot_uniform, dtype=feats.dtype, name="head")(feats)
 
 
 def with_backbone_variables(variables: dict, backbone_variables: dict, name: str = "backbone") -> dict:

@@ -113,3 +113,37 @@ class ReduceLROnPlateau:
 
     def load_state_dict(self, d: dict) -> None:
         self.best, self.wait, self.cooldown_counter = float(d["best"]), int(d["wait"]), int(d["cooldown_counter"])
+
+
+class EpochCallbacks:
+    """Early stopping and reduce-LR-on-plateau as ``fit`` runs them: both watch the validation
+    loss once per epoch; their state is saved in every checkpoint (``state_dict``)."""
+
+    def __init__(self, early: EarlyStopping, plateau: ReduceLROnPlateau):
+        self.early, self.plateau = early, plateau
+
+    @classmethod
+    def from_config(cls, config) -> "EpochCallbacks":
+        """From a ``FitConfig``'s ``early_stopping_patience`` and ``plateau_*`` / ``min_lr``."""
+        return cls(EarlyStopping(patience=config.early_stopping_patience),
+                   ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
+                                     min_delta=config.plateau_min_delta, min_lr=config.min_lr))
+
+    def update(self, epoch: int, val_loss: float, lr: float) -> tuple[bool, float]:
+        """``(improved, next_lr)`` after epoch ``epoch``: whether it is the new best, the next rate."""
+        return self.early.update(epoch, val_loss), self.plateau.update(epoch, val_loss, lr)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.early.should_stop
+
+    @property
+    def best_epoch(self) -> int:
+        return self.early.best_epoch
+
+    def state_dict(self) -> dict:
+        return {"early_stopping": self.early.state_dict(), "plateau": self.plateau.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.early.load_state_dict(d["early_stopping"])
+        self.plateau.load_state_dict(d["plateau"])

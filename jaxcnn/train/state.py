@@ -8,7 +8,7 @@ advancing key, so a run resumed from a checkpoint repeats exactly.
 
 from __future__ import annotations
 
-import functools
+import math
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -16,6 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxcnn import freeze
 
 PyTree = Any
 
@@ -67,21 +69,25 @@ def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None) -> opt
     ``labels`` (a ``"trainable"``/``"frozen"`` tree, see ``jaxcnn.freeze``) masks frozen
     parameters with ``jaxcnn.freeze.masked``.
     """
-    if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-        raise ValueError(f"adam: learning_rate={learning_rate!r}; must be a number > 0")
-    tx = _adam(float(learning_rate))
-    if labels is not None:
-        from jaxcnn import freeze  # the fine-tuning path
-
-        tx = freeze.masked(tx, labels)
-    return tx
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) \
+            or not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"adam: learning_rate={learning_rate!r}; must be a finite number > 0")
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(learning_rate))
+    return tx if labels is None else freeze.masked(tx, labels)
 
 
-@functools.lru_cache(maxsize=64)
-def _adam(learning_rate: float) -> optax.GradientTransformation:
-    # One object per rate: a TrainState's tx is a static jit argument, so equal runs in one
-    # process (tests, studies) reuse the compiled step instead of compiling it again.
-    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+def state_to_tree(state: TrainState) -> dict:
+    """The arrays of ``state`` as a plain dict, what a checkpoint stores:
+    ``{"step", "params", "batch_stats", "opt_state", "key"}`` (the key as raw key data)."""
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+            "opt_state": state.opt_state, "key": jax.random.key_data(state.key)}
+
+
+def state_from_tree(template: TrainState, tree: dict) -> TrainState:
+    """Inverse of ``state_to_tree``: ``template`` (same model and optimizer) with ``tree``'s arrays."""
+    key = jax.random.wrap_key_data(tree["key"], impl=jax.random.key_impl(template.key))
+    return template.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
+                            opt_state=tree["opt_state"], key=key)
 
 
 def _is_inject_state(x) -> bool:

@@ -1,4 +1,4 @@
-"""Pure train and eval steps, built once per run and jitted by the caller (see ``jaxcnn.train.loop``).
+"""Pure train and eval steps, built once per run and jitted by the caller (``jaxcnn.train.fit`` does).
 
 A batch is a dict of device arrays::
 
@@ -20,14 +20,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxcnn import freeze
+from jaxcnn.preprocess import scale_to_unit
 from jaxcnn.train.state import TrainState
 
 PyTree = Any
-
-
-def scale_to_unit(images: jax.Array) -> jax.Array:
-    """uint8 ``(N, H, W, C)`` -> float32 in [0, 1] (the seed's ``x / 255``)."""
-    return images.astype(jnp.float32) / 255.0
 
 
 def step_keys(key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,9 +64,6 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
 
     ``metrics``: ``{"loss": mean softmax cross-entropy, "accuracy": fraction correct}`` of the batch.
     """
-    if labels is not None:
-        from jaxcnn import freeze  # the fine-tuning path; freeze owns partition/combine
-
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_key, augment_key = step_keys(state.key, state.step)
         images = preprocess(batch["image"])  # (B, H, W, C) float

@@ -1,0 +1,42 @@
+"""``load_dataset``: a dataset by name, recording how it was loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxcnn.data.core import Dataset
+from jaxcnn.data.offline import make_offline_dataset
+from jaxcnn.data.tfds_data import load_cifar10, load_tf_flowers
+
+DATASET_NAMES = ("cifar10", "offline", "tf_flowers")
+
+
+def load_dataset(name: str, *, data_dir: str | None = None, seed: int = 0, **kwargs) -> Dataset:
+    """Loads a dataset by name.
+
+    Args:
+      name: ``"cifar10"`` (:func:`load_cifar10`), ``"offline"``
+        (:func:`make_offline_dataset`; ``data_dir`` is ignored, nothing is read or written)
+        or ``"tf_flowers"`` (:func:`load_tf_flowers`).
+      data_dir: tfds data directory (default: tfds' own, ``~/tensorflow_datasets``).
+      seed: seed of the train/val split (and of the generator for ``"offline"``).
+      **kwargs: passed on to the loader (e.g. ``val_size=``, ``image_size=``).
+
+    Returns:
+      A :class:`Dataset` with uint8 ``(N, H, W, 3)`` images and int32 ``(N,)`` labels, whose
+      ``source`` is ``{"name": name, "data_dir": data_dir, "seed": seed, **kwargs}`` (so
+      ``load_dataset(**ds.source)`` loads it again).
+
+    Raises:
+      ValueError: unknown ``name``.
+      DatasetUnavailableError: the dataset cannot be had here (tfds datasets only).
+    """
+    if name == "cifar10":
+        ds = load_cifar10(data_dir, seed=seed, **kwargs)
+    elif name == "offline":
+        ds = make_offline_dataset(seed=seed, **kwargs)
+    elif name == "tf_flowers":
+        ds = load_tf_flowers(data_dir, seed=seed, **kwargs)
+    else:
+        raise ValueError(f"load_dataset: unknown name={name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    return dataclasses.replace(ds, source={"name": name, "data_dir": data_dir, "seed": seed, **kwargs})

@@ -1,0 +1,155 @@
+"""Use a trained run: rebuild its model, restore its weights, predict with its preprocessing.
+
+Any run folder this project makes (``jaxcnn.train.fit``, the ``cifar10`` and ``finetune``
+experiments, a ``fit`` call of your own with a ``jaxcnn.models`` model) restores in a fresh
+process from the folder alone::
+
+    from jaxcnn import inference
+    run = inference.restore("checkpoints/cifar10-offline-demo")   # the best epoch's weights
+    probs = run.predict(images_uint8)                              # (N, num_classes), the run's preprocessing
+    run.model, run.variables, run.config, run.class_names
+
+The model is rebuilt from the spec in the run's ``config.json`` (``jaxcnn.models.build_model``);
+for a model outside ``jaxcnn.models.MODEL_KINDS``, pass it: ``restore(workdir, model=MyNet())``.
+Either way the restored variables are checked against ``model.init``'s structure and shapes,
+and the first mismatch is named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn.checkpoint import BEST, check_which
+from jaxcnn.models.spec import build_model
+from jaxcnn.preprocess import get_preprocess, scale_to_unit
+from jaxcnn.runfolder import RunFolder
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A trained model ready for inference.
+
+    Attributes:
+      model: the Flax module (``model.apply(variables, x, train=False)``).
+      variables: ``{"params": ..., "batch_stats": ...}`` on the default device.
+      config: the run's ``config.json``.
+      epoch: the epoch whose weights these are; ``which``: ``"best"`` or ``"latest"``.
+    """
+
+    model: nn.Module
+    variables: dict
+    config: dict
+    epoch: int
+    which: str
+
+    @property
+    def preprocess(self) -> Callable:
+        """The run's preprocessing (``config["fit"]["preprocess"]``: ``"unit"`` or ``"caffe"``)."""
+        return get_preprocess(self.config.get("fit", {}).get("preprocess", "unit"))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.config.get("data", {}).get("class_names", ()))
+
+    def predict(self, images, *, batch_size: int = 256, return_logits: bool = False) -> np.ndarray:
+        """Class probabilities ``(N, num_classes)`` for uint8 images ``(N, H, W, C)`` (see :func:`predict`)."""
+        return predict(self.model, self.variables, images, preprocess=self.preprocess, batch_size=batch_size,
+                       return_logits=return_logits)
+
+
+def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) -> Restored:
+    """The model and weights of a run folder, from the folder alone.
+
+    Args:
+      workdir: a run folder (holds ``config.json`` and ``checkpoints/``).
+      which: ``"best"`` (default: the weights the run reports) or ``"latest"``.
+      model: the Flax module; default: rebuilt from the spec in ``config.json``. Pass it for
+        a model outside ``jaxcnn.models.MODEL_KINDS``.
+
+    Raises:
+      FileNotFoundError: no ``config.json`` (not a run folder) or no such checkpoint.
+      ValueError: the config has no usable model spec and no ``model`` was given, or the
+        restored variables do not fit the model (the first mismatch is named).
+    """
+    check_which(which, "restore")
+    run = RunFolder(workdir)
+    config = run.read_config()
+    if model is None:
+        spec = config.get("model")
+        if not isinstance(spec, dict) or spec.get("kind") is None:
+            what = f"a model outside jaxcnn.models ({spec['class']})" if isinstance(spec, dict) else "no model spec"
+            raise ValueError(f"restore: {run.path / 'config.json'} records {what}; pass the module: "
+                             f"restore({str(workdir)!r}, model=...)")
+        model = build_model(spec)
+    with run.checkpoints(read_only=True) as ckpts:
+        epoch = ckpts.latest_epoch(which)
+        if epoch is None:
+            raise FileNotFoundError(f"restore: no {which!r} checkpoint under {ckpts.directory}")
+        tree, _ = ckpts.restore(which, epoch, meta=False)  # as saved; the optimizer state is dropped below
+    variables = {"params": tree["params"]}
+    if tree.get("batch_stats"):
+        variables["batch_stats"] = tree["batch_stats"]
+    image_shape = config.get("data", {}).get("image_shape")
+    if image_shape:
+        check_variables(model, variables, image_shape)
+    return Restored(model=model, variables=jax.device_put(variables), config=config, epoch=int(epoch), which=which)
+
+
+def check_variables(model: nn.Module, variables: dict, image_shape) -> None:
+    """Raise ValueError naming the first variable whose name or shape differs from ``model.init``'s."""
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    want = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(0), x)
+    want = {k: v for k, v in want.items() if k in ("params", "batch_stats") and v}
+    got = {jax.tree_util.keystr(p): np.shape(a) for p, a in jax.tree_util.tree_leaves_with_path(variables)}
+    expected = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(want)}
+    for name in sorted(set(got) | set(expected), key=lambda n: (not n.startswith("['params']"), n)):
+        if name not in got:
+            raise ValueError(f"restore: the model has {name} {expected[name]} but the checkpoint does not")
+        if name not in expected:
+            raise ValueError(f"restore: the checkpoint has {name} {got[name]} but the model does not")
+        if tuple(got[name]) != expected[name]:
+            raise ValueError(f"restore: {name} has shape {tuple(got[name])} in the checkpoint but "
+                             f"{expected[name]} in the model")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "preprocess", "return_logits"))
+def _forward(model, variables, images, preprocess, return_logits):
+    logits = model.apply(variables, preprocess(images), train=False)  # (B, K)
+    return logits if return_logits else jax.nn.softmax(logits, axis=-1)
+
+
+def predict(model: nn.Module, variables: dict, images, *, preprocess: Callable = scale_to_unit,
+            batch_size: int = 256, return_logits: bool = False) -> np.ndarray:
+    """Class probabilities ``(N, num_classes)`` (softmax of the logits) for uint8 images ``(N, H, W, C)``.
+
+    Runs ``model.apply(variables, preprocess(x), train=False)`` in batches of ``batch_size``
+    (the last one padded, its padding dropped), jitted once per model, preprocessing and
+    input shape (JAX's own jit cache): repeated calls do not compile again. Pass the run's
+    preprocessing (``Restored.predict`` does). ``return_logits``: the logits instead.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"predict: images must be (N, H, W, C), got shape {images.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"predict: batch_size={batch_size!r}; must be an int >= 1")
+    n = images.shape[0]
+    batch_size = min(batch_size, max(n, 1))
+    outs = []
+    for start in range(0, n, batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - chunk.shape[0]
+        if pad:  # one compiled shape for every batch
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out = _forward(model, variables, chunk, preprocess, bool(return_logits))
+        outs.append(np.asarray(out)[: batch_size - pad])
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)

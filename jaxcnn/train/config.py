@@ -1,0 +1,78 @@
+"""``FitConfig``: what ``jaxcnn.train.fit`` reads, validated when built.
+
+The learning rate is not here: it lives in the optimizer (``jaxcnn.train.adam``, an
+``optax.inject_hyperparams`` state), and ``fit`` records it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from jaxcnn.data.augment import AugmentConfig
+from jaxcnn.preprocess import PREPROCESS
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """The loop's settings (saved as the ``"fit"`` section of a run's ``config.json``).
+
+    Defaults are the seed's: batch 64, up to 50 epochs, early stopping with patience 5 on the
+    validation loss (best weights restored), learning rate × 0.5 after 3 epochs without
+    improvement, Keras' augmentation, inputs scaled to [0, 1].
+
+    Attributes:
+      epochs: the most epochs to train (>= 1).
+      batch_size: global training batch (a multiple of the device count).
+      eval_batch_size: validation / test batch (a multiple of the device count).
+      seed: epoch order (``fold_in(shuffle_key(seed), epoch)``); the model's init and the
+        step keys come from the ``TrainState`` the caller builds.
+      augment: on-device augmentation ranges, or None for none.
+      preprocess: ``"unit"`` (``x / 255``) or ``"caffe"`` (Keras' ResNet50 mode); the run
+        records it, so inference applies the same.
+      early_stopping_patience: epochs without a better validation loss before stopping (>= 0).
+      plateau_factor, plateau_patience, plateau_min_delta, min_lr: reduce-LR-on-plateau.
+      keep_checkpoints: how many latest epochs to keep on disk (the best is kept apart).
+    """
+
+    epochs: int = 50
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    seed: int = 0
+    augment: Optional[AugmentConfig] = AugmentConfig()
+    preprocess: str = "unit"
+    early_stopping_patience: int = 5
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    plateau_min_delta: float = 1e-4
+    min_lr: float = 0.0
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in ("epochs", "batch_size", "eval_batch_size", "keep_checkpoints"):
+            v = getattr(self, field)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name}: {field}={v!r}; must be an int >= 1")
+        for field in ("seed", "early_stopping_patience", "plateau_patience"):
+            v = getattr(self, field)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name}: {field}={v!r}; must be an int >= 0")
+        if not (isinstance(self.plateau_factor, (int, float)) and 0 < self.plateau_factor < 1):
+            raise ValueError(f"{name}: plateau_factor={self.plateau_factor!r}; must be in (0, 1)")
+        for field in ("plateau_min_delta", "min_lr"):
+            v = getattr(self, field)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: {field}={v!r}; must be a finite number >= 0")
+        if self.augment is not None and not isinstance(self.augment, AugmentConfig):
+            raise TypeError(f"{name}: augment={self.augment!r}; must be a jaxcnn.data.AugmentConfig or None")
+        if self.preprocess not in PREPROCESS:
+            raise ValueError(f"{name}: preprocess={self.preprocess!r}; allowed: {', '.join(map(repr, PREPROCESS))}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -318,8 +318,7 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     """``jax.random.bernoulli(key, p, shape)``, drawn flat and reshaped.
 
     The values are the same (threefry's counters run over the flat index), but XLA's CPU
-    compile time grows steeply with the rank of a random draw: measured with jax 0.10.2, a
-    4-D ``(3, 3, 3, 8)`` uniform took 2.7 s to compile, the same draw flat 0.35 s.
+    compile time grows steeply with the rank of a random draw (measured in ``benchmarks/README.md``).
     """
     return jax.random.bernoulli(key, p, (math.prod(shape),)).reshape(shape)
 

@@ -19,9 +19,9 @@ if "xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
 
 # Many tests train the same tiny models, each `fit` compiling its own steps (the library keeps no
 # compiled functions between calls). JAX's persistent compilation cache lets a program compiled once
-# in this session (in this process or a subprocess test) be loaded instead of compiled again: on the
-# 2-core CI machine a smoke-sized train step takes ~9 s to compile and ~1 s to load. A fresh directory
-# per session, so nothing compiled by other code is ever reused.
+# in this session (in this process or a subprocess test) be loaded instead of compiled again, several
+# times faster on the 2-core CI machine. A fresh directory per session, so nothing compiled by other
+# code is ever reused.
 _CACHE_DIR = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcnn-test-xla-cache-")

@@ -1,27 +1,19 @@
 """Configurations of the CIFAR-10 experiment, one function per preset: ``get_config(name)``.
 
+Measured results and times of each preset, with their hardware: ``experiments/cifar10/README.md``.
+
 ``default`` — the seed's experiment (question 4) on real CIFAR-10::
 
     python -m jaxcnn.experiments.cifar10                        # --preset default --dataset cifar10
     # 45,000 train / 5,000 val / 10,000 test, batch 64, Adam 1e-3, augmentation, up to 50
     # epochs with early stopping (patience 5) and LR halving (patience 3).
-    # With --dataset offline (10,000 / 2,000 / 2,000), measured on a 2-core AMD EPYC VM: test
-    # accuracy 99.85 %, early stop at epoch 40 (best 35), 879 s in fit, 299-522 img/s (median 501)
-    # (experiments/cifar10/offline-default/).
-    # CIFAR-10: NOT MEASURED (no CIFAR-10 on the build machine). Estimate only: at the ~500
-    # img/s of that offline run (same model, same augmentation), an epoch of 45,000 images
-    # takes ~1.5 min, so up to ~75 min for 50 epochs on that CPU.
+    # --dataset offline: the same on 10,000 / 2,000 / 2,000 embedded images.
 
 ``demo`` — the same model and loop on the embedded offline data, sized for a laptop::
 
     python -m jaxcnn.experiments.cifar10 --dataset offline --preset demo      # = make demo
     # 8,000 train / 1,000 val / 1,000 test offline images, the seed's model, batch 64, Adam 1e-3,
-    # 5 epochs, no augmentation (--augment turns it on).
-    # Measured (one run each, 2026-11-25): 2-core Intel Xeon VM: test accuracy 93.7 %
-    # (val 11 / 22 / 45 / 83 / 93 % after epochs 1-5), 145 s in fit, 260-294 img/s; 2-core AMD
-    # EPYC VM: 87.6 % (val 10 / 18 / 44 / 77 / 88 %), 86 s in fit, 406-511 img/s; one H100:
-    # 87.1 %, 20 s in fit. Bitwise repeatable on one machine, not across processors: five
-    # epochs stop mid-climb, where the last-bit differences of another CPU move the result.
+    # 5 epochs, no augmentation (--augment turns it on). A couple of minutes on a 2-core CPU.
 
 ``smoke`` — a tiny model and a few hundred images; checks the whole path in seconds::
 

@@ -28,12 +28,7 @@ Writes ``<workdir>/study.json``, ``study.csv``, ``study.md`` (a Markdown table),
 summary, checkpoints, ``plots/curves.png``) is in ``<workdir>/<variant>/``. ``--export DIR``
 copies everything but the checkpoints and TensorBoard logs to ``DIR``.
 
-Measured (default preset, offline data, one run, seed 0, 2-core CPU, 12.1 min for all four):
-final train accuracy (dropout off) / validation accuracy / gap — none 100.0 / 75.3 / +24.7 pt;
-dropout 99.5 / 90.9 / +8.6; spatial 99.8 / 88.6 / +11.2; DropBlock 98.9 / 87.8 / +11.1
-(``experiments/dropout_study/study.md``). One seed: differences of a couple of points between
-the three dropout kinds are within what another seed could change; the 12-16 point gain over
-no dropout is not.
+Measured results, hardware and time: ``experiments/dropout_study/README.md``.
 """
 
 from __future__ import annotations

@@ -21,22 +21,15 @@ Each phase runs the shared ``jaxcnn.train.fit`` for a fixed number of epochs (no
 no LR drop) and keeps the weights of its lowest validation loss.
 
 ``<workdir>`` (default ``checkpoints/finetune-<dataset>-<preset>``) receives ``phase1/`` and
-``phase2/`` (each a run record: config.json, history.json/.csv, summary.json,
-freeze_summary.txt, checkpoints/{latest,best}, tensorboard/, plots/) and ``summary.json``
-with the accuracy of each phase and ``pretrained: true|false``.
+``phase2/`` (each a run folder, ``jaxcnn.runfolder``, with its ``freeze_summary.txt``) and
+``summary.json`` with the accuracy of each phase and ``pretrained: true|false``.
 
-Presets (``get_config``), what to expect, measured time:
+Presets (``get_config``); measured results and times: ``experiments/finetune/README.md``.
 
-* ``default``: tf_flowers at 224, batch 32, 10 + 20 epochs, ``--weights imagenet``.
-  NOT MEASURED: neither tf_flowers nor the ImageNet file can be downloaded on the build
-  machine. ResNet50 training at 224 runs at a few images/s on a 2-core CPU, so this preset
-  wants a GPU.
+* ``default``: tf_flowers at 224, batch 32, 10 + 20 epochs, ``--weights imagenet``. ResNet50
+  training at 224 runs at a few images/s on a 2-core CPU, so this preset wants a GPU.
 * ``offline``: the embedded offline dataset at 32x32 (2,000 / 500 / 500), batch 32,
   4 + 6 epochs. Needs ``--weights none`` (or a file) where ImageNet weights cannot be had.
-  Measured with ``--weights none`` (one run, 2-core Xeon build machine shared with other
-  jobs): 509 s in all (phase 1 119 s, phase 2 374 s); test accuracy 0.100 after phase 1 and
-  0.118 after phase 2, i.e. chance, as expected from a random backbone (see
-  ``experiments/finetune/README.md``).
 * ``smoke``: ResNetTiny, 64 images, 2 + 2 epochs; the test suite runs it.
 """
 

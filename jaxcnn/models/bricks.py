@@ -33,8 +33,8 @@ def glorot_uniform(key, shape, dtype=jnp.float32):
     spatial size) in both fans.
 
     Drawn flat and reshaped: the same values (threefry's counters run over the flat index),
-    but XLA's CPU compiles a flat draw several times faster than a 4-D one (2.7 s against
-    0.35 s for a ``(3, 3, 3, 8)`` kernel, jax 0.10.2), which is most of a small model's init.
+    but XLA's CPU compiles a flat draw several times faster than a 4-D one, which is most of a
+    small model's init time (measured in ``benchmarks/README.md``).
     """
     receptive_field = math.prod(shape[:-2])
     fan_in, fan_out = shape[-2] * receptive_field, shape[-1] * receptive_field

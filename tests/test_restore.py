@@ -158,3 +158,23 @@ def test_build_model_errors_name_the_problem():
         build_model({"kind": "cifar_cnn", "depth": 3})
     with pytest.raises(ValueError, match="must be a dict with a 'kind'"):
         build_model(["cifar_cnn"])
+
+
+def test_restore_takes_the_best_epoch_unless_asked_for_the_latest(tmp_path):
+    """A folder whose best epoch (1) is not its latest (2): ``restore`` gives each one's weights."""
+    from jaxcnn.train import run_config, state_to_tree
+
+    cfg = get_config("smoke", num_train=32, num_val=16, num_test=16)
+    data = cifar10.load_data(cfg)
+    model = cifar10.build_model(cfg, data.num_classes)
+    state = cifar10.create_state(cfg, model, data.image_shape)
+    folder = RunFolder(tmp_path)
+    folder.begin(run_config(state, data, cfg.fit), resume=False)
+    shifted = state.replace(params=jax.tree.map(lambda a: a + 1.0, state.params))
+    with folder.checkpoints() as ck:
+        ck.save(1, state_to_tree(state), {"epoch": 1}, best=True)
+        ck.save(2, state_to_tree(shifted), {"epoch": 2})
+    best, latest = inference.restore(tmp_path), inference.restore(tmp_path, which="latest")
+    assert (best.epoch, best.which, latest.epoch, latest.which) == (1, "best", 2, "latest")
+    jax.tree.map(np.testing.assert_array_equal, best.variables["params"], state.params)
+    jax.tree.map(np.testing.assert_array_equal, latest.variables["params"], shifted.params)

@@ -1,6 +1,7 @@
 """Shared pytest set-up: quiet TensorFlow, full float32 precision and deterministic ops on GPUs,
-a compilation cache for the session, and a hypothesis profile that tolerates JIT compilation
-time (no per-example deadline)."""
+a compilation cache for the session, a hypothesis profile that tolerates JIT compilation time
+(no per-example deadline), and the ``keras`` / ``tfds`` fixtures: a test that asks for one is
+skipped, on its own, where that package is not installed (the rest of its file still runs)."""
 
 import os
 import shutil
@@ -31,8 +32,22 @@ def pytest_sessionfinish(session, exitstatus):
     if _CACHE_DIR is not None:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
-
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("jaxcnn", deadline=None, max_examples=25, derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jaxcnn"))
+
+
+@pytest.fixture(scope="session")
+def keras():
+    """The ``keras`` module (JAX backend, see KERAS_BACKEND above); skips the test without Keras."""
+    return pytest.importorskip("keras")
+
+
+@pytest.fixture(scope="session")
+def tfds():
+    """The ``tensorflow_datasets`` module; skips the test without TensorFlow or tensorflow-datasets
+    (jaxcnn's tfds loaders need both)."""
+    pytest.importorskip("tensorflow")
+    return pytest.importorskip("tensorflow_datasets")

@@ -1,4 +1,7 @@
-"""CifarCNN against the seed's Keras model: parameter counts, and the same outputs with the same weights."""
+"""CifarCNN against the seed's Keras model: parameter counts, and the same outputs with the same weights.
+
+The tests against Keras ask for the ``keras`` fixture (tests/conftest.py), directly or through
+``keras_model``: without Keras they are skipped one by one, and the others still run."""
 
 import os
 
@@ -11,9 +14,14 @@ import pytest
 
 from jaxcnn.models.cifar_cnn import CifarCNN, count_params
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
 
-def _seed_keras_model():
-    """Question 4's model, exactly as the seed writes it (Keras 3, JAX backend)."""
+
+def _seed_keras_model(classifier_activation="softmax"):
+    """Question 4's model, exactly as the seed writes it (Keras 3, JAX backend).
+
+    ``classifier_activation=None`` gives the same model with logits out (the seed's last Dense
+    without its softmax)."""
     import keras
     from keras import layers
 
@@ -41,13 +49,12 @@ def _seed_keras_model():
         layers.Dense(128, activation="relu"),
         layers.BatchNormalization(),
         layers.Dropout(0.5),
-        layers.Dense(10, activation="softmax"),
+        layers.Dense(10, activation=classifier_activation),
     ])
 
 
 @pytest.fixture(scope="module")
-def keras_model():
-    pytest.importorskip("keras")
+def keras_model(keras):
     return _seed_keras_model()
 
 
@@ -75,27 +82,89 @@ def _flax_layer_order():
     return names + ["dense", "dense_bn", "logits"]
 
 
-def test_same_weights_same_outputs_as_keras(keras_model, flax_variables):
-    """Copy Flax's weights (BN statistics randomised) into Keras: softmax(logits) == Keras' inference output."""
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(np.asarray, flax_variables["params"])
-    stats = jax.tree.map(np.asarray, flax_variables["batch_stats"])
-    weights = []
+def _randomize(model, seed):
+    """Random values for every Keras weight: conv / dense kernels and biases, BN gamma and beta
+    (no zero biases: a model that ignored a bias must not pass). BN statistics: see _calibrate_bn."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        shape, name = tuple(w.shape), w.path.rsplit("/", 1)[-1]
+        if name == "kernel":
+            v = rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
+        elif name in ("bias", "beta"):
+            v = rng.normal(0.0, 0.2, shape)
+        elif name == "gamma":
+            v = rng.uniform(0.5, 1.5, shape)
+        elif name in ("moving_mean", "moving_variance"):
+            continue
+        else:
+            raise AssertionError(f"unexpected Keras weight {w.path}")
+        w.assign(v.astype(np.float32))
+
+
+def _calibrate_bn(model, x, seed):
+    """BN moving statistics on the scale of the real activations, layer by layer in inference mode:
+    each BN layer's per-channel input mean / variance on ``x`` (the layers before it already set),
+    perturbed: moving_mean = mean + N(0, 0.3)·std, moving_variance = var · U(0.5, 2).
+
+    So every BN layer normalises to O(1), the logits are O(1) (the softmax is not saturated), and
+    every bias, mean and variance and the epsilon move the outputs by far more than 1e-4: ignoring
+    the conv biases or a dense bias, or epsilon 1e-5 instead of Keras' 1e-3, fails this test."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            a = np.asarray(keras.Model(model.inputs[0], layer.input)(x, training=False), np.float64)
+            a = a.reshape(-1, a.shape[-1])  # (N·H·W, C)
+            mean, var = a.mean(axis=0), a.var(axis=0)
+            assert np.mean(var > 0) > 0.9, layer.name  # BN follows a ReLU: a few units may be dead on x
+            var = np.where(var > 0, var, np.median(var))
+            layer.moving_mean.assign((mean + rng.normal(0.0, 0.3, mean.shape) * np.sqrt(var)).astype(np.float32))
+            layer.moving_variance.assign((var * rng.uniform(0.5, 2.0, var.shape)).astype(np.float32))
+
+
+def _images(rng, n):
+    """Float images in [0, 1]: per-image colour and contrast, pixel noise (so that images differ)."""
+    colour, contrast = rng.uniform(0, 1, (n, 1, 1, 3)), rng.uniform(0, 1, (n, 1, 1, 1))
+    return np.clip(colour + contrast * (rng.uniform(0, 1, (n, 32, 32, 3)) - 0.5), 0, 1).astype(np.float32)
+
+
+def _flax_variables_from_keras(model):
+    """Keras' weight list (layer order; kernel, bias / gamma, beta, moving_mean, moving_variance)
+    as CifarCNN variables."""
+    weights = iter(model.get_weights())
+    params, stats = {}, {}
     for name in _flax_layer_order():
         if "bn" in name:
-            n = params[name]["scale"].shape[0]
-            params[name] = {"scale": rng.uniform(0.5, 1.5, n).astype(np.float32),
-                            "bias": rng.normal(0, 0.1, n).astype(np.float32)}
-            stats[name] = {"mean": rng.normal(0, 0.1, n).astype(np.float32),
-                           "var": rng.uniform(0.5, 2.0, n).astype(np.float32)}
-            weights += [params[name]["scale"], params[name]["bias"], stats[name]["mean"], stats[name]["var"]]
+            params[name] = {"scale": next(weights), "bias": next(weights)}
+            stats[name] = {"mean": next(weights), "var": next(weights)}
         else:
-            weights += [params[name]["kernel"], params[name]["bias"]]
-    keras_model.set_weights(weights)
-    x = rng.uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
-    expected = np.asarray(keras_model(x, training=False))
-    logits = CifarCNN().apply({"params": params, "batch_stats": stats}, jnp.asarray(x), train=False)
-    np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits)), expected, rtol=1e-4, atol=1e-6)
+            params[name] = {"kernel": next(weights), "bias": next(weights)}
+    assert next(weights, None) is None
+    return {"params": params, "batch_stats": stats}
+
+
+def test_same_weights_same_outputs_as_keras(keras_model, flax_variables):
+    """Every weight, bias and BN statistic random (statistics measured, see _calibrate_bn), copied
+    from Keras to Flax: the same logits as the seed's model without its softmax (1e-4 of their
+    scale), and softmax(logits) == the seed's model's own inference output."""
+    rng = np.random.default_rng(0)
+    _randomize(keras_model, seed=1)
+    _calibrate_bn(keras_model, _images(rng, 64), seed=2)
+    variables = _flax_variables_from_keras(keras_model)
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, flax_variables)  # same tree, same shapes
+    logits_model = _seed_keras_model(classifier_activation=None)
+    logits_model.set_weights(keras_model.get_weights())
+
+    x = _images(rng, 4)
+    logits = np.asarray(CifarCNN().apply(variables, jnp.asarray(x), train=False), np.float64)
+    want = np.asarray(logits_model(x, training=False), np.float64)
+    scale = np.abs(want).max()
+    assert 0.5 < scale < 100, scale  # O(1) logits: not saturating the softmax, nothing vanishes
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * scale)
+    probs = np.asarray(keras_model(x, training=False))
+    assert probs.max() < 0.99  # not saturated, so the probabilities still compare something
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits)), probs, rtol=1e-4, atol=1e-6)
 
 
 def test_param_names_and_shapes(flax_variables):

@@ -1,6 +1,8 @@
 """jaxcnn.data: containers, the offline dataset, and the tfds loaders on tfds' own mock data.
 
-No test touches the network: sockets are disabled for the whole module.
+No test touches the network: sockets are disabled for the whole module. The tests that need
+TensorFlow and tensorflow-datasets ask for the ``tfds`` fixture (tests/conftest.py): without
+them they are skipped one by one, and the others (incl. the argument checks) still run.
 """
 
 import pathlib
@@ -139,10 +141,8 @@ def test_offline_rejects_bad_arguments(kwargs, words):
 
 # --- CIFAR-10 and tf_flowers through tfds ---------------------------------------------
 
-tfds = pytest.importorskip("tensorflow_datasets")
 
-
-def _mock_split(name, split, data_dir):
+def _mock_split(tfds, name, split, data_dir):
     """The mock examples as tfds itself yields them: uint8 (N, H, W, 3), int (N,)."""
     ds = tfds.load(name, split=split, data_dir=str(data_dir), as_supervised=True, shuffle_files=False)
     pairs = list(ds.as_numpy_iterator())
@@ -153,13 +153,13 @@ def _rows(images):
     return sorted(img.tobytes() for img in images)
 
 
-def test_cifar10_on_mock_data(tmp_path):
+def test_cifar10_on_mock_data(tmp_path, tfds):
     with tfds.testing.mock_data(num_examples=40):
         ds = load_dataset("cifar10", data_dir=str(tmp_path), val_size=7, seed=1)
         again = load_cifar10(str(tmp_path), val_size=7, seed=1)
         other = load_cifar10(str(tmp_path), val_size=7, seed=2)
-        ref_train, _ = _mock_split("cifar10", "train", tmp_path)
-        ref_test, ref_test_labels = _mock_split("cifar10", "test", tmp_path)
+        ref_train, _ = _mock_split(tfds, "cifar10", "train", tmp_path)
+        ref_test, ref_test_labels = _mock_split(tfds, "cifar10", "test", tmp_path)
     assert ds.name == "cifar10" and ds.num_classes == 10 and ds.class_names[0] == "airplane"
     assert ds.image_shape == (32, 32, 3) and ds.train.images.dtype == np.uint8
     assert len(ds.train) == 33 and len(ds.val) == 7 and ds.train.labels.dtype == np.int32
@@ -173,7 +173,7 @@ def test_cifar10_on_mock_data(tmp_path):
     assert _rows(ds.val.images) != _rows(other.val.images)
 
 
-def test_cifar10_val_size_must_leave_training_data(tmp_path):
+def test_cifar10_val_size_must_leave_training_data(tmp_path, tfds):
     with tfds.testing.mock_data(num_examples=10):
         with pytest.raises(ValueError, match="val_size asks for 10 of the 10"):
             load_cifar10(str(tmp_path), val_size=10)
@@ -187,6 +187,7 @@ def _assert_names_both_ways_out(message, tmp_path, filename):
     assert "--dataset offline" in message
 
 
+@pytest.mark.usefixtures("tfds")
 def test_cifar10_unavailable_without_network_or_manual_file(tmp_path):
     # The real probe runs and finds no network (sockets are disabled in this module).
     with pytest.raises(DatasetUnavailableError, match="cannot be reached") as info:
@@ -195,7 +196,7 @@ def test_cifar10_unavailable_without_network_or_manual_file(tmp_path):
     _assert_names_both_ways_out(str(info.value), tmp_path, "cifar-10-binary.tar.gz")
 
 
-def test_cifar10_download_failure_becomes_unavailable(tmp_path, monkeypatch):
+def test_cifar10_download_failure_becomes_unavailable(tmp_path, monkeypatch, tfds):
     # The probe passes (e.g. a proxy) but the download itself fails.
     def fail(self, *args, **kwargs):
         raise tfds.download.DownloadError("Failed to get url: HTTP code 503")
@@ -208,18 +209,19 @@ def test_cifar10_download_failure_becomes_unavailable(tmp_path, monkeypatch):
     _assert_names_both_ways_out(str(info.value), tmp_path, "cifar-10-binary.tar.gz")
 
 
+@pytest.mark.usefixtures("tfds")
 def test_tf_flowers_unavailable_names_its_manual_file(tmp_path):
     with pytest.raises(DatasetUnavailableError) as info:
         load_tf_flowers(str(tmp_path), image_size=16)
     _assert_names_both_ways_out(str(info.value), tmp_path, "flower_photos.tgz")
 
 
-def test_tf_flowers_on_mock_data(tmp_path):
+def test_tf_flowers_on_mock_data(tmp_path, tfds):
     import tensorflow as tf
 
     with tfds.testing.mock_data(num_examples=30):
         ds = load_dataset("tf_flowers", data_dir=str(tmp_path), image_size=12, seed=0)
-        ref_images, ref_labels = _mock_split("tf_flowers", "train", tmp_path)
+        ref_images, ref_labels = _mock_split(tfds, "tf_flowers", "train", tmp_path)
     assert ds.num_classes == 5 and ds.class_names == ("dandelion", "daisy", "tulips", "sunflowers", "roses")
     assert (len(ds.train), len(ds.val), len(ds.test)) == (24, 3, 3)
     assert ds.image_shape == (12, 12, 3) and ds.test.images.dtype == np.uint8
@@ -240,10 +242,12 @@ def test_tf_flowers_on_mock_data(tmp_path):
     ({"val_fraction": 0.5, "test_fraction": 0.5}, "must be < 1"),
 ])
 def test_tf_flowers_rejects_bad_arguments(kwargs, words):
+    # Checked before tfds is imported: runs without TensorFlow too.
     with pytest.raises(ValueError, match=words):
         load_tf_flowers(None, **kwargs)
 
 
+@pytest.mark.usefixtures("tfds")
 def test_manual_file_is_used_without_network(tmp_path):
     # With the archive in downloads/manual/, no probe blocks the way: tfds itself reads the
     # file (this dummy fails tfds' checksum, which proves tfds looked at it, offline).

@@ -1,5 +1,8 @@
 """Freezing: label trees mean what Keras' `trainable = False` means (counts, BN mode), frozen
-arrays stay bitwise unchanged through training, and the optimizer keeps nothing for them."""
+arrays stay bitwise unchanged through training, and the optimizer keeps nothing for them.
+
+The tests against Keras ask for the ``keras`` fixture (tests/conftest.py): without Keras they
+are skipped one by one, and the others still run."""
 
 import os
 
@@ -15,9 +18,6 @@ import pytest
 
 from jaxcnn import freeze
 from jaxcnn.models.resnet import KERAS_LAYER_ORDER, Classifier, ResNet50, ResNetTiny
-
-keras = pytest.importorskip("keras")
-from keras.src.applications import resnet as keras_resnet  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
 
@@ -111,7 +111,7 @@ def test_rules_and_bad_input(resnet50_abstract):
 
 
 @pytest.fixture(scope="module")
-def keras_notop():
+def keras_notop(keras):
     return keras.applications.ResNet50(weights=None, include_top=False)
 
 
@@ -151,7 +151,7 @@ def test_counts_match_keras(resnet50_abstract, keras_notop, rule, keras_rule):
     assert summary_counts(text) == (*want, sum(want))
 
 
-def test_counts_match_keras_whole_backbone_frozen(keras_notop):
+def test_counts_match_keras_whole_backbone_frozen(keras_notop, keras):
     # Keras: base_model.trainable = False, then GlobalAveragePooling2D + Dense(3).
     x = keras.layers.GlobalAveragePooling2D()(keras_notop.output)
     full = keras.Model(keras_notop.input, keras.layers.Dense(3)(x))
@@ -245,6 +245,8 @@ def test_training_leaves_frozen_bitwise_and_moves_the_rest(tiny_vars, rule):
 
 
 def keras_tiny(seed):
+    from keras.src.applications import resnet as keras_resnet
+
     def stack_fn(x):
         x = keras_resnet.stack_residual_blocks_v1(x, 4, 1, stride1=1, name="conv2")
         x = keras_resnet.stack_residual_blocks_v1(x, 4, 1, name="conv3")
@@ -260,7 +262,7 @@ def keras_tiny(seed):
     return model
 
 
-def test_frozen_bn_runs_in_inference_mode_like_keras(tmp_path):
+def test_frozen_bn_runs_in_inference_mode_like_keras(tmp_path, keras):
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 

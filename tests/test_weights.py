@@ -1,5 +1,8 @@
 """The Keras HDF5 converter's contract (both naming styles, loud failures) and the
-ImageNet fetch logic (cache, hash, no network) — on a tiny Keras ResNet and mocked downloads."""
+ImageNet fetch logic (cache, hash, no network) — on a tiny Keras ResNet and mocked downloads.
+
+The tests that need Keras ask for the ``keras`` fixture (tests/conftest.py), directly or through
+``tiny_files``: without Keras they are skipped one by one, and the others still run."""
 
 import os
 
@@ -14,10 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-from keras.src.applications import resnet as keras_resnet  # noqa: E402
-from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
-
 from jaxcnn.models.resnet import ResNetTiny  # noqa: E402
 from jaxcnn.weights import imagenet  # noqa: E402
 from jaxcnn.weights.keras_h5 import load_keras_h5  # noqa: E402
@@ -27,6 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
 
 def keras_tiny(include_top, seed):
     """Keras' own ResNet builder with one block per stage: the layers of ``ResNetTiny``."""
+    from keras.src.applications import resnet as keras_resnet
 
     def stack_fn(x):
         x = keras_resnet.stack_residual_blocks_v1(x, 4, 1, stride1=1, name="conv2")
@@ -46,8 +46,10 @@ def keras_tiny(include_top, seed):
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
+def tiny_files(tmp_path_factory, keras):
     """{include_top: (keras model, legacy .h5 path)}"""
+    from keras.src.legacy.saving import legacy_h5_format
+
     out = {}
     for top in (True, False):
         model = keras_tiny(top, seed=int(top))
@@ -118,6 +120,8 @@ def test_tf_era_names_with_colon_zero(tiny_files, tmp_path):
 
 
 def test_full_model_file_under_model_weights(tiny_files, tmp_path):
+    from keras.src.legacy.saving import legacy_h5_format
+
     model, _ = tiny_files[False]
     path = tmp_path / "full.h5"
     with h5py.File(path, "w") as f:
@@ -189,7 +193,9 @@ def test_truncated_foreign_and_missing_files(tiny_files, tmp_path):
 # --------------------------------------------------------------------------- imagenet fetch
 
 
-def test_official_names_and_hashes_are_keras():
+def test_official_names_and_hashes_are_keras(keras):
+    from keras.src.applications import resnet as keras_resnet
+
     top, notop = keras_resnet.WEIGHTS_HASHES["resnet50"]
     assert imagenet.FILES[True] == ("resnet50_weights_tf_dim_ordering_tf_kernels.h5", top)
     assert imagenet.FILES[False] == ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", notop)

@@ -32,6 +32,7 @@ def pytest_sessionfinish(session, exitstatus):
     if _CACHE_DIR is not None:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
+
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 

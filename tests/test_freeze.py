@@ -46,7 +46,7 @@ def resnet50_abstract():
 
 def test_partition_combine_roundtrip_is_exact_and_jittable(tiny_vars):
     params = tiny_vars["params"]
-    labels = freeze.label_tree(params, freeze.first_n_keras_layers(20), layer_order=TINY_ORDER)
+    labels = freeze.label_tree(params, freeze.first_n_keras_layers(20, TINY_ORDER))
     trainable, frozen = freeze.partition(params, labels)
     back = freeze.combine(trainable, frozen)
     assert jax.tree.structure(back) == jax.tree.structure(params)
@@ -80,7 +80,7 @@ def test_gradient_wrt_trainable_equals_full_gradient_restricted(tiny_vars):
 
 def test_rules_and_bad_input(resnet50_abstract):
     params = resnet50_abstract["params"]
-    labels = freeze.label_tree(params, freeze.first_n_keras_layers(100))
+    labels = freeze.label_tree(params, freeze.first_n_keras_layers(100, KERAS_LAYER_ORDER))
     # layers[:100] ends at conv4_block2_3_conv (index 99): its BN (index 100) stays trainable.
     assert KERAS_LAYER_ORDER[99:101] == ("conv4_block2_3_conv", "conv4_block2_3_bn")
     assert labels["conv4_block2_3_conv"]["kernel"] == "frozen"
@@ -97,10 +97,14 @@ def test_rules_and_bad_input(resnet50_abstract):
         freeze.label_tree(params, freeze.by_prefix("conv9"))
     with pytest.raises(ValueError, match="backbone.*freezes no layer"):
         freeze.label_tree(params, freeze.backbone())  # a bare ResNet50 has no "backbone" submodule
-    with pytest.raises(ValueError, match="n=200 but the layer order has only 177"):
-        freeze.label_tree(params, freeze.first_n_keras_layers(200))
+    with pytest.raises(ValueError, match="n=200 but layer_order has only 177"):
+        freeze.first_n_keras_layers(200, KERAS_LAYER_ORDER)
     with pytest.raises(ValueError, match="n must be an int >= 0, got -1"):
-        freeze.first_n_keras_layers(-1)
+        freeze.first_n_keras_layers(-1, KERAS_LAYER_ORDER)
+    with pytest.raises(TypeError, match="layer_order must be a sequence of layer names"):
+        freeze.first_n_keras_layers(3, "conv1_conv")
+    with pytest.raises(ValueError, match=r"first_n_keras_layers\(2\) freezes no layer"):  # an order not of params
+        freeze.label_tree(params, freeze.first_n_keras_layers(2, ("block1_conv1", "block1_bn1")))
     with pytest.raises(ValueError, match="invalid regex"):
         freeze.by_pattern("(")
     with pytest.raises(ValueError, match="leaves must be 'trainable' or 'frozen'"):
@@ -134,8 +138,8 @@ def summary_counts(text):
 @pytest.mark.parametrize(
     "rule, keras_rule",
     [
-        (freeze.first_n_keras_layers(100), lambda i, name: i < 100),
-        (freeze.first_n_keras_layers(175), lambda i, name: i < 175),
+        (freeze.first_n_keras_layers(100, KERAS_LAYER_ORDER), lambda i, name: i < 100),
+        (freeze.first_n_keras_layers(175, KERAS_LAYER_ORDER), lambda i, name: i < 175),
         (freeze.by_prefix("conv1", "conv2"), lambda i, name: name.startswith(("conv1", "conv2"))),
         (freeze.by_pattern(r"_bn$"), lambda i, name: re.search(r"_bn$", name) is not None),
         (freeze.nothing(), lambda i, name: False),
@@ -147,7 +151,7 @@ def test_counts_match_keras(resnet50_abstract, keras_notop, rule, keras_rule):
     labels = freeze.label_tree(v["params"], rule)
     want = keras_counts(keras_notop, keras_rule)
     assert freeze.count_params(v["params"], v["batch_stats"], labels) == want
-    text = freeze.summary(v["params"], v["batch_stats"], labels)
+    text = freeze.summary(v["params"], v["batch_stats"], labels, layer_order=KERAS_LAYER_ORDER)
     assert summary_counts(text) == (*want, sum(want))
 
 
@@ -205,10 +209,11 @@ def same_bits(a, b):
     return np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
-@pytest.mark.parametrize("rule", [freeze.first_n_keras_layers(20), freeze.backbone()], ids=["first20", "backbone"])
+@pytest.mark.parametrize("rule", [freeze.first_n_keras_layers(20, TINY_ORDER), freeze.backbone()],
+                         ids=["first20", "backbone"])
 def test_training_leaves_frozen_bitwise_and_moves_the_rest(tiny_vars, rule):
     model = tiny_classifier()
-    labels = freeze.label_tree(tiny_vars["params"], rule, layer_order=TINY_ORDER)
+    labels = freeze.label_tree(tiny_vars["params"], rule)
     params, stats, opt_state = train(model, tiny_vars, labels, steps=3, key=jax.random.key(5))
 
     flat_labels = dict(jax.tree_util.tree_leaves_with_path(labels))
@@ -275,7 +280,7 @@ def test_frozen_bn_runs_in_inference_mode_like_keras(tmp_path, keras):
     variables = load_keras_h5(tmp_path / "tiny.h5", include_top=False, model=flax_model)
     n = 20  # layers[:20] ends at conv3_block1_1_conv: its BN and everything after it train
     assert TINY_ORDER[n - 1] == "conv3_block1_1_conv"
-    labels = freeze.label_tree(variables["params"], freeze.first_n_keras_layers(n), layer_order=TINY_ORDER)
+    labels = freeze.label_tree(variables["params"], freeze.first_n_keras_layers(n, TINY_ORDER))
     for layer in kmodel.layers[:n]:
         layer.trainable = False
     x = np.random.default_rng(4).normal(0, 50, (4, 32, 32, 3)).astype(np.float32)

@@ -3,13 +3,21 @@
 A run folder (``jaxcnn.runfolder.RunFolder``) keeps its checkpoints in one directory with
 two Orbax ``CheckpointManager`` sub-directories, kept apart on purpose::
 
-    <checkpoints>/latest/<epoch>/   the last ``keep`` epochs (``LatestN``), for --resume
-    <checkpoints>/best/<epoch>/     the epoch with the lowest validation loss, for results
+    <checkpoints>/latest/<epoch>/         the last ``keep`` epochs (``LatestN``), for --resume
+    <checkpoints>/best/<epoch>/           the epoch with the lowest validation loss, for results
+    <checkpoints>/interrupted/<step>/     a run stopped mid-epoch by a signal (optimizer step),
+                                          removed once the epoch it stopped in is saved
 
 One manager with ``best_fn`` + ``max_to_keep`` would evict the latest steps when they are
 not among the best and break resume (orbax issue 526); two managers cannot. Each
-checkpoint has two items: ``state`` (a pytree of arrays) and ``meta`` (JSON). Saving is
-synchronous, so a donated state is never read after the step.
+checkpoint has two items: ``state`` (a pytree of arrays) and ``meta`` (JSON, with a SHA-256
+of the arrays). Saving is synchronous, so a donated state is never read after the step.
+
+A checkpoint that cannot be read back whole — a truncated or bit-rotten array file, missing
+or garbage metadata, arrays that no longer match their checksum — raises
+:class:`DamagedCheckpointError` naming its folder; ``quarantine`` moves it aside (into
+``<checkpoints>/damaged/``, never deleted) so that a resume can fall back to an older one.
+Temporary folders of a save that was killed are removed when the store opens for writing.
 
 This module stores trees; it knows nothing of what they hold (``jaxcnn.train`` turns a
 ``TrainState`` into one, ``jaxcnn.inference`` reads the variables back out).
@@ -17,16 +25,25 @@ This module stores trees; it knows nothing of what they hold (``jaxcnn.train`` t
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import logging
 import os
 import pathlib
+import shutil
+import sys
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
-LATEST, BEST = "latest", "best"
-WHICH = (LATEST, BEST)
+LATEST, BEST, INTERRUPTED = "latest", "best", "interrupted"
+#: Files every complete checkpoint has (Orbax's metadata of the arrays, and the JSON item).
+REQUIRED_FILES = ("state/_METADATA", "meta/metadata")
+WHICH = (LATEST, BEST, INTERRUPTED)
 
 
 def _epoch_dirs(directory: pathlib.Path) -> list[int]:
@@ -39,9 +56,67 @@ def has_checkpoints(directory: str | os.PathLike) -> bool:
     return any(_epoch_dirs(pathlib.Path(directory) / which) for which in WHICH)
 
 
-def check_which(which: str, fn: str = "Checkpoints") -> str:
-    if which not in WHICH:
-        raise ValueError(f"{fn}: which={which!r}; allowed: {LATEST!r}, {BEST!r}")
+class DamagedCheckpointError(RuntimeError):
+    """A saved checkpoint cannot be read back whole. ``path``: its folder; ``reason``: what is wrong."""
+
+    def __init__(self, path: pathlib.Path, reason: str):
+        super().__init__(f"checkpoint {path} is damaged: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _name(entry) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def tree_checksum(tree: PyTree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes (host copies).
+
+    The path is the leaf's names joined by ``/`` and the leaves are taken in the order of those
+    paths, so a tree restored without its target (named tuples read back as dicts) has the
+    checksum of the tree that was saved.
+    """
+    leaves = {"/".join(_name(e) for e in path): leaf
+              for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
+    h = hashlib.sha256()
+    for path in sorted(leaves):
+        a = np.ascontiguousarray(np.asarray(leaves[path]))
+        h.update(f"{path}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause's first line: what the storage layer found wrong (file, byte range)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """Orbax reads arrays in asyncio tasks. When one read fails, the error reaches us, but the
+    other tasks' coroutines report theirs when Python collects them — hundreds of lines of
+    tracebacks per damaged checkpoint. Those reports are dropped here (the error itself is
+    raised to the caller); collection is forced before the hooks are put back."""
+    hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+    level = asyncio_log.level
+    sys.unraisablehook = lambda unraisable: None
+    asyncio_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+        asyncio_log.setLevel(level)
+
+
+def check_which(which: str, fn: str = "Checkpoints", allowed=WHICH) -> str:
+    if which not in allowed:
+        raise ValueError(f"{fn}: which={which!r}; allowed: {', '.join(map(repr, allowed))}")
     return which
 
 
@@ -63,12 +138,12 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         self._read_only = read_only
         self._managers: dict[str, ocp.CheckpointManager] = {}
-        for which, n in ((LATEST, keep), (BEST, 1)):
+        for which, n in ((LATEST, keep), (BEST, 1), (INTERRUPTED, 1)):
             if read_only and not (self.directory / which).is_dir():
                 continue
             options = ocp.CheckpointManagerOptions(  # read_only=True logs warnings; create=False does not write
                 preservation_policy=ocp.checkpoint_managers.LatestN(n=n),
-                enable_async_checkpointing=False, create=not read_only)
+                enable_async_checkpointing=False, create=not read_only, cleanup_tmp_directories=not read_only)
             self._managers[which] = ocp.CheckpointManager(self.directory / which, options=options,
                                                           item_names=("state", "meta"))
 
@@ -82,9 +157,13 @@ class Checkpoints:
         return [] if mgr is None else sorted(mgr.all_steps())
 
     def save(self, epoch: int, tree: PyTree, meta: dict, *, best: bool = False) -> None:
-        """Save ``tree`` and JSON ``meta`` as epoch ``epoch`` (1-based) in latest, and in best if ``best``."""
+        """Save ``tree`` and JSON ``meta`` as epoch ``epoch`` (1-based) in latest, and in best if ``best``.
+
+        ``save_interrupted`` keeps a mid-epoch state apart; the next ``save`` removes it.
+        """
         if self._read_only:
             raise RuntimeError(f"Checkpoints: {self.directory} was opened read-only")
+        meta = {**meta, "checksum": tree_checksum(tree)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
         # Best before latest: a crash in between leaves latest at the previous epoch, so a resume
         # repeats this epoch (bitwise the same) instead of trusting a best that was never written.
@@ -94,30 +173,74 @@ class Checkpoints:
                 continue
             mgr.save(int(epoch), args=args, force=True)
             mgr.wait_until_finished()
+        self.clear(INTERRUPTED)
 
-    def restore(self, which: str = LATEST, epoch: Optional[int] = None, *, target: Optional[PyTree] = None,
-                meta: bool = True) -> tuple[PyTree, Optional[dict]]:
-        """``(tree, meta)`` of ``epoch`` (default: the newest) of ``which``.
+    def save_interrupted(self, step: int, tree: PyTree, meta: dict) -> None:
+        """Save a mid-epoch ``tree`` (a run stopped by a signal) under its optimizer ``step``."""
+        if self._read_only:
+            raise RuntimeError(f"Checkpoints: {self.directory} was opened read-only")
+        meta = {**meta, "checksum": tree_checksum(tree)}
+        mgr = self._managers[INTERRUPTED]
+        if int(step) not in mgr.all_steps():
+            mgr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+            mgr.wait_until_finished()
+
+    def clear(self, which: str) -> None:
+        """Delete every checkpoint of ``which`` (the interrupted one, once its epoch is saved)."""
+        mgr = self._managers.get(check_which(which))
+        if mgr is not None:
+            for step in mgr.all_steps():
+                mgr.delete(step)
+
+    def restore(self, which: str = LATEST, epoch: Optional[int] = None, *, target: Optional[PyTree] = None
+                ) -> tuple[PyTree, dict]:
+        """``(tree, meta)`` of ``epoch`` (default: the newest) of ``which``, checked against its checksum.
 
         Args:
           target: the saved tree's structure as arrays or ``jax.ShapeDtypeStruct`` s: the
             restored arrays are placed like it (same shardings). None: as they were saved.
-          meta: also read the JSON item (else ``meta`` is None).
 
         Raises:
           FileNotFoundError: ``which`` has no checkpoint (or not ``epoch``).
+          DamagedCheckpointError: it cannot be read back whole (the message names the folder).
         """
         mgr = self._managers.get(check_which(which))
         epoch = (None if mgr is None else mgr.latest_step()) if epoch is None else int(epoch)
         if mgr is None or epoch is None or epoch not in mgr.all_steps():
             what = f"epoch {epoch} of" if epoch is not None else "any"
             raise FileNotFoundError(f"no {what} {which!r} checkpoint in {self.directory / which}")
+        path = self.directory / which / str(epoch)
+        for part in REQUIRED_FILES:
+            if not (path / part).is_file():
+                raise DamagedCheckpointError(path, f"{part} is missing")
         abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        items = {"state": ocp.args.StandardRestore(abstract)}
-        if meta:
-            items["meta"] = ocp.args.JsonRestore()
-        out = mgr.restore(epoch, args=ocp.args.Composite(**items))
-        return out["state"], (dict(out["meta"]) if meta else None)
+        try:
+            with _quiet_failed_reads():
+                out = mgr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                meta=ocp.args.JsonRestore()))
+            tree, meta = out["state"], out["meta"]
+        except Exception as e:  # Orbax / tensorstore / JSON errors of every kind: the files are not whole
+            raise DamagedCheckpointError(path, _reason(e)) from e
+        if not isinstance(meta, dict):
+            raise DamagedCheckpointError(path, f"its meta is not a JSON object ({type(meta).__name__})")
+        if "checksum" in meta and tree_checksum(tree) != meta["checksum"]:
+            raise DamagedCheckpointError(path, "its arrays do not match the checksum saved with them "
+                                               "(bit rot, or a file overwritten or cut short)")
+        return tree, dict(meta)
+
+    def quarantine(self, which: str, epoch: int) -> pathlib.Path:
+        """Move a damaged checkpoint to ``<checkpoints>/damaged/<which>-<epoch>`` (never deleted); returns it."""
+        src = self.directory / check_which(which) / str(int(epoch))
+        dest = self.directory / "damaged" / f"{which}-{int(epoch)}"
+        n = 2
+        while dest.exists():
+            dest, n = dest.with_name(f"{which}-{int(epoch)}-{n}"), n + 1
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(src), str(dest))
+        if which in self._managers:
+            self._managers[which].reload()
+        return dest
 
     def close(self) -> None:
         for m in self._managers.values():

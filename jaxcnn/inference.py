@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnn.checkpoint import BEST, check_which
+from jaxcnn.checkpoint import BEST, LATEST, check_which
 from jaxcnn.models.spec import build_model
 from jaxcnn.preprocess import get_preprocess, scale_to_unit
 from jaxcnn.runfolder import RunFolder
@@ -78,10 +78,12 @@ def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) ->
 
     Raises:
       FileNotFoundError: no ``config.json`` (not a run folder) or no such checkpoint.
+      jaxcnn.checkpoint.DamagedCheckpointError: the checkpoint cannot be read back whole (the
+        message names its folder and what is wrong).
       ValueError: the config has no usable model spec and no ``model`` was given, or the
         restored variables do not fit the model (the first mismatch is named).
     """
-    check_which(which, "restore")
+    check_which(which, "restore", allowed=(BEST, LATEST))
     run = RunFolder(workdir)
     config = run.read_config()
     if model is None:
@@ -95,7 +97,7 @@ def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) ->
         epoch = ckpts.latest_epoch(which)
         if epoch is None:
             raise FileNotFoundError(f"restore: no {which!r} checkpoint under {ckpts.directory}")
-        tree, _ = ckpts.restore(which, epoch, meta=False)  # as saved; the optimizer state is dropped below
+        tree, _ = ckpts.restore(which, epoch)  # as saved, checksum checked; the optimizer state is dropped below
     variables = {"params": tree["params"]}
     if tree.get("batch_stats"):
         variables["batch_stats"] = tree["batch_stats"]

@@ -12,23 +12,28 @@ it. Nothing else spells a file name of a run folder::
     <run>/plots/              PNG figures (``curves.png``, ...)
     <run>/freeze_summary.txt  the Keras-like table of frozen layers (fine-tuning runs)
 
-The resume rule lives here too (:meth:`RunFolder.begin`): a folder that holds checkpoints is
-never trained into afresh; a resumed run must have the saved config, except for the
-settings in ``RESUMABLE``. Records are strict JSON: a non-finite number is written as
-``null``.
+The rules of starting a run live here too (:meth:`RunFolder.prepare`): a folder that holds
+checkpoints is never trained into afresh; a resumed run must have the saved config, except
+for the settings in ``RESUMABLE``; ``overwrite`` sets the old run aside until the new one has
+a checkpoint; one run at a time holds the folder's lock (:meth:`RunFolder.lock`). Records are
+strict JSON, written atomically: a non-finite number is written as ``null``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import pathlib
 import shutil
-from typing import Any, Optional
+import socket
+import tempfile
+from typing import Any
 
-from jaxcnn.checkpoint import Checkpoints, has_checkpoints
+from jaxcnn.checkpoint import Checkpoints, DamagedCheckpointError, has_checkpoints  # noqa: F401 (for training)
 
 CONFIG = "config.json"
 HISTORY_JSON = "history.json"
@@ -44,8 +49,20 @@ RECORDS = (CONFIG, HISTORY_JSON, HISTORY_CSV, SUMMARY)
 #: The columns of history.csv, in order (history.json rows hold these keys).
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                   "epoch_time_s", "images_per_s")
+#: Everything a run writes here (what ``--overwrite`` sets aside).
+RUN_FILES = (CHECKPOINTS, TENSORBOARD, PLOTS, *RECORDS, FREEZE_SUMMARY)
+LOCK = ".lock"
+PREVIOUS = ".previous"
 #: config.json entries (dotted paths) that may change between a run and its resume.
 RESUMABLE = frozenset({"fit.epochs", "data.source.data_dir", "experiment.data_dir"})
+
+
+class RunBusyError(RuntimeError):
+    """Another process is training into the run folder (it holds its lock)."""
+
+
+class NothingToDo(Exception):
+    """A resumed run already has the epochs asked for (or stopped early): nothing was trained or written."""
 
 
 def _finite(obj: Any) -> Any:
@@ -167,33 +184,133 @@ class RunFolder:
             raise FileNotFoundError(f"{self.checkpoint_dir} not found: {self.path} holds no checkpoints")
         return Checkpoints(self.checkpoint_dir, keep=keep, read_only=read_only)
 
-    # ------------------------------------------------------------------ writing
+    # ------------------------------------------------------------------ starting a run
 
-    def begin(self, config: dict, *, resume: bool) -> Optional[dict]:
-        """Start or resume the run: the resume rule, then ``config.json``.
+    def check_writable(self) -> None:
+        """Raise ValueError naming the folder when a run cannot be written there: the path is a
+        file, or the folder (or its nearest existing parent) does not take a new file."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"workdir={str(self.path)!r} is a file, not a folder")
+        where = self.path
+        while not where.exists():
+            where = where.parent
+        try:  # a real write: permission bits do not tell for root or a read-only filesystem
+            fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=where)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"workdir={str(self.path)!r} cannot be written: {where} does not take a new file "
+                             f"({e.strerror or e})") from None
 
-        A folder with checkpoints is refused unless ``resume``; a resumed run's config must
-        equal the saved one except for ``RESUMABLE`` entries. Returns the saved config of a
-        resumed run (None for a new one).
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder's lock while a run trains into it (``<run>/.lock``, an OS file lock).
+
+        The lock is the process's own: it goes when the process ends, however it ends, so a
+        lock left by a killed run is never in the way. Raises :class:`RunBusyError` naming the
+        process that holds it.
+        """
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                if created:
+                    self.path.rmdir()
+                raise RunBusyError(f"{self.path} is in use by another run ({holder}); wait for it to end, or "
+                                   f"choose another workdir (nothing was changed)") from None
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # the lock is on the file that is there (not on one a releasing run just removed)
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        try:
+            yield self
+        finally:
+            os.unlink(path)
+            os.close(fd)  # closing releases the lock
+            if created and not any(self.path.iterdir()):
+                self.path.rmdir()  # a run that could not start leaves no empty folder behind
+
+    def prepare(self, config: dict, *, resume: bool, overwrite: bool = False) -> list[str]:
+        """The rules of starting a run here, applied before anything is written (hold the lock).
+
+        * a folder with checkpoints is never trained into afresh: ``resume`` continues it,
+          ``overwrite`` sets it aside (``<run>/.previous/``) until the new run has a first
+          checkpoint (``commit``) — a new run that fails before that gets it back (``restore``);
+        * ``resume`` needs a run to resume, with the saved config except ``RESUMABLE`` entries;
+        * an ``--overwrite`` that was stopped before its first checkpoint left the old run set
+          aside: it is brought back first.
+
+        Returns notes for the user (e.g. "starting over").
 
         Raises:
-          FileExistsError: checkpoints are there and ``resume`` is False (nothing changed).
+          FileExistsError: checkpoints are there and neither ``resume`` nor ``overwrite``.
+          FileNotFoundError: ``resume`` and the folder holds no run.
           ValueError: ``resume`` with a different config (the message lists the differences).
         """
-        saved = None
-        if self.has_checkpoints() and not resume:
-            raise FileExistsError(f"{self.path} already holds checkpoints of a run; continue it with resume "
-                                  f"(--resume), or choose another workdir (nothing was changed)")
-        if resume and self.is_run():
-            saved = self.read_config()
-            diff = config_differences(saved, config)
-            if diff:
-                raise ValueError("resume: the config differs from the run's saved config.json in "
-                                 + ", ".join(diff) + "; only " + ", ".join(sorted(RESUMABLE))
-                                 + " may change on resume")
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        notes = []
+        if (self.path / PREVIOUS).is_dir():
+            if self.has_checkpoints():  # the new run had its first checkpoint: it is the run now
+                shutil.rmtree(self.path / PREVIOUS)
+            else:
+                self.restore()
+                notes.append(f"{self.path}: brought back the run that an interrupted --overwrite had set aside")
+        if resume:
+            if not self.is_run() and not self.has_checkpoints():
+                raise FileNotFoundError(f"resume: {self.path} holds no run to resume (no config.json, no "
+                                        f"checkpoints); start one without --resume")
+            if self.is_run():
+                diff = config_differences(self.read_config(), config)
+                if diff:
+                    raise ValueError("resume: the config differs from the run's saved config.json in "
+                                     + ", ".join(diff) + "; only " + ", ".join(sorted(RESUMABLE))
+                                     + " may change on resume (nothing was changed)")
+            if not self.has_checkpoints():
+                notes.append(f"{self.path}: the run was stopped before its first checkpoint; starting it over")
+        elif self.has_checkpoints():
+            if not overwrite:
+                raise FileExistsError(f"{self.path} already holds checkpoints of a run; continue it with resume "
+                                      f"(--resume), or choose another workdir (nothing was changed)")
+            aside = self.path / PREVIOUS
+            aside.mkdir()
+            for name in RUN_FILES:
+                if (self.path / name).exists():
+                    os.replace(self.path / name, aside / name)
+        return notes
+
+    def commit(self) -> None:
+        """The new run has a checkpoint: delete the run an ``overwrite`` set aside (if any)."""
+        shutil.rmtree(self.path / PREVIOUS, ignore_errors=True)
+
+    def restore(self) -> bool:
+        """Put back the run an ``overwrite`` set aside, removing what the new run wrote; True if there was one."""
+        aside = self.path / PREVIOUS
+        if not aside.is_dir():
+            return False
+        for name in RUN_FILES:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            if (aside / name).exists():
+                os.replace(aside / name, target)
+        aside.rmdir()
+        return True
+
+    def write_config(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / CONFIG, config)
-        return saved
+
+    # ------------------------------------------------------------------ writing
 
     def write_history(self, history: list[dict]) -> None:
         """``history.json`` (every key of every row) and ``history.csv`` (``HISTORY_FIELDS``)."""
@@ -214,10 +331,4 @@ class RunFolder:
 
         return SummaryWriter(str(self.tensorboard_dir))
 
-    def remove(self) -> None:
-        """Delete what a run wrote here (checkpoints, TensorBoard logs, records, plots, freeze
-        summary); other files in the folder stay."""
-        for d in (self.checkpoint_dir, self.tensorboard_dir, self.plots_dir):
-            shutil.rmtree(d, ignore_errors=True)
-        for name in (*RECORDS, FREEZE_SUMMARY):
-            (self.path / name).unlink(missing_ok=True)
+

@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     params["block1_conv1"] = {"kernel": jax.numpy.asarray(kernel), "bias": params["block1_conv1"]["bias"] + 0.1}
     state = state.replace(params=params)
     folder = RunFolder(workdir)
-    folder.begin(run_config(state, data, cfg.fit, experiment={"name": "cifar10", **cfg.settings()}), resume=False)
+    folder.write_config(run_config(state, data, cfg.fit, experiment={"name": "cifar10", **cfg.settings()}))
     folder.write_summary({"test_accuracy": 0.5})
     with folder.checkpoints() as ck:
         ck.save(1, state_to_tree(state), {"epoch": 1}, best=True)

@@ -191,7 +191,7 @@ def test_a_used_workdir_is_refused_untouched(smoke_run):
     workdir = smoke_run[0]
     before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
     code, _, err = run_main(["--preset", "smoke", "--workdir", str(workdir)])
-    assert code == 2 and "already holds checkpoints" in err
+    assert code == 2 and "already hold checkpoints" in err
     assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before
 
 

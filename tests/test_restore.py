@@ -169,7 +169,7 @@ def test_restore_takes_the_best_epoch_unless_asked_for_the_latest(tmp_path):
     model = cifar10.build_model(cfg, data.num_classes)
     state = cifar10.create_state(cfg, model, data.image_shape)
     folder = RunFolder(tmp_path)
-    folder.begin(run_config(state, data, cfg.fit), resume=False)
+    folder.write_config(run_config(state, data, cfg.fit))
     shifted = state.replace(params=jax.tree.map(lambda a: a + 1.0, state.params))
     with folder.checkpoints() as ck:
         ck.save(1, state_to_tree(state), {"epoch": 1}, best=True)

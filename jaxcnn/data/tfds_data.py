@@ -132,8 +132,15 @@ def _prepare(tfds, builder, title, url):
         f"(load_dataset('offline'), the project's generated stand-in; it is not {title}).")
     if not manual.exists() and not _download_is_mocked(tfds) and not _reachable(url):
         raise DatasetUnavailableError(f"{title} is not prepared in {root} and {url} cannot be reached. {ways_out}")
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
     try:
         builder.download_and_prepare()
+    except NonMatchingChecksumError as err:
+        where = f"the manually placed {manual}" if manual.exists() else f"the downloaded {title} file"
+        raise DatasetUnavailableError(
+            f"{where} is corrupt or incomplete (its checksum is not {title}'s): delete it and place a complete "
+            f"copy of {url} there, or run with `--dataset offline`.") from err
     except (tfds.download.DownloadError, OSError) as err:  # requests' errors are OSErrors
         raise DatasetUnavailableError(f"{title} could not be downloaded ({type(err).__name__}: {err}). "
                                       f"{ways_out}") from err

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import viz
+from jaxcnn.experiments.cli import check_workdir, run_main
 from jaxcnn.experiments.configs import DATASETS, PRESETS, ExperimentConfig, get_config
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
@@ -64,8 +65,8 @@ def load_data(config: ExperimentConfig):
     return load_dataset("cifar10", data_dir=config.data_dir, seed=config.fit.seed, val_size=config.val_size)
 
 
-def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bool = True, dataset=None,
-        mesh=None, train_step=None, eval_step=None):
+def run(config: ExperimentConfig, workdir, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        dataset=None, mesh=None, train_step=None, eval_step=None):
     """Load the data, build model and state, ``fit``; returns ``(state, history, summary)``.
 
     ``train_step`` / ``eval_step``: steps built once and shared by several runs (a study).
@@ -73,8 +74,9 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
     dataset = load_data(config) if dataset is None else dataset
     model = build_model(config, dataset.num_classes)
     state = create_state(config, model, dataset.image_shape)
-    return fit(state, dataset, config.fit, workdir, resume=resume, progress=progress, mesh=mesh, model=model,
-               train_step=train_step, eval_step=eval_step, experiment={"name": "cifar10", **config.settings()})
+    return fit(state, dataset, config.fit, workdir, resume=resume, overwrite=overwrite, progress=progress,
+               mesh=mesh, model=model, train_step=train_step, eval_step=eval_step,
+               experiment={"name": "cifar10", **config.settings()})
 
 
 def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.Path:
@@ -105,48 +107,33 @@ def _parse(argv):
                                      "first of it, -2, -3, ... without checkpoints; --resume takes it as is)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete the checkpoints and records already in --workdir, then start afresh")
+                   help="start afresh in a --workdir that holds a run: the old run is deleted once the new one has "
+                        "its first checkpoint (and kept if it fails before)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> int:
     args = _parse(argv)
-    if args.resume and args.overwrite:
-        print("error: --resume and --overwrite exclude each other", file=sys.stderr)
-        return 2
-    try:
-        config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
-                            val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _main(args))
+
+
+def _main(args) -> int:
+    config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
+                        val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment)
+    if config.dataset == "offline":  # a flag that would be recorded but do nothing is refused
+        for flag in ("val_size", "data_dir"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} applies to --dataset cifar10, not to the embedded offline data "
+                                 f"(--dataset offline sizes its splits itself)")
     workdir = pathlib.Path(args.workdir) if args.workdir else default_workdir(config, fresh=not args.resume)
-    folder = RunFolder(workdir)
-    from jaxcnn.data import DatasetUnavailableError
-
-    if folder.has_checkpoints() and not (args.resume or args.overwrite):
-        print(f"error: {workdir} already holds checkpoints of a run. Continue it with --resume, start afresh "
-              f"with --overwrite (deletes them), or pass another --workdir. Nothing was changed.", file=sys.stderr)
-        return 2
-    try:
-        dataset = load_data(config)
-    except DatasetUnavailableError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.overwrite:  # only after the data loaded: a failure never costs the old run
-        folder.remove()
-
-    try:
-        state, history, summary = run(config, workdir, resume=args.resume, progress=not args.no_progress,
-                                      dataset=dataset, mesh=make_mesh())
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    check_workdir(workdir, resume=args.resume, overwrite=args.overwrite)  # before the data loads
+    dataset = load_data(config)
+    _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress, dataset=dataset, mesh=make_mesh())
     viz.plot_curves(workdir)  # writes the run's plots/curves.png (a bare Figure: nothing to close)
-
+    folder = RunFolder(workdir)
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "
           f"with the best weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "
           f"{'stopped early' if summary['stopped_early'] else 'ran'} to epoch {summary['stop_epoch']}, "

@@ -62,6 +62,10 @@ class ExperimentConfig:
             raise ValueError(f"dataset={self.dataset!r}; allowed: {', '.join(DATASETS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset={self.preset!r}; allowed: {', '.join(PRESETS)}")
+        for name in ("val_size", "num_train", "num_val", "num_test", "dense_units"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}; must be an int >= 1")
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"learning_rate={lr!r}; must be a finite number > 0")

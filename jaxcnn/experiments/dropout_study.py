@@ -49,6 +49,7 @@ import numpy as np
 
 from jaxcnn import inference, viz
 from jaxcnn.experiments import cifar10
+from jaxcnn.experiments.cli import run_main
 from jaxcnn.experiments.configs import get_config as cifar_config
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.runfolder import RunFolder
@@ -274,14 +275,16 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--export", type=pathlib.Path, help="copy records and plots (no checkpoints) to this folder")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    try:
-        study = get_config(args.preset, num_train=args.num_train, epochs=args.epochs, seed=args.seed,
-                           variants=tuple(args.variants) if args.variants else None)
-        workdir = args.workdir or pathlib.Path(f"runs/dropout_study-{study.preset}")
-        rows = run_study(study, workdir, progress=not args.no_progress)
-    except (FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(lambda: _main(args))
+
+
+def _main(args) -> int:
+    study = get_config(args.preset, num_train=args.num_train, epochs=args.epochs, seed=args.seed,
+                       variants=tuple(args.variants) if args.variants else None)
+    workdir = args.workdir or pathlib.Path(f"runs/dropout_study-{study.preset}")
+    for v in study.variants:
+        RunFolder(workdir / v).check_writable()
+    rows = run_study(study, workdir, progress=not args.no_progress)
     print((workdir / "study.md").read_text())
     print(f"records: {workdir}/study.json, study.csv, study.md, plots/val_curves.png")
     if args.export is not None:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn import inference, layers, viz
+from jaxcnn.experiments.cli import run_main
 from jaxcnn.runfolder import RunFolder
 
 CIFAR_FIRST_CONV = "block1_conv1"
@@ -247,7 +248,7 @@ def load_run(run: Path, *, which: str = "best") -> tuple[inference.Restored, Opt
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.filters", description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, help="a run folder of jaxcnn.experiments.cifar10 (its best checkpoint)")
+    p.add_argument("--run", type=Path, help="a run folder (a cifar10 run, a fine-tuning phase, a fit() of yours)")
     p.add_argument("--which", choices=("best", "latest"), default="best", help="which checkpoint of --run")
     p.add_argument("--resnet_weights", default="imagenet",
                    help="'imagenet' (default), a Keras .h5 path, 'random' (labelled as such) or 'none'")
@@ -258,12 +259,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.run is None and args.resnet_weights == "none":
         p.error("nothing to draw: give --run and/or --resnet_weights")
+    return run_main(lambda: _main(args))
+
+
+def _main(args) -> int:
+    loaded = load_run(args.run, which=args.which) if args.run is not None else None  # before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "filters.json"  # one record per folder; a later call updates its own part
     record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.is_file() else {}
 
-    if args.run is not None:
-        restored, init_params, dataset = load_run(args.run, which=args.which)
+    if loaded is not None:
+        restored, init_params, dataset = loaded
         kind = restored.config["model"]["kind"]
         prefix, title = ("cifar_cnn", "CIFAR CNN") if kind == "cifar_cnn" else (kind, f"{kind} run {args.run.name}")
         image = label = acts = None

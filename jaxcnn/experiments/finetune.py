@@ -49,10 +49,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import freeze, inference, viz
+from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
+from jaxcnn.experiments.cli import run_main
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
-from jaxcnn.runfolder import RunFolder, write_json
+from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 
 PRESETS = ("default", "offline", "smoke")
@@ -207,9 +209,14 @@ def restore_phase(workdir, phase: int, *, which: str = "best") -> inference.Rest
 
 
 def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: dict, dataset, workdir, *,
-              pretrained: bool, progress: bool = True, mesh=None,
+              pretrained: bool, resume: bool = False, overwrite: bool = False, progress: bool = True, mesh=None,
               on_start: Optional[Callable[[int, TrainState], None]] = None) -> dict:
-    """Freeze by ``phase_rule``, print the Keras-like counts, ``fit`` into ``<workdir>/phase<phase>``."""
+    """Freeze by ``phase_rule``, print the Keras-like counts, ``fit`` into ``<workdir>/phase<phase>``.
+
+    ``variables``: the phase's starting weights (their checksum is recorded, so that a resumed
+    phase 2 is refused if phase 1 was trained again since). ``resume``: continue the phase
+    (a phase that already ran to its end is not repeated; its summary is returned).
+    """
     run = RunFolder(pathlib.Path(workdir) / f"phase{phase}")
     order = model.backbone.layer_order()
     rule = phase_rule(config, phase, order)
@@ -227,8 +234,6 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
     n_bn = sum(name.endswith("_bn") for name in frozen_bn)
     print(f"{n_frozen} of {n_layers} weighted layers frozen ({n_bn} of them BatchNorm, run in inference mode)")
     print("\n".join(table.splitlines()[-3:]))
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.freeze_summary_path.write_text(table + "\n")
 
     state_key = jax.random.fold_in(jax.random.split(jax.random.key(config.fit.seed))[1], phase)
     state = TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn), variables=variables,
@@ -236,9 +241,16 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
     if on_start is not None:
         on_start(phase, state)
     experiment = {"name": "finetune", **config.settings(), "phase": phase, "freeze_rule": rule.description,
-                  "pretrained": pretrained, "trainable_params": trainable, "non_trainable_params": non_trainable}
-    _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
-                        model=model, experiment=experiment)
+                  "pretrained": pretrained, "trainable_params": trainable, "non_trainable_params": non_trainable,
+                  "initial_weights_checksum": tree_checksum(variables)}
+    try:
+        _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
+                            resume=resume and (run.is_run() or run.has_checkpoints()), overwrite=overwrite,
+                            model=model, experiment=experiment)
+    except NothingToDo:
+        print(f"phase {phase}: already complete in {run.path}; not repeated")
+        summary = run.read_summary()
+    run.freeze_summary_path.write_text(table + "\n")  # once the phase ran: a refused start leaves none
     viz.plot_curves(run.path)
     print(f"phase {phase}: test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}), best "
           f"val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}, "
@@ -265,19 +277,35 @@ NO_WEIGHTS_WARNING = ("WARNING: running WITHOUT pretrained weights (--weights no
                       "not those of fine-tuning a pretrained network.")
 
 
-def run(config: FinetuneConfig, workdir, *, dataset=None, progress: bool = True, mesh=None,
-        on_phase_start: Optional[Callable[[int, TrainState], None]] = None) -> dict:
+def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+    """The checks of a fine-tuning workdir (its ``phase1/``, ``phase2/``) made before anything loads."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    phases = [RunFolder(workdir / f"phase{k}") for k in (1, 2)]
+    for folder in phases:
+        folder.check_writable()
+    if resume and not any(f.is_run() or f.has_checkpoints() for f in phases):
+        raise FileNotFoundError(f"--resume: {workdir} holds no fine-tuning run to resume (no phase1/ or phase2/ "
+                                f"run); start one without --resume")
+    taken = [str(f.path) for f in phases if f.has_checkpoints()]
+    if taken and not (resume or overwrite):
+        raise FileExistsError(f"{' and '.join(taken)} already hold checkpoints. Continue the run with --resume "
+                              f"(phase by phase), start afresh with --overwrite, or pass another --workdir. "
+                              f"Nothing was changed.")
+
+
+def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, overwrite: bool = False,
+        progress: bool = True, mesh=None, on_phase_start: Optional[Callable[[int, TrainState], None]] = None) -> dict:
     """Both phases; phase 2 starts from phase 1's best checkpoint as read back from disk.
 
-    ``on_phase_start(phase, state)`` sees each phase's initial ``TrainState`` (for tests).
-    Returns the summary also written to ``<workdir>/summary.json``.
+    ``resume``: each phase continues from its latest checkpoint; a phase that already ran to
+    its end is not repeated. ``overwrite``: each phase replaces the run in its folder (kept
+    until the new phase has a checkpoint). ``on_phase_start(phase, state)`` sees each phase's
+    initial ``TrainState`` (for tests). Returns the summary also written to ``<workdir>/summary.json``.
     """
     t0 = time.perf_counter()
     workdir = pathlib.Path(workdir)
-    for phase in (1, 2):
-        if RunFolder(workdir / f"phase{phase}").has_checkpoints():
-            raise FileExistsError(f"{workdir / f'phase{phase}'} already holds checkpoints; choose another "
-                                  "--workdir (nothing was changed)")
+    check_workdir(workdir, resume=resume, overwrite=overwrite)
     path = weights_path(config)  # fail fast, before the data
     dataset = load_data(config) if dataset is None else dataset
     model = build_model(config, dataset.num_classes)
@@ -288,7 +316,8 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, progress: bool = True,
     else:
         print(NO_WEIGHTS_WARNING, file=sys.stderr)
     mesh = make_mesh() if mesh is None else mesh
-    common = dict(pretrained=pretrained, progress=progress, mesh=mesh, on_start=on_phase_start)
+    common = dict(pretrained=pretrained, resume=resume, overwrite=overwrite, progress=progress, mesh=mesh,
+                  on_start=on_phase_start)
 
     s1 = run_phase(config, 1, model, variables, dataset, workdir, **common)
     restored = restore_phase(workdir, 1).variables  # from disk, not the in-memory state
@@ -318,25 +347,30 @@ def _parse(argv):
                                       "<data_dir>/downloads/manual/flower_photos.tgz)")
     p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
     p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --workdir phase by phase (a finished phase is not repeated)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --workdir that holds a run: each phase's old run is deleted once the "
+                        "new phase has its first checkpoint")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> int:
     args = _parse(argv)
-    from jaxcnn.data import DatasetUnavailableError
+    return run_main(lambda: _main(args), user_errors=(WeightsUnavailableError,))
 
-    try:
-        config = get_config(args.preset, dataset=args.dataset, weights=args.weights, image_size=args.image_size,
-                            phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
-                            phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
-                            seed=args.seed, model=args.model, data_dir=args.data_dir,
-                            augment=False if args.no_augment else None)
-        workdir = pathlib.Path(args.workdir or f"checkpoints/finetune-{config.dataset}-{config.preset}")
-        summary = run(config, workdir, progress=not args.no_progress)
-    except (WeightsUnavailableError, DatasetUnavailableError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def _main(args) -> int:
+    config = get_config(args.preset, dataset=args.dataset, weights=args.weights, image_size=args.image_size,
+                        phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
+                        phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
+                        seed=args.seed, model=args.model, data_dir=args.data_dir,
+                        augment=False if args.no_augment else None)
+    if config.dataset == "offline" and args.data_dir is not None:
+        raise ValueError("--data_dir applies to --dataset tf_flowers, not to the embedded offline data")
+    workdir = pathlib.Path(args.workdir or f"checkpoints/finetune-{config.dataset}-{config.preset}")
+    summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     s1, s2 = summary["phase1"], summary["phase2"]
     print(f"\n{summary['dataset']} {summary['image_size']}px, "
           f"{'pretrained' if summary['pretrained'] else 'NO PRETRAINED WEIGHTS'}: test accuracy phase 1 "

@@ -64,10 +64,11 @@ class TrainFeed:
         perm = jax.random.permutation(jax.random.fold_in(self._key, epoch), self.num_examples)
         return jax.device_put(perm, self._replicated)
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
-        """The batches of epoch ``epoch`` (1-based), ``{"image": (B, H, W, C) uint8, "label": (B,)}``."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """The batches of epoch ``epoch`` (1-based) from batch ``start`` on (a run resumed
+        mid-epoch), ``{"image": (B, H, W, C) uint8, "label": (B,)}``."""
         perm = self.permutation(epoch)
-        for i in range(self.steps_per_epoch):
+        for i in range(start, self.steps_per_epoch):
             yield self._take(self._arrays, perm, i)
 
 

@@ -5,10 +5,27 @@ spec, preprocessing, data, optimizer and loop settings, so any process can rebui
 model), then after every epoch: a ``latest`` checkpoint (and ``best`` when the validation
 loss improved), ``history.json`` / ``.csv`` and TensorBoard scalars; at the end the best
 weights are restored, the test set is evaluated once and ``summary.json`` written.
+
+What can go wrong is handled here, and said in one sentence:
+
+* one run at a time trains into a folder (its lock); ``overwrite`` keeps the old run until
+  the new one has a checkpoint;
+* ``resume`` falls back past a damaged checkpoint to the newest readable one (the damaged
+  one is moved to ``checkpoints/damaged/``), and says when there is nothing to do;
+* SIGINT / SIGTERM stop the run at the next step with a checkpoint of where it is (mid-epoch:
+  ``resume`` continues from that step, bitwise): :class:`RunInterrupted`;
+* a loss that is not finite or above ``FitConfig.max_loss`` stops the run, keeps the last
+  good checkpoints and writes the summary: :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -16,11 +33,12 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcnn.models.spec import model_spec, module_of
 from jaxcnn.preprocess import get_preprocess
-from jaxcnn.runfolder import HISTORY_FIELDS, RunFolder
+from jaxcnn.runfolder import HISTORY_FIELDS, DamagedCheckpointError, NothingToDo, RunFolder
 from jaxcnn.train import sharding
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
@@ -28,10 +46,25 @@ from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
 from jaxcnn.train.state import TrainState, get_learning_rate, set_learning_rate, state_from_tree, state_to_tree
 from jaxcnn.train.steps import make_eval_step, make_train_step
 
+log = logging.getLogger("jaxcnn")
+
+class RunInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run; a checkpoint of where it stopped was saved first."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+class TrainingDiverged(RuntimeError):
+    """The loss went non-finite or above ``FitConfig.max_loss``; ``summary`` is what was written."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
 
 def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
         train_step: Optional[Callable] = None, eval_step: Optional[Callable] = None, mesh=None,
-        resume: bool = False, progress: bool = True, model: Optional[nn.Module] = None,
+        resume: bool = False, overwrite: bool = False, progress: bool = True, model: Optional[nn.Module] = None,
         experiment: Optional[dict] = None) -> tuple[TrainState, list[dict], dict]:
     """Train ``state`` on ``dataset`` and record the run in the run folder ``workdir``.
 
@@ -41,7 +74,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
       dataset: a ``jaxcnn.data.Dataset`` (uint8 ``(N, H, W, C)`` images, int32 labels).
       config: the loop's ``FitConfig`` (the learning rate is the optimizer's).
       workdir: the run folder (created). One that holds checkpoints is refused unless
-        ``resume``; then the run continues exactly from its latest checkpoint.
+        ``resume`` (continue exactly from its latest checkpoint) or ``overwrite`` (the old run
+        is deleted once the new one has its first checkpoint, and put back if it fails before).
       labels: a ``"trainable"``/``"frozen"`` label tree (``jaxcnn.freeze``): frozen parameters
         get no gradient (build ``state.tx`` with ``adam(labels=labels)`` too).
       train_step, eval_step: steps built once by the caller and reused over several ``fit``
@@ -55,69 +89,152 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
     Returns:
       ``(state, history, summary)``: the state with the **best** weights, the per-epoch
       rows (``HISTORY_FIELDS``), and the summary also written to ``summary.json``.
+
+    Raises:
+      ValueError / FileExistsError / FileNotFoundError / jaxcnn.runfolder.RunBusyError: the
+        run cannot start (a setting, the folder); nothing was changed.
+      jaxcnn.runfolder.NothingToDo: ``resume`` of a run that already has ``config.epochs``.
+      RunInterrupted: SIGINT / SIGTERM; resume continues from the step it stopped at.
+      TrainingDiverged: the loss diverged; the records and the last good checkpoints stay.
     """
     t_start = time.perf_counter()
     mesh = sharding.make_mesh() if mesh is None else mesh
     train_feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed)
     val_feed = EvalFeed(dataset.val, config.eval_batch_size, mesh)
     run = RunFolder(workdir)
-    run.begin(run_config(state, dataset, config, model=model, experiment=experiment), resume=resume)
+    run.check_writable()
+    record = run_config(state, dataset, config, model=model, experiment=experiment)
     train_step, eval_step = _steps(config, labels, train_step, eval_step)
+    accumulate = _accumulator(config.max_loss)
     callbacks = EpochCallbacks.from_config(config)
-    state, epoch, history, best, wall_before = sharding.replicate(state, mesh), 0, [], None, 0.0
-    with run.checkpoints(keep=config.keep_checkpoints) as ckpts, run.tensorboard() as tb:
-        if resume and ckpts.latest_epoch() is not None:
-            state, epoch, history, best, wall_before = _resume(ckpts, state, callbacks)
-        while epoch < config.epochs and not callbacks.should_stop:
-            epoch += 1
-            t0 = time.perf_counter()
-            state, row = train_epoch(state, train_step, train_feed, epoch, config.epochs, progress)
-            val = evaluate(state, val_feed, eval_step)
-            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], epoch_time_s=time.perf_counter() - t0)
-            history.append(row)
-            improved, next_lr = callbacks.update(epoch, val["loss"], row["lr"])
-            if improved:  # copies: the next train step donates (invalidates) the state's buffers
-                best = jax.tree.map(jnp.copy, (state.params, state.batch_stats))
-            if next_lr != row["lr"]:
-                state = set_learning_rate(state, next_lr)
-            meta = {"epoch": epoch, "history": history, **callbacks.state_dict(),
-                    "wall_time_s": wall_before + time.perf_counter() - t_start}
-            ckpts.save(epoch, state_to_tree(state), meta, best=improved)
-            run.write_history(history)
-            for k in HISTORY_FIELDS[1:]:
-                tb.add_scalar(k, row[k], epoch)
-            tb.flush()
+    with run.lock(), _stop_on_signals() as stop, _old_run_kept_until_checkpointed(run, overwrite) as old:
+        for note in run.prepare(record, resume=resume, overwrite=overwrite):
+            log.warning(note)
+        with run.checkpoints(keep=config.keep_checkpoints) as ckpts:
+            template = sharding.replicate(state, mesh)
+            start = _start(ckpts, template, callbacks) if resume else _Start(template)
+            trained = start.position == 0 and (start.epoch >= config.epochs or callbacks.should_stop)
+            if trained and run.read_summary():  # config.json stays as it is
+                raise NothingToDo(f"{run.path} already has {start.epoch} epochs"
+                                  + (" (it stopped early)" if callbacks.should_stop else "")
+                                  + f": nothing to do for epochs={config.epochs}; ask for more epochs to train on")
+            if not trained:  # (trained without a summary: it stopped before its test evaluation, done below)
+                run.write_config(record)
+            state, epoch, history, best, diverged = start.state, start.epoch, start.history, start.best, None
+            position, sums, wall = start.position, start.sums, start.wall_s - t_start  # wall + perf_counter()
+            with run.tensorboard() as tb:
+                while epoch < config.epochs and not callbacks.should_stop:
+                    if stop["signal"] is not None:  # between epochs: the latest checkpoint is where it stopped
+                        raise RunInterrupted(_interrupted_message(stop["signal"], run, epoch, None, None), stop["signal"])
+                    t0 = time.perf_counter()
+                    out = train_epoch(state, train_step, train_feed, epoch + 1, config.epochs, start=position,
+                                      sums=sums, accumulate=accumulate, stop=stop, progress=progress)
+                    state, position, sums = out.state, 0, None
+                    if out.stopped_by is not None:
+                        ckpts.save_interrupted(int(state.step), state_to_tree(state), {
+                            "epoch": epoch, "position": out.steps_done, "sums": out.sums, "history": history,
+                            **callbacks.state_dict(), "wall_time_s": wall + time.perf_counter()})
+                        raise RunInterrupted(_interrupted_message(out.stopped_by, run, epoch + 1, out.steps_done,
+                                                                  train_feed.steps_per_epoch), out.stopped_by)
+                    val = evaluate(state, val_feed, eval_step) if out.bad_step is None else None
+                    diverged = _divergence(out, val, epoch + 1, train_feed.steps_per_epoch, config.max_loss)
+                    if diverged:
+                        break
+                    epoch += 1
+                    row = {**out.row, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                           "epoch_time_s": time.perf_counter() - t0}
+                    history.append(row)
+                    improved, next_lr = callbacks.update(epoch, val["loss"], row["lr"])
+                    if improved:  # copies: the next train step donates (invalidates) the state's buffers
+                        best = jax.tree.map(jnp.copy, (state.params, state.batch_stats))
+                    if next_lr != row["lr"]:
+                        state = set_learning_rate(state, next_lr)
+                    meta = {"epoch": epoch, "history": history, **callbacks.state_dict(),
+                            "wall_time_s": wall + time.perf_counter()}
+                    ckpts.save(epoch, state_to_tree(state), meta, best=improved)
+                    run.write_history(history)
+                    for k in HISTORY_FIELDS[1:]:
+                        tb.add_scalar(k, row[k], epoch)
+                    tb.flush()
+    if old.restored:  # diverged before its first checkpoint: the run it was to overwrite is back, untouched
+        raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run, restored=True), {})
     if best is not None:
         state = state.replace(params=best[0], batch_stats=best[1])
-    test = evaluate(state, EvalFeed(dataset.test, config.eval_batch_size, mesh), eval_step)
-    summary = _summary(history, callbacks, test, dataset, epoch, wall_before + time.perf_counter() - t_start)
+    test = evaluate(state, EvalFeed(dataset.test, config.eval_batch_size, mesh), eval_step) \
+        if best is not None or not diverged else None
+    summary = _summary(history, callbacks, test, dataset, epoch, wall + time.perf_counter(), diverged)
     run.write_summary(summary)
+    if diverged:
+        raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run), summary)
     return state, history, summary
 
+@dataclasses.dataclass
+class EpochResult:
+    """What ``train_epoch`` did: the state, the epoch's training row (when it ran to the end),
+    the steps done, and why it stopped early (a signal, or the step whose loss diverged)."""
 
-def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch: int, epochs: int,
-                progress: bool = True) -> tuple[TrainState, dict]:
-    """One pass over ``feed``'s batches; returns the state and the epoch's training row."""
+    state: TrainState
+    row: dict
+    sums: dict
+    steps_done: int
+    stopped_by: Optional[int] = None
+    bad_step: Optional[int] = None
+
+def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch: int, epochs: int, *,
+                start: int = 0, sums: Optional[dict] = None, accumulate: Optional[Callable] = None, stop=None,
+                progress: bool = True) -> EpochResult:
+    """One pass over ``feed``'s batches of epoch ``epoch``, from batch ``start`` with the running
+    ``sums`` of a run stopped mid-epoch.
+
+    ``accumulate``: ``_accumulator(max_loss)`` (built once per ``fit``): the epoch stops at the
+    next check (every 20 steps) after a step whose loss is not finite or above ``max_loss``
+    (``bad_step``: the first such step). ``stop``: ``{"signal": None}``, set by a signal
+    handler: the epoch stops after the current step (``stopped_by``).
+    """
     t0 = time.perf_counter()
     lr = get_learning_rate(state.opt_state)
     steps = feed.steps_per_epoch
-    sums = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
-    with tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress,
+    accumulate = _accumulator(math.inf) if accumulate is None else accumulate
+    sums = sums or {}
+    totals = {"loss": jnp.float32(sums.get("loss", 0.0)), "accuracy": jnp.float32(sums.get("accuracy", 0.0)),
+              "bad": jnp.int32(-1)}
+    done, stopped_by, bad = start, None, None
+    with tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress,
               dynamic_ncols=True) as bar:
-        for i, batch in enumerate(feed.epoch(epoch)):
+        for i, batch in enumerate(feed.epoch(epoch, start=start), start=start):
             state, metrics = train_step(state, batch)
-            sums = jax.tree.map(jnp.add, sums, metrics)
-            if (i + 1) % 20 == 0 or i + 1 == steps:  # reading the sums waits for the device
-                m = jax.device_get(sums)
-                bar.set_postfix(loss=f"{m['loss'] / (i + 1):.4f}", acc=f"{m['accuracy'] / (i + 1):.4f}",
-                                img_s=f"{(i + 1) * feed.batch_size / (time.perf_counter() - t0):.0f}")
-                bar.update(i + 1 - bar.n)
-    m = jax.device_get(sums)
-    return state, {"epoch": epoch, "train_loss": float(m["loss"]) / steps,
-                   "train_accuracy": float(m["accuracy"]) / steps,
-                   "lr": float(f"{lr:.7g}"),  # the float32 rate, without float32's decimal noise
-                   "images_per_s": steps * feed.batch_size / (time.perf_counter() - t0)}
+            totals = accumulate(totals, metrics, i)
+            done = i + 1
+            if done % 20 == 0 or done == steps:  # reading the sums waits for the device
+                m = jax.device_get(totals)
+                if int(m["bad"]) >= 0:
+                    bad = int(m["bad"])
+                    break
+                bar.set_postfix(loss=f"{m['loss'] / done:.4f}", acc=f"{m['accuracy'] / done:.4f}",
+                                img_s=f"{(done - start) * feed.batch_size / (time.perf_counter() - t0):.0f}")
+                bar.update(done - bar.n)
+            if stop is not None and stop["signal"] is not None and done < steps:
+                stopped_by = stop["signal"]
+                break
+    m = jax.device_get(totals)
+    host = {"loss": float(m["loss"]), "accuracy": float(m["accuracy"])}  # float32 values: exact in JSON
+    row = {"epoch": epoch, "train_loss": host["loss"] / steps, "train_accuracy": host["accuracy"] / steps,
+           "lr": float(f"{lr:.7g}"),  # the float32 rate, without float32's decimal noise
+           "images_per_s": (done - start) * feed.batch_size / max(time.perf_counter() - t0, 1e-9)}
+    return EpochResult(state, row, host, done, stopped_by, bad)
 
+def _accumulator(max_loss: float) -> Callable:
+    """A jitted ``(totals, metrics, i) -> totals``: running sums, and the first step ``i`` whose
+    loss is not finite or above ``max_loss`` (-1 while there is none)."""
+
+    @jax.jit
+    def acc(totals, metrics, i):
+        bad = ~jnp.isfinite(metrics["loss"]) | (metrics["loss"] > max_loss)
+        first = jnp.where((totals["bad"] < 0) & bad, jnp.int32(i), totals["bad"])
+        return {"loss": totals["loss"] + metrics["loss"], "accuracy": totals["accuracy"] + metrics["accuracy"],
+                "bad": first}
+
+    return acc
 
 def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional[nn.Module] = None,
                experiment: Optional[dict] = None) -> dict:
@@ -139,7 +256,6 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
         "experiment": dict(experiment or {}),
     }
 
-
 def _steps(config: FitConfig, labels, train_step, eval_step) -> tuple[Callable, Callable]:
     """The jitted steps of this ``fit`` call: the caller's, or built once from the config."""
     if labels is not None and train_step is not None:
@@ -153,27 +269,127 @@ def _steps(config: FitConfig, labels, train_step, eval_step) -> tuple[Callable, 
     jitted = lambda f, **kw: f if hasattr(f, "lower") else jax.jit(f, **kw)  # noqa: E731
     return jitted(train_step, donate_argnums=0), jitted(eval_step)
 
+@dataclasses.dataclass
+class _Start:
+    """Where a run starts: fresh, the latest checkpoint, or mid-epoch from an interrupted one."""
 
-def _resume(ckpts, state: TrainState, callbacks: EpochCallbacks):
-    """``(state, epoch, history, best, wall_time_s)`` from the latest checkpoint (and the best's weights)."""
-    tree, meta = ckpts.restore("latest", target=state_to_tree(state))
-    state = state_from_tree(state, tree)
+    state: TrainState
+    epoch: int = 0  # epochs done
+    history: list = dataclasses.field(default_factory=list)
+    best: Optional[tuple] = None  # (params, batch_stats) of the best epoch
+    wall_s: float = 0.0  # wall time the run had before this process
+    position: int = 0  # steps done in epoch ``epoch + 1`` (a run stopped mid-epoch)
+    sums: Optional[dict] = None  # its running loss / accuracy sums
+
+def _start(ckpts, template: TrainState, callbacks: EpochCallbacks) -> _Start:
+    """The resume point: the newer of the latest and the interrupted checkpoint that can be read
+    (damaged ones are moved aside, with a warning), and the best epoch's weights."""
+    target = state_to_tree(template)
+    latest = _newest_readable(ckpts, "latest", target)
+    stopped = _newest_readable(ckpts, "interrupted", target)
+    if stopped is not None and (latest is None or stopped[1]["epoch"] >= latest[1]["epoch"]):
+        latest = stopped
+    if latest is None:
+        return _Start(template)
+    tree, meta = latest
     callbacks.load_state_dict(meta)
-    best = None
-    if ckpts.latest_epoch("best") is not None:
-        best_tree, _ = ckpts.restore("best", target=state_to_tree(state), meta=False)
-        best = (best_tree["params"], best_tree["batch_stats"])
-    return state, int(meta["epoch"]), list(meta["history"]), best, float(meta["wall_time_s"])
+    best = _newest_readable(ckpts, "best", target)
+    if best is None and callbacks.best_epoch:
+        log.warning(f"the best epoch's checkpoint ({callbacks.best_epoch}) is lost; the run reports the best "
+                    f"epoch it reaches from here on")
+    return _Start(state_from_tree(template, tree), int(meta["epoch"]), list(meta["history"]),
+                  None if best is None else (best[0]["params"], best[0]["batch_stats"]),
+                  float(meta["wall_time_s"]), int(meta.get("position", 0)), meta.get("sums"))
 
+def _newest_readable(ckpts, which: str, target) -> Optional[tuple]:
+    """``(tree, meta)`` of the newest checkpoint of ``which`` that reads back whole, or None."""
+    for step in reversed(ckpts.all_epochs(which)):
+        try:
+            return ckpts.restore(which, step, target=target)
+        except DamagedCheckpointError as e:
+            moved = ckpts.quarantine(which, step)
+            older = [s for s in ckpts.all_epochs(which) if s < step]
+            log.warning(f"{e}. Moved it to {moved}; "
+                        + (f"falling back to {which} {older[-1]}" if older else f"no older {which} checkpoint"))
+    return None
 
-def _summary(history: list[dict], callbacks: EpochCallbacks, test: dict, dataset, last_epoch: int,
-             wall_time_s: float) -> dict:
+@contextlib.contextmanager
+def _stop_on_signals():
+    """``{"signal": None}``, set to the signal's number when SIGINT or SIGTERM arrives (the loop
+    then stops at the next step); a second SIGINT interrupts at once. Main thread only."""
+    stop = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+class _OldRun:
+    restored = False
+
+@contextlib.contextmanager
+def _old_run_kept_until_checkpointed(run: RunFolder, overwrite: bool):
+    """With ``overwrite``: when the run ends, however it ends, the old run set aside is deleted
+    if the new one has a checkpoint, and put back if it has none."""
+    old = _OldRun()
+    try:
+        yield old
+    finally:
+        if overwrite:
+            if run.has_checkpoints():
+                run.commit()
+            elif run.restore():
+                old.restored = True
+                log.warning(f"{run.path}: the new run ended before its first checkpoint; the run it was to "
+                            f"overwrite is back, unchanged")
+
+def _interrupted_message(signum: int, run: RunFolder, epoch: int, step: Optional[int], steps: Optional[int]) -> str:
+    where = (f"in epoch {epoch} at step {step} of {steps}; saved a checkpoint of that step"
+             if step is not None else f"after epoch {epoch}, whose checkpoint is saved")
+    return (f"stopped by {signal.Signals(signum).name} {where}. Continue it with --resume "
+            f"(--workdir {run.path}): it picks up exactly there")
+
+def _divergence(out: EpochResult, val: Optional[dict], epoch: int, steps: int, max_loss: float) -> Optional[dict]:
+    if out.bad_step is not None:
+        return {"epoch": epoch, "step": out.bad_step + 1, "steps_per_epoch": steps, "where": "training"}
+    if not (math.isfinite(val["loss"]) and val["loss"] <= max_loss):
+        return {"epoch": epoch, "where": "validation", "loss": val["loss"]}
+    return None
+
+def _diverged_message(d: dict, history: list, callbacks: EpochCallbacks, state, run: RunFolder,
+                      restored: bool = False) -> str:
+    at = f"at step {d['step']} of {d['steps_per_epoch']}" if d["where"] == "training" else \
+        f"(validation loss {d['loss']})"
+    lr = float(f"{get_learning_rate(state.opt_state):.7g}")
+    kept = (f"The run it was to overwrite in {run.path} is back, unchanged." if restored else
+            f"Kept: checkpoints up to epoch {history[-1]['epoch']} (latest) and the best, epoch "
+            f"{callbacks.best_epoch}; {run.path / 'summary.json'} says so." if history else
+            "No checkpoint was written (it diverged in its first epoch).")
+    return (f"the {d['where']} loss diverged (not finite, or above max_loss) in epoch {d['epoch']} {at}; "
+            f"try a lower learning rate than {lr:g}. {kept}")
+
+def _summary(history: list[dict], callbacks: EpochCallbacks, test: Optional[dict], dataset, last_epoch: int,
+             wall_time_s: float, diverged: Optional[dict]) -> dict:
     best_row = next((r for r in history if r["epoch"] == callbacks.best_epoch), None)
-    return {
+    summary = {
         "best_epoch": callbacks.best_epoch, "stopped_early": callbacks.should_stop, "stop_epoch": last_epoch,
         "best_val_loss": best_row["val_loss"] if best_row else None,
         "best_val_accuracy": best_row["val_accuracy"] if best_row else None,
-        "test_loss": test["loss"], "test_accuracy": test["accuracy"], "num_test": test["count"],
+        "test_loss": test["loss"] if test else None, "test_accuracy": test["accuracy"] if test else None,
+        "num_test": test["count"] if test else None,
         "wall_time_s": wall_time_s, "dataset": dataset.name, "num_train": len(dataset.train),
         "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
     }
+    if diverged:
+        summary["diverged"] = diverged
+    return summary

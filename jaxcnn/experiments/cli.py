@@ -1,0 +1,81 @@
+"""What the commands share: one-line errors and exit statuses, messages on stderr, workdir checks.
+
+Every command runs its body through :func:`run_main`, which turns what a user can cause into
+one line and an exit status, never a traceback (set ``JAXCNN_TRACEBACK=1`` to see one):
+
+    0    done, or nothing to do (a resumed run that already has its epochs)
+    1    the training diverged (the records and the last good checkpoints are kept)
+    2    a bad setting, a folder that cannot be used, data or weights that cannot be had;
+         checked before anything is created or loaded, and nothing was changed
+    128+N  stopped by signal N (130: SIGINT, 143: SIGTERM) after saving where it was
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+
+from jaxcnn.checkpoint import DamagedCheckpointError
+from jaxcnn.data import DatasetUnavailableError
+from jaxcnn.runfolder import NothingToDo, RunBusyError, RunFolder
+from jaxcnn.train import RunInterrupted, TrainingDiverged
+
+#: Errors a user's input or machine causes: one line, exit 2.
+USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, RunBusyError,
+               DatasetUnavailableError, DamagedCheckpointError)
+
+
+def setup_logging() -> None:
+    """jaxcnn's notes and warnings as plain lines on stderr."""
+    logger = logging.getLogger("jaxcnn")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def run_main(body: Callable[[], int], *, user_errors: tuple = ()) -> int:
+    """``body()``'s exit status, with the errors of ``USER_ERRORS + user_errors`` as one line each."""
+    setup_logging()
+    try:
+        return body()
+    except NothingToDo as e:
+        print(f"nothing to do: {e}")
+        return 0
+    except RunInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + int(e.signum)
+    except TrainingDiverged as e:
+        if os.environ.get("JAXCNN_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except USER_ERRORS + tuple(user_errors) as e:
+        if os.environ.get("JAXCNN_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+    """The workdir checks a command makes before it loads anything (ValueError / FileExistsError /
+    FileNotFoundError, each naming the folder and the way out)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    folder = RunFolder(workdir)
+    folder.check_writable()
+    if resume and not folder.is_run() and not folder.has_checkpoints():
+        raise FileNotFoundError(f"--resume: {workdir} holds no run to resume (no config.json, no checkpoints); "
+                                f"start one without --resume")
+    if folder.has_checkpoints() and not (resume or overwrite):
+        raise FileExistsError(f"{workdir} already holds checkpoints of a run. Continue it with --resume, start "
+                              f"afresh with --overwrite (the old run is deleted once the new one has its first "
+                              f"checkpoint), or pass another --workdir. Nothing was changed.")

@@ -220,7 +220,7 @@ def test_weight_file_fills_the_backbone(tmp_path):
     import os
 
     os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     import h5py
     from keras.src.applications import resnet as keras_resnet
     from keras.src.legacy.saving import legacy_h5_format

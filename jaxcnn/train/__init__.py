@@ -17,5 +17,5 @@ __all__ = [
     "TrainState", "TrainingDiverged",
     "adam", "evaluate", "fit", "get_learning_rate", "make_eval_step", "make_mesh", "make_train_step",
     "replicate", "run_config", "set_learning_rate", "shard_batch", "shuffle_key", "state_from_tree",
-    "state_to_tree", "step_keys",
+    "state_to_tree", "step_keys", "train_epoch",
 ]

@@ -33,7 +33,6 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcnn.models.spec import model_spec, module_of
@@ -48,6 +47,7 @@ from jaxcnn.train.steps import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxcnn")
 
+
 class RunInterrupted(RuntimeError):
     """SIGINT or SIGTERM stopped the run; a checkpoint of where it stopped was saved first."""
 
@@ -55,12 +55,14 @@ class RunInterrupted(RuntimeError):
         super().__init__(message)
         self.signum = signum
 
+
 class TrainingDiverged(RuntimeError):
     """The loss went non-finite or above ``FitConfig.max_loss``; ``summary`` is what was written."""
 
     def __init__(self, message: str, summary: dict):
         super().__init__(message)
         self.summary = summary
+
 
 def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
         train_step: Optional[Callable] = None, eval_step: Optional[Callable] = None, mesh=None,
@@ -125,7 +127,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
             with run.tensorboard() as tb:
                 while epoch < config.epochs and not callbacks.should_stop:
                     if stop["signal"] is not None:  # between epochs: the latest checkpoint is where it stopped
-                        raise RunInterrupted(_interrupted_message(stop["signal"], run, epoch, None, None), stop["signal"])
+                        signum = stop["signal"]
+                        raise RunInterrupted(_interrupted_message(signum, run, epoch, None, None), signum)
                     t0 = time.perf_counter()
                     out = train_epoch(state, train_step, train_feed, epoch + 1, config.epochs, start=position,
                                       sums=sums, accumulate=accumulate, stop=stop, progress=progress)
@@ -168,6 +171,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
         raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run), summary)
     return state, history, summary
 
+
 @dataclasses.dataclass
 class EpochResult:
     """What ``train_epoch`` did: the state, the epoch's training row (when it ran to the end),
@@ -179,6 +183,7 @@ class EpochResult:
     steps_done: int
     stopped_by: Optional[int] = None
     bad_step: Optional[int] = None
+
 
 def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch: int, epochs: int, *,
                 start: int = 0, sums: Optional[dict] = None, accumulate: Optional[Callable] = None, stop=None,
@@ -223,6 +228,7 @@ def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch:
            "images_per_s": (done - start) * feed.batch_size / max(time.perf_counter() - t0, 1e-9)}
     return EpochResult(state, row, host, done, stopped_by, bad)
 
+
 def _accumulator(max_loss: float) -> Callable:
     """A jitted ``(totals, metrics, i) -> totals``: running sums, and the first step ``i`` whose
     loss is not finite or above ``max_loss`` (-1 while there is none)."""
@@ -235,6 +241,7 @@ def _accumulator(max_loss: float) -> Callable:
                 "bad": first}
 
     return acc
+
 
 def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional[nn.Module] = None,
                experiment: Optional[dict] = None) -> dict:
@@ -256,6 +263,7 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
         "experiment": dict(experiment or {}),
     }
 
+
 def _steps(config: FitConfig, labels, train_step, eval_step) -> tuple[Callable, Callable]:
     """The jitted steps of this ``fit`` call: the caller's, or built once from the config."""
     if labels is not None and train_step is not None:
@@ -269,6 +277,7 @@ def _steps(config: FitConfig, labels, train_step, eval_step) -> tuple[Callable, 
     jitted = lambda f, **kw: f if hasattr(f, "lower") else jax.jit(f, **kw)  # noqa: E731
     return jitted(train_step, donate_argnums=0), jitted(eval_step)
 
+
 @dataclasses.dataclass
 class _Start:
     """Where a run starts: fresh, the latest checkpoint, or mid-epoch from an interrupted one."""
@@ -280,6 +289,7 @@ class _Start:
     wall_s: float = 0.0  # wall time the run had before this process
     position: int = 0  # steps done in epoch ``epoch + 1`` (a run stopped mid-epoch)
     sums: Optional[dict] = None  # its running loss / accuracy sums
+
 
 def _start(ckpts, template: TrainState, callbacks: EpochCallbacks) -> _Start:
     """The resume point: the newer of the latest and the interrupted checkpoint that can be read
@@ -301,6 +311,7 @@ def _start(ckpts, template: TrainState, callbacks: EpochCallbacks) -> _Start:
                   None if best is None else (best[0]["params"], best[0]["batch_stats"]),
                   float(meta["wall_time_s"]), int(meta.get("position", 0)), meta.get("sums"))
 
+
 def _newest_readable(ckpts, which: str, target) -> Optional[tuple]:
     """``(tree, meta)`` of the newest checkpoint of ``which`` that reads back whole, or None."""
     for step in reversed(ckpts.all_epochs(which)):
@@ -312,6 +323,7 @@ def _newest_readable(ckpts, which: str, target) -> Optional[tuple]:
             log.warning(f"{e}. Moved it to {moved}; "
                         + (f"falling back to {which} {older[-1]}" if older else f"no older {which} checkpoint"))
     return None
+
 
 @contextlib.contextmanager
 def _stop_on_signals():
@@ -334,8 +346,10 @@ def _stop_on_signals():
         for s, h in previous.items():
             signal.signal(s, h)
 
+
 class _OldRun:
     restored = False
+
 
 @contextlib.contextmanager
 def _old_run_kept_until_checkpointed(run: RunFolder, overwrite: bool):
@@ -353,11 +367,13 @@ def _old_run_kept_until_checkpointed(run: RunFolder, overwrite: bool):
                 log.warning(f"{run.path}: the new run ended before its first checkpoint; the run it was to "
                             f"overwrite is back, unchanged")
 
+
 def _interrupted_message(signum: int, run: RunFolder, epoch: int, step: Optional[int], steps: Optional[int]) -> str:
     where = (f"in epoch {epoch} at step {step} of {steps}; saved a checkpoint of that step"
              if step is not None else f"after epoch {epoch}, whose checkpoint is saved")
     return (f"stopped by {signal.Signals(signum).name} {where}. Continue it with --resume "
             f"(--workdir {run.path}): it picks up exactly there")
+
 
 def _divergence(out: EpochResult, val: Optional[dict], epoch: int, steps: int, max_loss: float) -> Optional[dict]:
     if out.bad_step is not None:
@@ -365,6 +381,7 @@ def _divergence(out: EpochResult, val: Optional[dict], epoch: int, steps: int, m
     if not (math.isfinite(val["loss"]) and val["loss"] <= max_loss):
         return {"epoch": epoch, "where": "validation", "loss": val["loss"]}
     return None
+
 
 def _diverged_message(d: dict, history: list, callbacks: EpochCallbacks, state, run: RunFolder,
                       restored: bool = False) -> str:
@@ -377,6 +394,7 @@ def _diverged_message(d: dict, history: list, callbacks: EpochCallbacks, state, 
             "No checkpoint was written (it diverged in its first epoch).")
     return (f"the {d['where']} loss diverged (not finite, or above max_loss) in epoch {d['epoch']} {at}; "
             f"try a lower learning rate than {lr:g}. {kept}")
+
 
 def _summary(history: list[dict], callbacks: EpochCallbacks, test: Optional[dict], dataset, last_epoch: int,
              wall_time_s: float, diverged: Optional[dict]) -> dict:

@@ -101,17 +101,34 @@ def _quiet_failed_reads():
     """Orbax reads arrays in asyncio tasks. When one read fails, the error reaches us, but the
     other tasks' coroutines report theirs when Python collects them — hundreds of lines of
     tracebacks per damaged checkpoint. Those reports are dropped here (the error itself is
-    raised to the caller); collection is forced before the hooks are put back."""
+    raised to the caller); collection is forced before the hooks are put back. A failed read
+    also leaves tensorstore callbacks that report "Event loop is closed" a moment later: a
+    narrow filter for exactly those stays on ``sys.unraisablehook`` (others pass through)."""
     hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
     level = asyncio_log.level
     sys.unraisablehook = lambda unraisable: None
     asyncio_log.setLevel(logging.CRITICAL)
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         gc.collect()
-        sys.unraisablehook = hook
+        sys.unraisablehook = hook if not failed or getattr(hook, "_jaxcnn_filter", False) else _closed_loop_filter(hook)
         asyncio_log.setLevel(level)
+
+
+def _closed_loop_filter(previous):
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxcnn_filter = True
+    return hook
 
 
 def check_which(which: str, fn: str = "Checkpoints", allowed=WHICH) -> str:

@@ -28,13 +28,18 @@ USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, Permis
                DatasetUnavailableError, DamagedCheckpointError)
 
 
+class _Stderr(logging.Handler):
+    """A message per line on whatever ``sys.stderr`` is when it is written."""
+
+    def emit(self, record):
+        print(self.format(record), file=sys.stderr)
+
+
 def setup_logging() -> None:
     """jaxcnn's notes and warnings as plain lines on stderr."""
     logger = logging.getLogger("jaxcnn")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
         logger.setLevel(logging.INFO)
         logger.propagate = False
 

@@ -247,11 +247,11 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
         _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
                             resume=resume and (run.is_run() or run.has_checkpoints()), overwrite=overwrite,
                             model=model, experiment=experiment)
-    except NothingToDo:
+        run.freeze_summary_path.write_text(table + "\n")  # once the phase ran: a refused start leaves none
+        viz.plot_curves(run.path)
+    except NothingToDo:  # its folder stays as it is
         print(f"phase {phase}: already complete in {run.path}; not repeated")
         summary = run.read_summary()
-    run.freeze_summary_path.write_text(table + "\n")  # once the phase ran: a refused start leaves none
-    viz.plot_curves(run.path)
     print(f"phase {phase}: test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}), best "
           f"val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}, "
           f"{summary['wall_time_s']:.0f} s")

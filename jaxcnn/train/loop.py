@@ -358,14 +358,16 @@ def _old_run_kept_until_checkpointed(run: RunFolder, overwrite: bool):
     old = _OldRun()
     try:
         yield old
-    finally:
-        if overwrite:
-            if run.has_checkpoints():
-                run.commit()
-            elif run.restore():
-                old.restored = True
-                log.warning(f"{run.path}: the new run ended before its first checkpoint; the run it was to "
-                            f"overwrite is back, unchanged")
+    except BaseException:
+        if overwrite and not run.has_checkpoints() and run.restore():
+            log.warning(f"{run.path}: the new run stopped before its first checkpoint; the run it was to "
+                        f"overwrite is back, unchanged")
+        raise
+    if overwrite:  # (a run that diverged before its first checkpoint says so itself)
+        if run.has_checkpoints():
+            run.commit()
+        else:
+            old.restored = run.restore()
 
 
 def _interrupted_message(signum: int, run: RunFolder, epoch: int, step: Optional[int], steps: Optional[int]) -> str:

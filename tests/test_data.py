@@ -250,11 +250,13 @@ def test_tf_flowers_rejects_bad_arguments(kwargs, words):
 @pytest.mark.usefixtures("tfds")
 def test_manual_file_is_used_without_network(tmp_path):
     # With the archive in downloads/manual/, no probe blocks the way: tfds itself reads the
-    # file (this dummy fails tfds' checksum, which proves tfds looked at it, offline).
+    # file (this dummy fails tfds' checksum, which proves tfds looked at it, offline), and its
+    # checksum error becomes one that names the file and what to do.
     manual = tmp_path / "downloads" / "manual"
     manual.mkdir(parents=True)
     (manual / "cifar-10-binary.tar.gz").write_bytes(b"not the real archive")
-    with pytest.raises(Exception, match="checksum") as info:
+    with pytest.raises(DatasetUnavailableError, match="checksum") as info:
         load_cifar10(str(tmp_path))
-    assert not isinstance(info.value, DatasetUnavailableError)
+    assert f"the manually placed {manual / 'cifar-10-binary.tar.gz'} is corrupt or incomplete" in str(info.value)
+    assert type(info.value.__cause__).__name__ == "NonMatchingChecksumError"
     assert (manual / "cifar-10-binary.tar.gz").read_bytes() == b"not the real archive"  # left untouched

@@ -256,6 +256,17 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint(run, finished, capsy
     assert_same_run(run, finished[1], 3)  # epoch 2 recomputed bitwise, then epoch 3
 
 
+def test_a_damaged_checkpoint_costs_one_line_of_output_in_a_fresh_process(run):
+    """Orbax's failed reads leave asyncio tasks whose errors Python prints when it collects them
+    (hundreds of lines); outside pytest's own hooks, the command prints one line for the damage."""
+    _truncate(run / "checkpoints" / "latest" / "2")
+    done = subprocess.run([sys.executable, "-m", "jaxcnn.experiments.cifar10"] + SMOKE +
+                          ["--workdir", str(run), "--resume", "--epochs", "3"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stderr.splitlines()) == 1 and "/checkpoints/latest/2 is damaged: " in done.stderr
+
+
 def test_restore_and_filters_name_a_damaged_checkpoint_and_what_is_wrong(run, capsys):
     _truncate(run / "checkpoints" / "best" / "1")
     with pytest.raises(DamagedCheckpointError, match=r"checkpoint .*/checkpoints/best/1 is damaged: \w+"):

@@ -177,8 +177,7 @@ def test_resume_with_fewer_epochs_than_done_is_nothing_to_do(run, capsys):
     before = snapshot(run)
     code, out, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "1"])
     assert code == 0 and err == ""
-    assert out == (f"nothing to do: {run} already has 2 epochs: nothing to do for epochs=1; ask for more epochs "
-                   f"to train on\n")
+    assert out == f"nothing to do: {run} already has 2 epochs, and 1 were asked for; ask for more epochs to train on\n"
     assert snapshot(run) == before  # config.json included
 
 

@@ -133,9 +133,9 @@ def draw_run(params: dict, out: Path, *, prefix: str, title: str, image: Optiona
     rec: dict[str, Any] = {"source": source, "layer": name, "kernel": _stats(kernel), "files": []}
     input_order = "BGR" if path[-1] == RESNET_FIRST_CONV else "RGB"  # a ResNet's kernels see caffe (BGR) input
     viz.plot_filters(kernel, normalize=normalize, input_order=input_order, path=out / f"{prefix}_filters.png",
-                     title=f"{title} {name} {kernel.shape}, trained ({normalize} normalised)")
+                     title=f"{title} {name} {kernel.shape}, as checkpointed ({normalize} normalised)")
     viz.plot_filters(kernel, normalize="filter", input_order=input_order, path=out / f"{prefix}_filters_per_filter.png",
-                     title=f"{title} {name}, trained (each filter normalised)")
+                     title=f"{title} {name}, as checkpointed (each filter normalised)")
     rec["files"] += [f"{prefix}_filters.png", f"{prefix}_filters_per_filter.png"]
     if init_params is not None:
         k0, _ = first_conv(init_params, path)

@@ -119,7 +119,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
             if trained and run.read_summary():  # config.json stays as it is
                 raise NothingToDo(f"{run.path} already has {start.epoch} epochs"
                                   + (" (it stopped early)" if callbacks.should_stop else "")
-                                  + f": nothing to do for epochs={config.epochs}; ask for more epochs to train on")
+                                  + f", and {config.epochs} were asked for; ask for more epochs to train on")
             if not trained:  # (trained without a summary: it stopped before its test evaluation, done below)
                 run.write_config(record)
             state, epoch, history, best, diverged = start.state, start.epoch, start.history, start.best, None

@@ -56,6 +56,15 @@ def has_checkpoints(directory: str | os.PathLike) -> bool:
     return any(_epoch_dirs(pathlib.Path(directory) / which) for which in WHICH)
 
 
+def _on_this_device(path: pathlib.Path) -> PyTree:
+    """The saved tree's structure, shapes and dtypes, placed on this process's first device: a
+    checkpoint written by any number of devices or processes restores on one."""
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.metadata(path / "state").item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+
+
 class DamagedCheckpointError(RuntimeError):
     """A saved checkpoint cannot be read back whole. ``path``: its folder; ``reason``: what is wrong."""
 
@@ -216,7 +225,8 @@ class Checkpoints:
 
         Args:
           target: the saved tree's structure as arrays or ``jax.ShapeDtypeStruct`` s: the
-            restored arrays are placed like it (same shardings). None: as they were saved.
+            restored arrays are placed like it (same shardings). None: the saved structure, on
+            this process's first device (whatever devices or processes saved it).
 
         Raises:
           FileNotFoundError: ``which`` has no checkpoint (or not ``epoch``).
@@ -231,8 +241,9 @@ class Checkpoints:
         for part in REQUIRED_FILES:
             if not (path / part).is_file():
                 raise DamagedCheckpointError(path, f"{part} is missing")
-        abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
+            abstract = _on_this_device(path) if target is None else \
+                jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
             with _quiet_failed_reads():
                 out = mgr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                 meta=ocp.args.JsonRestore()))
@@ -258,6 +269,11 @@ class Checkpoints:
         if which in self._managers:
             self._managers[which].reload()
         return dest
+
+    def reload(self) -> None:
+        """Read the list of saved checkpoints from disk again (another process changed it)."""
+        for m in self._managers.values():
+            m.reload()
 
     def close(self) -> None:
         for m in self._managers.values():

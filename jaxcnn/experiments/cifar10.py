@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import viz
-from jaxcnn.experiments.cli import check_workdir, run_main
+from jaxcnn.experiments.cli import add_distributed_flags, check_workdir, join_processes, run_main
 from jaxcnn.experiments.configs import DATASETS, PRESETS, ExperimentConfig, get_config
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
@@ -110,6 +110,7 @@ def _parse(argv):
                    help="start afresh in a --workdir that holds a run: the old run is deleted once the new one has "
                         "its first checkpoint (and kept if it fails before)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_distributed_flags(p)
     return p.parse_args(argv)
 
 
@@ -119,6 +120,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _main(args) -> int:
+    procs = join_processes(args)  # first: JAX must not start before the processes are joined
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment)
@@ -127,11 +129,14 @@ def _main(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset cifar10, not to the embedded offline data "
                                  f"(--dataset offline sizes its splits itself)")
-    workdir = pathlib.Path(args.workdir) if args.workdir else default_workdir(config, fresh=not args.resume)
-    check_workdir(workdir, resume=args.resume, overwrite=args.overwrite)  # before the data loads
+    workdir = pathlib.Path(args.workdir) if args.workdir else \
+        pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
+    procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_data(config)
     _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, dataset=dataset, mesh=make_mesh())
+    if not procs.primary:  # process 0 writes the plots and tells the result
+        return 0
     viz.plot_curves(workdir)  # writes the run's plots/curves.png (a bare Figure: nothing to close)
     folder = RunFolder(workdir)
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "

@@ -22,10 +22,43 @@ from jaxcnn.checkpoint import DamagedCheckpointError
 from jaxcnn.data import DatasetUnavailableError
 from jaxcnn.runfolder import NothingToDo, RunBusyError, RunFolder
 from jaxcnn.train import RunInterrupted, TrainingDiverged
+from jaxcnn.train.distributed import DistributedError, Processes, initialize
 
 #: Errors a user's input or machine causes: one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, RunBusyError,
-               DatasetUnavailableError, DamagedCheckpointError)
+               DatasetUnavailableError, DamagedCheckpointError, DistributedError)
+
+
+def add_distributed_flags(parser) -> None:
+    """``--distributed`` and how to reach the other processes (``jax.distributed.initialize``)."""
+    g = parser.add_argument_group("several processes (one per host or per GPU; see the README)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join the run's other processes (jax.distributed) before anything else; without the "
+                        "three flags below, JAX finds them in the environment (TPU pods, SLURM, Open MPI)")
+    g.add_argument("--coordinator_address", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num_processes", type=int, help="how many processes the run has")
+    g.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")
+    g.add_argument("--init_timeout", type=int, default=120,
+                   help="seconds to wait at the start for the coordinator and the other processes (120)")
+    g.add_argument("--heartbeat_timeout", type=int, default=60,
+                   help="seconds without a sign of life after which a process counts as dead and the others "
+                        "stop with a message (60)")
+
+
+def join_processes(args) -> Processes:
+    """``jax.distributed.initialize`` when ``--distributed`` (before any other use of JAX); this process."""
+    given = [f"--{k}" for k in ("coordinator_address", "num_processes", "process_id") if getattr(args, k) is not None]
+    if not args.distributed:
+        if given:
+            raise ValueError(f"{', '.join(given)} need --distributed")
+        return Processes()
+    initialize(args.coordinator_address, args.num_processes, args.process_id,
+               init_timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
+    procs = Processes()
+    if not procs.primary:  # process 0 tells the story; the others speak only of errors (stderr)
+        sys.stdout = open(os.devnull, "w")
+        logging.getLogger("jaxcnn").setLevel(logging.ERROR)
+    return procs
 
 
 class _Stderr(logging.Handler):

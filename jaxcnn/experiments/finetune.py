@@ -51,11 +51,12 @@ import jax.numpy as jnp
 from jaxcnn import freeze, inference, viz
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
-from jaxcnn.experiments.cli import run_main
+from jaxcnn.experiments.cli import add_distributed_flags, join_processes, run_main
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
+from jaxcnn.train.distributed import Processes
 
 PRESETS = ("default", "offline", "smoke")
 DATASETS = ("tf_flowers", "offline")
@@ -247,8 +248,9 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
         _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
                             resume=resume and (run.is_run() or run.has_checkpoints()), overwrite=overwrite,
                             model=model, experiment=experiment)
-        run.freeze_summary_path.write_text(table + "\n")  # once the phase ran: a refused start leaves none
-        viz.plot_curves(run.path)
+        if Processes().primary:  # once the phase ran: a refused start leaves no freeze summary
+            run.freeze_summary_path.write_text(table + "\n")
+            viz.plot_curves(run.path)
     except NothingToDo:  # its folder stays as it is
         print(f"phase {phase}: already complete in {run.path}; not repeated")
         summary = run.read_summary()
@@ -305,7 +307,8 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
     """
     t0 = time.perf_counter()
     workdir = pathlib.Path(workdir)
-    check_workdir(workdir, resume=resume, overwrite=overwrite)
+    procs = Processes()
+    procs.on_primary(lambda: check_workdir(workdir, resume=resume, overwrite=overwrite))
     path = weights_path(config)  # fail fast, before the data
     dataset = load_data(config) if dataset is None else dataset
     model = build_model(config, dataset.num_classes)
@@ -327,7 +330,8 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
                "dataset": dataset.name, "image_size": int(dataset.image_shape[0]), "model": config.model,
                "num_classes": int(dataset.num_classes), "num_train": len(dataset.train.labels),
                "phase1": s1, "phase2": s2, "wall_time_s": time.perf_counter() - t0, "device": s2["device"]}
-    write_json(workdir / SUMMARY, summary)
+    if procs.primary:
+        write_json(workdir / SUMMARY, summary)
     return summary
 
 
@@ -353,6 +357,7 @@ def _parse(argv):
                    help="start afresh in a --workdir that holds a run: each phase's old run is deleted once the "
                         "new phase has its first checkpoint")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_distributed_flags(p)
     return p.parse_args(argv)
 
 
@@ -362,6 +367,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _main(args) -> int:
+    join_processes(args)  # first: JAX must not start before the processes are joined
     config = get_config(args.preset, dataset=args.dataset, weights=args.weights, image_size=args.image_size,
                         phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,

@@ -1,14 +1,20 @@
-"""Device-resident data: a split placed once on the devices, served as sharded batches.
+"""Feeds: a split served as global batches sharded over the ``data`` mesh.
 
-The whole split lives on every device of the mesh as uint8 (CIFAR-10 is ~180 MB); batches
-are gathered there inside a small jitted function and come out sharded over the ``data``
-axis, ready for the jitted step. Each feed compiles its gather once, when built.
+One process (any number of its devices): the whole split lives on every device as uint8
+(CIFAR-10 is ~180 MB); batches are gathered there inside a small jitted function and come out
+sharded over the ``data`` axis, ready for the jitted step. Each feed compiles its gather once.
+
+Several processes (``jax.distributed``): each holds only its share of the split (every P-th
+row, ``jaxcnn.train.distributed.shard``) on the host, and builds its part of every global batch
+from it; ``jax.make_array_from_process_local_data`` joins the parts into one global array.
+Process ``p``'s rows fill the batch rows of its own devices.
 
 * :class:`TrainFeed` — shuffled batches: epoch ``e``'s order is
-  ``permutation(fold_in(shuffle_key(seed), e), N)``; the last incomplete batch is dropped
+  ``permutation(fold_in(shuffle_key(seed), e), n)`` of the ``n`` rows a process holds (all of
+  them with one process), the same key on every process; the last incomplete batch is dropped
   (those examples are seen in other epochs).
-* :class:`EvalFeed` — every example exactly once: the split is padded to a whole number of
-  batches and a ``mask`` marks the real rows; :func:`evaluate` sums over the mask.
+* :class:`EvalFeed` — every example exactly once: each process pads its rows to the same whole
+  number of batches and a ``mask`` marks the real ones; :func:`evaluate` sums over the mask.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +30,7 @@ import numpy as np
 
 from jaxcnn.data.core import Split
 from jaxcnn.train import sharding
+from jaxcnn.train.distributed import Processes
 from jaxcnn.train.state import TrainState
 
 
@@ -31,26 +39,42 @@ def shuffle_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 0x5EED)
 
 
+def _global_batch(mesh, local: dict) -> dict:
+    """This process's rows of a batch, as its part of one global array sharded over ``data``."""
+    spec = sharding.batch_sharding(mesh)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(spec, a), local)
+
+
 class TrainFeed:
-    """A training split on the devices, served as shuffled batches sharded over ``mesh``.
+    """A training split served as shuffled global batches sharded over ``mesh``.
 
     Args:
-      split: uint8 images ``(N, H, W, C)`` and int32 labels ``(N,)``.
-      batch_size: global batch (a multiple of the mesh's device count, at most ``N``).
-      mesh: a 1-D ``data`` mesh (``jaxcnn.train.make_mesh``).
+      split: uint8 images ``(N, H, W, C)`` and int32 labels ``(N,)``: the whole split with one
+        process, this process's share with several.
+      batch_size: global batch (a multiple of the mesh's device count).
+      mesh: a 1-D ``data`` mesh over every device of every process (``jaxcnn.train.make_mesh``).
       seed: the epoch order's seed.
+      processes: this process among the run's (default: ``Processes()``).
+
+    ``num_examples`` is the global count; ``steps_per_epoch`` is the same on every process.
     """
 
-    def __init__(self, split: Split, batch_size: int, mesh, *, seed: int):
+    def __init__(self, split: Split, batch_size: int, mesh, *, seed: int, processes: Optional[Processes] = None):
+        self.processes = processes = Processes() if processes is None else processes
         sharding.check_batch_size(batch_size, mesh, name="batch_size")
-        n = len(split)
-        if batch_size > n:
-            raise ValueError(f"batch_size={batch_size} is larger than the training set ({n} examples)")
-        self.num_examples, self.batch_size = n, batch_size
-        self.steps_per_epoch = n // batch_size
+        counts = processes.gather(len(split))
+        self.num_examples, self.batch_size, self.num_local = sum(counts), batch_size, len(split)
+        if batch_size > self.num_examples:
+            raise ValueError(f"batch_size={batch_size} is larger than the training set ({self.num_examples} examples)")
+        self.local_batch = batch_size // processes.count
+        self.steps_per_epoch = min(counts) // self.local_batch
+        self._key = shuffle_key(seed)
+        self._mesh = mesh
+        if processes.count > 1:  # host rows; each batch joins the processes' parts
+            self._split = split
+            return
         self._arrays = sharding.replicate({"image": split.images, "label": split.labels}, mesh)
         self._replicated = sharding.replicated(mesh)
-        self._key = shuffle_key(seed)
 
         @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
         def take(arrays, perm, i):
@@ -60,35 +84,52 @@ class TrainFeed:
         self._take = take
 
     def permutation(self, epoch: int) -> jax.Array:
-        """Epoch ``epoch``'s order of the examples, ``(N,)`` int32 on every device."""
-        perm = jax.random.permutation(jax.random.fold_in(self._key, epoch), self.num_examples)
-        return jax.device_put(perm, self._replicated)
+        """Epoch ``epoch``'s order of this process's rows, ``(n,)`` int32."""
+        return jax.random.permutation(jax.random.fold_in(self._key, epoch), self.num_local)
+
+    def local_indices(self, epoch: int, step: int) -> np.ndarray:
+        """The rows of this process's share that form its part of batch ``step`` of ``epoch``."""
+        perm = np.asarray(self.permutation(epoch))
+        return perm[step * self.local_batch:(step + 1) * self.local_batch]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """The batches of epoch ``epoch`` (1-based) from batch ``start`` on (a run resumed
-        mid-epoch), ``{"image": (B, H, W, C) uint8, "label": (B,)}``."""
-        perm = self.permutation(epoch)
+        mid-epoch), ``{"image": (B, H, W, C) uint8, "label": (B,)}`` global arrays."""
+        if self.processes.count > 1:
+            perm = np.asarray(self.permutation(epoch))
+            for i in range(start, self.steps_per_epoch):
+                idx = perm[i * self.local_batch:(i + 1) * self.local_batch]
+                yield _global_batch(self._mesh, {"image": self._split.images[idx], "label": self._split.labels[idx]})
+            return
+        perm = jax.device_put(self.permutation(epoch), self._replicated)
         for i in range(start, self.steps_per_epoch):
             yield self._take(self._arrays, perm, i)
 
 
 class EvalFeed:
-    """A split padded to whole batches on the devices, with a ``mask`` of its real rows.
+    """A split padded to whole batches, with a ``mask`` of its real rows.
 
     Batches are ``{"image", "label", "mask": bool (B,)}``; :func:`evaluate` counts only masked
-    rows, so every example counts exactly once whatever the batch size.
+    rows, so every example counts exactly once whatever the batch size and process count.
     """
 
-    def __init__(self, split: Split, batch_size: int, mesh):
+    def __init__(self, split: Split, batch_size: int, mesh, *, processes: Optional[Processes] = None):
+        self.processes = processes = Processes() if processes is None else processes
         sharding.check_batch_size(batch_size, mesh, name="eval_batch_size")
+        counts = processes.gather(len(split))
+        local_batch = batch_size // processes.count
         n = len(split)
-        total = max(1, math.ceil(n / batch_size)) * batch_size
+        total = max(1, math.ceil(max(counts) / local_batch)) * local_batch  # the same on every process
         pad = total - n
         images, labels = split.images, split.labels
         arrays = {"image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]),
                   "label": np.concatenate([labels, np.zeros(pad, labels.dtype)]),
                   "mask": np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])}
-        self.num_examples, self.batch_size, self.num_batches = n, batch_size, total // batch_size
+        self.num_examples, self.batch_size, self.num_batches = sum(counts), batch_size, total // local_batch
+        self._local_batch, self._mesh = local_batch, mesh
+        if processes.count > 1:
+            self._arrays = arrays
+            return
         self._arrays = sharding.replicate(arrays, mesh)
 
         @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
@@ -99,7 +140,11 @@ class EvalFeed:
 
     def batches(self) -> Iterator[dict]:
         for b in range(self.num_batches):
-            yield self._take(self._arrays, b * self.batch_size)
+            if self.processes.count > 1:
+                lo = b * self._local_batch
+                yield _global_batch(self._mesh, jax.tree.map(lambda a: a[lo:lo + self._local_batch], self._arrays))
+            else:
+                yield self._take(self._arrays, b * self.batch_size)
 
 
 def evaluate(state: TrainState, feed: EvalFeed, eval_step: Callable) -> dict:

@@ -41,6 +41,7 @@ from jaxcnn.runfolder import HISTORY_FIELDS, DamagedCheckpointError, NothingToDo
 from jaxcnn.train import sharding
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
+from jaxcnn.train.distributed import Processes, shard
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
 from jaxcnn.train.state import TrainState, get_learning_rate, set_learning_rate, state_from_tree, state_to_tree
 from jaxcnn.train.steps import make_eval_step, make_train_step
@@ -100,38 +101,46 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
       TrainingDiverged: the loss diverged; the records and the last good checkpoints stay.
     """
     t_start = time.perf_counter()
+    procs = Processes()  # one process, or this one of several (jax.distributed): process 0 writes the records
     mesh = sharding.make_mesh() if mesh is None else mesh
-    train_feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed)
-    val_feed = EvalFeed(dataset.val, config.eval_batch_size, mesh)
+    dataset = _share_of(dataset, procs)
+    train_feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed, processes=procs)
+    val_feed = EvalFeed(dataset.val, config.eval_batch_size, mesh, processes=procs)
     run = RunFolder(workdir)
-    run.check_writable()
-    record = run_config(state, dataset, config, model=model, experiment=experiment)
+    record = run_config(state, dataset, config, model=model, experiment=experiment,
+                        sizes={k: sum(procs.gather(len(getattr(dataset, k)))) for k in ("train", "val", "test")})
+    procs.check_same_config(record)
+    procs.on_primary(run.check_writable)
     train_step, eval_step = _steps(config, labels, train_step, eval_step)
     accumulate = _accumulator(config.max_loss)
     callbacks = EpochCallbacks.from_config(config)
-    with run.lock(), _stop_on_signals() as stop, _old_run_kept_until_checkpointed(run, overwrite) as old:
-        for note in run.prepare(record, resume=resume, overwrite=overwrite):
+    with contextlib.ExitStack() as held:
+        procs.on_primary(lambda: held.enter_context(run.lock()) and None)
+        stop = held.enter_context(_stop_on_signals())
+        old = held.enter_context(_old_run_kept_until_checkpointed(run, overwrite and procs.primary))
+        for note in procs.on_primary(lambda: run.prepare(record, resume=resume, overwrite=overwrite)):
             log.warning(note)
         with run.checkpoints(keep=config.keep_checkpoints) as ckpts:
             template = sharding.replicate(state, mesh)
-            start = _start(ckpts, template, callbacks) if resume else _Start(template)
+            start = _start(ckpts, template, callbacks, procs) if resume else _Start(template)
             trained = start.position == 0 and (start.epoch >= config.epochs or callbacks.should_stop)
-            if trained and run.read_summary():  # config.json stays as it is
+            if trained and procs.on_primary(lambda: bool(run.read_summary())):  # config.json stays as it is
                 raise NothingToDo(f"{run.path} already has {start.epoch} epochs"
                                   + (" (it stopped early)" if callbacks.should_stop else "")
                                   + f", and {config.epochs} were asked for; ask for more epochs to train on")
-            if not trained:  # (trained without a summary: it stopped before its test evaluation, done below)
+            if not trained and procs.primary:  # (trained without a summary: stopped before its test evaluation)
                 run.write_config(record)
             state, epoch, history, best, diverged = start.state, start.epoch, start.history, start.best, None
             position, sums, wall = start.position, start.sums, start.wall_s - t_start  # wall + perf_counter()
-            with run.tensorboard() as tb:
+            with run.tensorboard() if procs.primary else _NoBoard() as tb:
                 while epoch < config.epochs and not callbacks.should_stop:
-                    if stop["signal"] is not None:  # between epochs: the latest checkpoint is where it stopped
-                        signum = stop["signal"]
+                    if _signal_between_epochs(stop, procs) is not None:  # the latest checkpoint is where it stopped
+                        signum = stop["signal"] or signal.SIGTERM
                         raise RunInterrupted(_interrupted_message(signum, run, epoch, None, None), signum)
                     t0 = time.perf_counter()
                     out = train_epoch(state, train_step, train_feed, epoch + 1, config.epochs, start=position,
-                                      sums=sums, accumulate=accumulate, stop=stop, progress=progress)
+                                      sums=sums, accumulate=accumulate, stop=stop,
+                                      progress=progress and procs.primary)
                     state, position, sums = out.state, 0, None
                     if out.stopped_by is not None:
                         ckpts.save_interrupted(int(state.step), state_to_tree(state), {
@@ -155,21 +164,64 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
                     meta = {"epoch": epoch, "history": history, **callbacks.state_dict(),
                             "wall_time_s": wall + time.perf_counter()}
                     ckpts.save(epoch, state_to_tree(state), meta, best=improved)
-                    run.write_history(history)
+                    if procs.primary:
+                        run.write_history(history)
                     for k in HISTORY_FIELDS[1:]:
                         tb.add_scalar(k, row[k], epoch)
                     tb.flush()
-    if old.restored:  # diverged before its first checkpoint: the run it was to overwrite is back, untouched
+    if procs.share(old.restored):  # diverged before its first checkpoint: the run it was to overwrite is back
         raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run, restored=True), {})
     if best is not None:
         state = state.replace(params=best[0], batch_stats=best[1])
-    test = evaluate(state, EvalFeed(dataset.test, config.eval_batch_size, mesh), eval_step) \
-        if best is not None or not diverged else None
-    summary = _summary(history, callbacks, test, dataset, epoch, wall + time.perf_counter(), diverged)
-    run.write_summary(summary)
+    test_feed = EvalFeed(dataset.test, config.eval_batch_size, mesh, processes=procs)
+    test = evaluate(state, test_feed, eval_step) if best is not None or not diverged else None
+    summary = _summary(history, callbacks, test, dataset, epoch, wall + time.perf_counter(), diverged,
+                       num_train=train_feed.num_examples)
+    if procs.primary:
+        run.write_summary(summary)
     if diverged:
         raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run), summary)
     return state, history, summary
+
+
+def _share_of(dataset, procs: Processes):
+    """The dataset with only this process's share of each split (every P-th row); itself with one process."""
+    if procs.count == 1:
+        return dataset
+    return dataclasses.replace(dataset, **{k: shard(getattr(dataset, k), procs.index, procs.count)
+                                           for k in ("train", "val", "test")})
+
+
+def _signal_now(stop: dict, procs: Processes, done: int) -> Optional[int]:
+    """The signal to stop at after step ``done``: every step with one process; with several, all
+    stop at the same step, so they agree every 20 steps (a signal to any of them stops all)."""
+    if procs.count == 1:
+        return stop["signal"]
+    return _signal_between_epochs(stop, procs) if done % 20 == 0 else None
+
+
+def _signal_between_epochs(stop: dict, procs: Processes) -> Optional[int]:
+    """The signal that arrived (on any process) since the last step, or None."""
+    if procs.count == 1:
+        return stop["signal"]
+    got = max(procs.gather(stop["signal"] or 0))
+    return got or None
+
+
+class _NoBoard:
+    """TensorBoard for processes other than 0: writes nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
 
 
 @dataclasses.dataclass
@@ -218,9 +270,10 @@ def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch:
                 bar.set_postfix(loss=f"{m['loss'] / done:.4f}", acc=f"{m['accuracy'] / done:.4f}",
                                 img_s=f"{(done - start) * feed.batch_size / (time.perf_counter() - t0):.0f}")
                 bar.update(done - bar.n)
-            if stop is not None and stop["signal"] is not None and done < steps:
-                stopped_by = stop["signal"]
-                break
+            if stop is not None and done < steps:
+                stopped_by = _signal_now(stop, feed.processes, done)
+                if stopped_by is not None:
+                    break
     m = jax.device_get(totals)
     host = {"loss": float(m["loss"]), "accuracy": float(m["accuracy"])}  # float32 values: exact in JSON
     row = {"epoch": epoch, "train_loss": host["loss"] / steps, "train_accuracy": host["accuracy"] / steps,
@@ -244,7 +297,7 @@ def _accumulator(max_loss: float) -> Callable:
 
 
 def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional[nn.Module] = None,
-               experiment: Optional[dict] = None) -> dict:
+               experiment: Optional[dict] = None, sizes: Optional[dict] = None) -> dict:
     """What ``fit`` writes to ``config.json``: enough to rebuild the model, reload the data and
     check a resume, in any process.
 
@@ -252,12 +305,12 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
     (the input preprocessing is ``fit.preprocess``); ``model`` is None when no Flax module is known.
     """
     model = module_of(state.apply_fn) if model is None else model
-    splits = {"train": dataset.train, "val": dataset.val, "test": dataset.test}
+    sizes = sizes or {k: len(getattr(dataset, k)) for k in ("train", "val", "test")}  # (global, with processes)
     return {
         "model": None if model is None else model_spec(model),
         "data": {"name": dataset.name, "source": dataset.source, "image_shape": list(dataset.image_shape),
                  "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
-                 **{f"num_{k}": len(s) for k, s in splits.items()}},
+                 **{f"num_{k}": int(n) for k, n in sizes.items()}},
         "optimizer": {"learning_rate": float(f"{get_learning_rate(state.opt_state):.7g}")},
         "fit": config.to_dict(),
         "experiment": dict(experiment or {}),
@@ -291,19 +344,20 @@ class _Start:
     sums: Optional[dict] = None  # its running loss / accuracy sums
 
 
-def _start(ckpts, template: TrainState, callbacks: EpochCallbacks) -> _Start:
+def _start(ckpts, template: TrainState, callbacks: EpochCallbacks, procs: Optional[Processes] = None) -> _Start:
     """The resume point: the newer of the latest and the interrupted checkpoint that can be read
     (damaged ones are moved aside, with a warning), and the best epoch's weights."""
+    procs = Processes() if procs is None else procs
     target = state_to_tree(template)
-    latest = _newest_readable(ckpts, "latest", target)
-    stopped = _newest_readable(ckpts, "interrupted", target)
+    latest = _newest_readable(ckpts, "latest", target, procs)
+    stopped = _newest_readable(ckpts, "interrupted", target, procs)
     if stopped is not None and (latest is None or stopped[1]["epoch"] >= latest[1]["epoch"]):
         latest = stopped
     if latest is None:
         return _Start(template)
     tree, meta = latest
     callbacks.load_state_dict(meta)
-    best = _newest_readable(ckpts, "best", target)
+    best = _newest_readable(ckpts, "best", target, procs)
     if best is None and callbacks.best_epoch:
         log.warning(f"the best epoch's checkpoint ({callbacks.best_epoch}) is lost; the run reports the best "
                     f"epoch it reaches from here on")
@@ -312,15 +366,23 @@ def _start(ckpts, template: TrainState, callbacks: EpochCallbacks) -> _Start:
                   float(meta["wall_time_s"]), int(meta.get("position", 0)), meta.get("sums"))
 
 
-def _newest_readable(ckpts, which: str, target) -> Optional[tuple]:
-    """``(tree, meta)`` of the newest checkpoint of ``which`` that reads back whole, or None."""
+def _newest_readable(ckpts, which: str, target, procs: Processes) -> Optional[tuple]:
+    """``(tree, meta)`` of the newest checkpoint of ``which`` that reads back whole (on every
+    process), or None. Process 0 moves a damaged one aside; every process then tries the next."""
     for step in reversed(ckpts.all_epochs(which)):
+        damage = None
         try:
-            return ckpts.restore(which, step, target=target)
+            restored = ckpts.restore(which, step, target=target)
         except DamagedCheckpointError as e:
-            moved = ckpts.quarantine(which, step)
-            older = [s for s in ckpts.all_epochs(which) if s < step]
-            log.warning(f"{e}. Moved it to {moved}; "
+            damage = str(e)
+        damaged = [d for d in procs.gather_text(damage or "") if d] if procs.count > 1 else [damage] * bool(damage)
+        if not damaged:
+            return restored
+        moved = procs.on_primary(lambda: str(ckpts.quarantine(which, step)))
+        ckpts.reload()
+        older = [s for s in ckpts.all_epochs(which) if s < step]
+        if procs.primary:
+            log.warning(f"{damaged[0]}. Moved it to {moved}; "
                         + (f"falling back to {which} {older[-1]}" if older else f"no older {which} checkpoint"))
     return None
 
@@ -399,7 +461,7 @@ def _diverged_message(d: dict, history: list, callbacks: EpochCallbacks, state, 
 
 
 def _summary(history: list[dict], callbacks: EpochCallbacks, test: Optional[dict], dataset, last_epoch: int,
-             wall_time_s: float, diverged: Optional[dict]) -> dict:
+             wall_time_s: float, diverged: Optional[dict], *, num_train: int) -> dict:
     best_row = next((r for r in history if r["epoch"] == callbacks.best_epoch), None)
     summary = {
         "best_epoch": callbacks.best_epoch, "stopped_early": callbacks.should_stop, "stop_epoch": last_epoch,
@@ -407,8 +469,9 @@ def _summary(history: list[dict], callbacks: EpochCallbacks, test: Optional[dict
         "best_val_accuracy": best_row["val_accuracy"] if best_row else None,
         "test_loss": test["loss"] if test else None, "test_accuracy": test["accuracy"] if test else None,
         "num_test": test["count"] if test else None,
-        "wall_time_s": wall_time_s, "dataset": dataset.name, "num_train": len(dataset.train),
-        "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+        "wall_time_s": wall_time_s, "dataset": dataset.name, "num_train": num_train,
+        "device": f"{jax.devices()[0].platform} x{jax.device_count()}"
+                  + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""),
     }
     if diverged:
         summary["diverged"] = diverged

@@ -15,9 +15,12 @@ from typing import Any, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from jaxcnn import freeze
+from jaxcnn.train import sharding
 
 PyTree = Any
 
@@ -116,7 +119,9 @@ def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
         if not _is_inject_state(s):
             return s
         old = s.hyperparams["learning_rate"]
-        new = jax.device_put(jnp.asarray(learning_rate, jnp.asarray(old).dtype), getattr(old, "sharding", None))
+        new = np.asarray(learning_rate, old.dtype)
+        new = sharding.put(new, old.sharding) if isinstance(getattr(old, "sharding", None), NamedSharding) \
+            else jax.device_put(new, getattr(old, "sharding", None))
         return s._replace(hyperparams={**s.hyperparams, "learning_rate": new})
 
     return state.replace(opt_state=jax.tree.map(put, state.opt_state, is_leaf=_is_inject_state))

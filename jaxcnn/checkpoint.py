@@ -59,8 +59,14 @@ def has_checkpoints(directory: str | os.PathLike) -> bool:
 def _on_this_device(path: pathlib.Path) -> PyTree:
     """The saved tree's structure, shapes and dtypes, placed on this process's first device: a
     checkpoint written by any number of devices or processes restores on one."""
-    with ocp.StandardCheckpointer() as reader:
-        tree = reader.metadata(path / "state").item_metadata
+    absl = logging.getLogger("absl")  # it notes that a step's metadata file is not in the item's folder
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(path / "state").item_metadata
+    finally:
+        absl.setLevel(level)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 

@@ -26,6 +26,7 @@ if "xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
 _CACHE_DIR = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcnn-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs recur too
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -201,7 +201,8 @@ def test_finetune_resumes_phase_by_phase_and_overwrites(tmp_path, capsys):
     assert code == 0 and "phase 2: already complete" in out
     code, _, err = cli(capsys, ft + ["--workdir", str(cut)], main=finetune.main)
     assert code == 2 and "already hold checkpoints" in err and "--resume" in err
-    code, _, _ = cli(capsys, ft + ["--workdir", str(cut), "--overwrite", "--seed", "1"], main=finetune.main)
+    code, _, _ = cli(capsys, ft + ["--workdir", str(cut), "--overwrite", "--seed", "1", "--phase1_epochs", "1",
+                                   "--phase2_epochs", "1"], main=finetune.main)
     assert code == 0 and RunFolder(cut / "phase2").read_config()["fit"]["seed"] == 1
     assert not (cut / "phase1" / ".previous").exists() and not (cut / "phase2" / ".previous").exists()
 
@@ -324,41 +325,34 @@ def test_an_infinite_validation_loss_stops_the_run_with_strict_records(tmp_path)
     assert summary["test_loss"] is None and summary["best_epoch"] == 0
 
 
-SIGNAL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
-    import jax
-    from jaxcnn.data import AugmentConfig
-    from jaxcnn.experiments import cifar10
-    from jaxcnn.train import make_train_step
+class SignalsItself:
+    """The smoke train step, which sends a signal to this very process before global step ``at``
+    (the real signal, through the real handler)."""
 
-    class SignalsItself:
-        '''The smoke train step, which sends the signal to this process before global step AT.'''
+    def __init__(self, at: int, signum: int):
+        from jaxcnn.data import AugmentConfig
 
-        def __init__(self, at, signum):
-            self.inner = jax.jit(make_train_step(augment_fn=AugmentConfig().fn()), donate_argnums=0)
-            self.lower, self.at, self.signum = self.inner.lower, at, signum
+        self.inner = jax.jit(make_train_step(augment_fn=AugmentConfig().fn()), donate_argnums=0)
+        self.lower, self.at, self.signum = self.inner.lower, at, signum
 
-        def __call__(self, state, batch):
-            if int(state.step) == self.at:
-                os.kill(os.getpid(), self.signum)
-            return self.inner(state, batch)
-
-    workdir, at, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    real = cifar10.run
-    cifar10.run = lambda *a, **k: real(*a, **{**k, "train_step": SignalsItself(at, getattr(signal, name))})
-    sys.exit(cifar10.main(["--preset", "smoke", "--no_progress", "--epochs", "3", "--workdir", workdir]))
-""")
+    def __call__(self, state, batch):
+        if int(state.step) == self.at:
+            os.kill(os.getpid(), self.signum)
+        return self.inner(state, batch)
 
 
 @pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_signal_stops_at_the_next_step_saves_it_and_resume_continues_bitwise(tmp_path, finished, capsys, name,
-                                                                               code):
+def test_a_signal_stops_at_the_next_step_saves_it_and_resume_continues_bitwise(tmp_path, finished, capsys,
+                                                                               monkeypatch, name, code):
     workdir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT, str(workdir), "11", name], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == code, done.stderr[-2000:]
-    assert done.stderr == (f"stopped by {name} in epoch 2 at step 4 of 8; saved a checkpoint of that step. Continue "
-                           f"it with --resume (--workdir {workdir}): it picks up exactly there\n")
+    real = cifar10.run
+    monkeypatch.setattr(cifar10, "run",
+                        lambda *a, **k: real(*a, **{**k, "train_step": SignalsItself(11, getattr(signal, name))}))
+    got, _, err = cli(capsys, SMOKE + ["--epochs", "3", "--workdir", str(workdir)])
+    monkeypatch.undo()
+    assert got == code
+    assert err == (f"stopped by {name} in epoch 2 at step 4 of 8; saved a checkpoint of that step. Continue "
+                   f"it with --resume (--workdir {workdir}): it picks up exactly there\n")
     with RunFolder(workdir).checkpoints(read_only=True) as c:
         assert c.all_epochs("latest") == [1] and c.all_epochs("interrupted") == [12]
     assert cli(capsys, SMOKE + ["--workdir", str(workdir), "--resume", "--epochs", "3"])[0] == 0

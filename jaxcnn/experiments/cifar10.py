@@ -32,6 +32,7 @@ from jaxcnn.experiments.configs import DATASETS, PRESETS, ExperimentConfig, get_
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
+from jaxcnn.train.distributed import load_in_turn
 
 
 def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
@@ -132,7 +133,7 @@ def _main(args) -> int:
     workdir = pathlib.Path(args.workdir) if args.workdir else \
         pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
-    dataset = load_data(config)
+    dataset = load_in_turn(lambda: load_data(config), procs)
     _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, dataset=dataset, mesh=make_mesh())
     if not procs.primary:  # process 0 writes the plots and tells the result

@@ -56,7 +56,7 @@ from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
-from jaxcnn.train.distributed import Processes
+from jaxcnn.train.distributed import Processes, load_in_turn
 
 PRESETS = ("default", "offline", "smoke")
 DATASETS = ("tf_flowers", "offline")
@@ -309,14 +309,14 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
     workdir = pathlib.Path(workdir)
     procs = Processes()
     procs.on_primary(lambda: check_workdir(workdir, resume=resume, overwrite=overwrite))
-    path = weights_path(config)  # fail fast, before the data
-    dataset = load_data(config) if dataset is None else dataset
+    path = load_in_turn(lambda: weights_path(config), procs)  # fail fast, before the data (fetched once)
+    dataset = load_in_turn(lambda: load_data(config), procs) if dataset is None else dataset
     model = build_model(config, dataset.num_classes)
     variables = initial_variables(config, model, dataset.image_shape, path)
     pretrained = path is not None
     if pretrained:
         print(f"backbone weights: {path}")
-    else:
+    elif procs.primary:
         print(NO_WEIGHTS_WARNING, file=sys.stderr)
     mesh = make_mesh() if mesh is None else mesh
     common = dict(pretrained=pretrained, resume=resume, overwrite=overwrite, progress=progress, mesh=mesh,

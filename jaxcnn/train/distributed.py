@@ -132,19 +132,21 @@ class Processes:
         error it raised (a setting, a folder) raised on every process."""
         if self.count == 1:
             return fn()
+        from jaxcnn.data.core import DatasetUnavailableError
         from jaxcnn.runfolder import NothingToDo, RunBusyError
 
         errors = {c.__name__: c for c in (ValueError, TypeError, FileExistsError, FileNotFoundError,
-                                           PermissionError, RunBusyError, NothingToDo)}
+                                           PermissionError, RunBusyError, NothingToDo, DatasetUnavailableError)}
         out = {"result": None, "error": None}
         if self.primary:
             try:
                 out["result"] = fn()
-            except tuple(errors.values()) as e:
+            except Exception as e:  # every process stops with it (an error of another kind: as DistributedError)
                 out["error"] = [type(e).__name__, str(e)]
         out = self.share(out)
         if out["error"]:
-            raise errors[out["error"][0]](out["error"][1])
+            name, message = out["error"]
+            raise errors[name](message) if name in errors else DistributedError(f"process 0: {message}")
         return out["result"]
 
     def any(self, flag: bool) -> bool:
@@ -172,6 +174,16 @@ class Processes:
             raise ValueError("the processes were started with different settings: "
                              + "; ".join(f"process {i} differs from process 0 in {d}" for i, d in bad.items())
                              + ". Start every process with the same settings")
+
+
+def load_in_turn(load, procs: Processes):
+    """``load()`` on process 0 first, then on the others: a dataset that tfds prepares on first use
+    is prepared once, by process 0, and read by the others (an error of process 0's stops all)."""
+    if procs.count == 1:
+        return load()
+    first = {}
+    procs.on_primary(lambda: first.setdefault("data", load()) and None)
+    return first["data"] if procs.primary else load()
 
 
 def shard(split: Split, index: int, count: int) -> Split:

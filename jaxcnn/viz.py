@@ -1,4 +1,4 @@
-"""Pictures: first-layer filter grids, activation grids, training curves.
+"""Pictures: first-layer filter grids, activation grids, training curves, test results.
 
 Everything draws on a bare :class:`matplotlib.figure.Figure` (no ``pyplot``, no screen,
 no global figure state) and returns it; pass ``path=`` to also write a PNG. Figures are
@@ -12,6 +12,8 @@ know the size in advance.
   loss, accuracy, learning rate per epoch, best / early-stopping epoch marked.
   ``plot_curves(workdir)`` writes the run's ``plots/curves.png``.
 * :func:`plot_histories` — several runs' curves on one figure (the dropout study).
+* :func:`plot_confusion` — a confusion matrix of counts, annotated (rows true, columns predicted).
+* :func:`plot_wrong` — a grid of misclassified images with their true and predicted labels.
 * :func:`count_image_panels` — how many axes of a figure show an image.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -34,6 +37,8 @@ __all__ = [
     "plot_activations",
     "plot_curves",
     "plot_histories",
+    "plot_confusion",
+    "plot_wrong",
     "load_run_record",
     "count_image_panels",
     "save_figure",
@@ -397,6 +402,131 @@ def plot_histories(
             ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=11)
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig
+
+
+# ---------------------------------------------------------------------------- test results
+
+
+def plot_confusion(
+    confusion,
+    class_names: Sequence[str],
+    *,
+    title: Optional[str] = None,
+    annotate: Optional[bool] = None,
+    path: Optional[Union[str, os.PathLike]] = None,
+    dpi: int = 100,
+) -> Figure:
+    """A confusion matrix: rows the true class, columns the predicted one, each cell's count written in it.
+
+    Args:
+      confusion: ``(K, K)`` non-negative integer counts (``[i, j]``: true ``i`` predicted ``j``).
+      class_names: ``K`` names for the ticks.
+      title: figure title (default: the accuracy, trace / sum, and the count).
+      annotate: write the counts in the cells (default: when ``K <= 30``).
+      path: also write a PNG there (about ``0.5 K + 2.5`` inches square ``* dpi`` pixels).
+
+    A cell's colour is its share of its row (its true class), so the diagonal reads as each
+    class's recall whatever the class sizes; the numbers are the counts.
+
+    Returns:
+      The figure (one axes with the matrix image, and its colour bar).
+    """
+    fn = "plot_confusion"
+    c = np.asarray(confusion)
+    if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] < 1:
+        raise ValueError(f"{fn}: confusion must be a square (K, K) matrix, got shape {c.shape}")
+    if not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
+        raise ValueError(f"{fn}: confusion must hold non-negative integer counts, got dtype {c.dtype}")
+    k = c.shape[0]
+    names = [str(n) for n in class_names]
+    if len(names) != k:
+        raise ValueError(f"{fn}: {len(names)} class_names for a {k}x{k} matrix")
+    annotate = k <= 30 if annotate is None else bool(annotate)
+    total = int(c.sum())
+    rows = c.sum(axis=1, keepdims=True)
+    share = np.divide(c, rows, out=np.zeros(c.shape, np.float64), where=rows > 0)  # (K, K) row fractions
+
+    side = 0.5 * k + 2.5
+    fig = Figure(figsize=(side + 1.0, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_xticks(range(k), names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if annotate:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(c[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")
+    if title is None:
+        title = f"accuracy {np.trace(c) / total:.4f} ({total} images)" if total else "no images"
+    ax.set_title(title, fontsize=10)
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig
+
+
+def plot_wrong(
+    images,
+    true,
+    pred,
+    prob,
+    class_names: Sequence[str],
+    *,
+    ncols: int = 8,
+    title: Optional[str] = None,
+    panel_size: float = 1.6,
+    path: Optional[Union[str, os.PathLike]] = None,
+    dpi: int = 100,
+) -> Figure:
+    """A grid of misclassified images, each titled with its true and predicted class and the probability
+    the model gave its prediction (pass them most confident first: ``jaxcnn.results.most_confidently_wrong``).
+
+    Args:
+      images: uint8 ``(n, H, W, 3)`` (or ``(n, H, W)`` greyscale), as in the dataset.
+      true, pred: ``(n,)`` class indices; ``prob``: ``(n,)`` the predicted class's probability.
+      class_names: the names, index = label.
+      ncols, title, panel_size, path, dpi: as in :func:`plot_filters`.
+
+    With ``n == 0`` the figure says that nothing was wrong.
+
+    Returns:
+      The figure; ``count_image_panels(fig) == n``.
+    """
+    fn = "plot_wrong"
+    imgs = np.asarray(images)
+    true, pred, prob = (np.asarray(a).reshape(-1) for a in (true, pred, prob))
+    if imgs.ndim == 4 and imgs.shape[3] == 1:
+        imgs = imgs[..., 0]
+    if imgs.ndim not in (3, 4) or (imgs.ndim == 4 and imgs.shape[3] != 3):
+        raise ValueError(f"{fn}: images must be (n, H, W, 3) or (n, H, W), got shape {imgs.shape}")
+    n = imgs.shape[0]
+    if not (len(true) == len(pred) == len(prob) == n):
+        raise ValueError(f"{fn}: {n} images but {len(true)} true, {len(pred)} pred and {len(prob)} prob")
+    names = [str(c) for c in class_names]
+    for what, labels in (("true", true), ("pred", pred)):
+        if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
+            raise ValueError(f"{fn}: {what} has labels outside [0, {len(names)})")
+    ncols = _check_count(fn, "ncols", ncols)
+    if n == 0:
+        fig = Figure(figsize=(4, 1.5), layout="constrained")
+        ax = fig.subplots()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no wrong predictions", ha="center", va="center", fontsize=11)
+        if title:
+            fig.suptitle(title, fontsize=10)
+    else:
+        panels = [(im.astype(np.float64) / 255.0) if imgs.dtype == np.uint8 else _unit(im.astype(np.float64))
+                  for im in imgs]
+        titles = [f"true: {names[t]}\npred: {names[p]} {q:.2f}" for t, p, q in zip(true, pred, prob)]
+        if title:  # wrapped to the grid's width (about 11 characters per inch at this font size)
+            title = textwrap.fill(title, width=max(16, int(_grid(n, ncols)[1] * panel_size * 11)))
+        fig = _image_grid(fn, panels, titles, ncols=ncols, panel_size=panel_size, title=title, cmap="gray")
     if path is not None:
         save_figure(fig, path, dpi=dpi)
     return fig

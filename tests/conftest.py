@@ -53,3 +53,68 @@ def tfds():
     (jaxcnn's tfds loaders need both)."""
     pytest.importorskip("tensorflow")
     return pytest.importorskip("tensorflow_datasets")
+
+
+# ---------------------------------------------------------------------------- a folder of photos
+
+PHOTO_CLASSES = 3  # the first three classes of the embedded generator: disk, ring, square
+PHOTOS_PER_CLASS = 14
+# How each class's i-th image is written (i % 6): (format, mode, (width, height)).
+PHOTO_VARIANTS = (("PNG", "RGB", (32, 32)), ("PNG", "RGB", (48, 40)), ("PNG", "L", (32, 32)),
+                  ("PNG", "RGBA", (32, 32)), ("JPEG", "RGB", (64, 64)), ("JPEG", "L", (24, 20)))
+
+
+def write_photo_folder(root, *, classes=PHOTO_CLASSES, per_class=PHOTOS_PER_CLASS, bad_files=True, seed=0):
+    """Writes real image files from the embedded generator's 32x32 images into ``root/<class>/``:
+    PNG and JPEG, RGB, greyscale (L) and RGBA (alpha ramp), of mixed sizes (``PHOTO_VARIANTS``).
+    With ``bad_files``: a truncated JPEG (``disk/broken.jpg``, its header intact), garbage bytes
+    named ``ring/garbage.jpg``, a text file ``square/notes.txt``, and a hidden ``.DS_Store``.
+
+    Returns ``{"files": [{"path", "class", "format", "mode", "size", "source"}, ...], "bad": [paths]}``
+    where ``source`` is the uint8 (32, 32, 3) generator image the file was made from.
+    """
+    import pathlib
+
+    import numpy as np
+    from PIL import Image
+
+    from jaxcnn.data import make_offline_dataset
+
+    root = pathlib.Path(root)
+    data = make_offline_dataset(num_train=classes * per_class * 2, num_val=1, num_test=1, num_classes=classes,
+                                seed=seed).train
+    files, bad = [], []
+    for c, name in enumerate(("disk", "ring", "square", "triangle", "plus")[:classes]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        sources = data.images[data.labels == c][:per_class]
+        for i, src in enumerate(sources):
+            fmt, mode, size = PHOTO_VARIANTS[i % len(PHOTO_VARIANTS)]
+            img = Image.fromarray(src)
+            if size != (32, 32):
+                img = img.resize(size, Image.BILINEAR)
+            if mode == "L":
+                img = img.convert("L")
+            elif mode == "RGBA":
+                alpha = np.tile(np.linspace(0, 255, size[0]).astype(np.uint8), (size[1], 1))  # left clear, right opaque
+                img = Image.fromarray(np.dstack([np.asarray(img), alpha]), "RGBA")
+            path = root / name / f"{name}_{i:02d}.{'png' if fmt == 'PNG' else 'jpg'}"
+            img.save(path, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+            files.append({"path": str(path), "class": name, "format": fmt, "mode": mode, "size": size,
+                          "source": src})
+    if bad_files:
+        jpeg = pathlib.Path(next(f["path"] for f in files if f["format"] == "JPEG" and f["class"] == "disk"))
+        whole = jpeg.read_bytes()
+        (root / "disk" / "broken.jpg").write_bytes(whole[: len(whole) // 2])  # the header is whole, the data not
+        (root / "ring" / "garbage.jpg").write_bytes(np.random.default_rng(seed).bytes(500))
+        (root / "square" / "notes.txt").write_text("not an image\n")
+        (root / "disk" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        bad = [str(root / "disk" / "broken.jpg"), str(root / "ring" / "garbage.jpg"), str(root / "square" / "notes.txt")]
+    return {"files": files, "bad": bad}
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """``(root, manifest)``: a folder of class subfolders of real PNG / JPEG files, written once per
+    session by :func:`write_photo_folder` (3 classes x 14 images, 3 bad files). Do not modify it."""
+    root = tmp_path_factory.mktemp("photos")
+    return root, write_photo_folder(root)

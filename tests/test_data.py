@@ -49,7 +49,7 @@ def test_split_and_dataset_validate():
 
 
 def test_load_dataset_unknown_name_lists_allowed():
-    with pytest.raises(ValueError, match="name='cifar100'.*cifar10, offline, tf_flowers"):
+    with pytest.raises(ValueError, match="name='cifar100'.*cifar10, folder, offline, tf_flowers"):
         load_dataset("cifar100")
 
 

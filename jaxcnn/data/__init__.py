@@ -7,12 +7,14 @@
 
 ``load_dataset("cifar10")`` reads CIFAR-10 through tensorflow-datasets; without network
 place ``cifar-10-binary.tar.gz`` in ``<data_dir>/downloads/manual/``. Importing this
-package does not import TensorFlow.
+package does not import TensorFlow. ``load_dataset("folder", data_dir="photos/")`` reads a
+folder of class subfolders of JPEG / PNG images (``jaxcnn.data.folder``).
 """
 
 from jaxcnn.data import augment
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.data.core import Dataset, DatasetUnavailableError, Split
+from jaxcnn.data.folder import ImageReadError, decode_image, load_folder, scan_folder
 from jaxcnn.data.load import DATASET_NAMES, load_dataset
 from jaxcnn.data.offline import make_offline_dataset
 from jaxcnn.data.tfds_data import load_cifar10, load_tf_flowers
@@ -22,10 +24,14 @@ __all__ = [
     "DATASET_NAMES",
     "Dataset",
     "DatasetUnavailableError",
+    "ImageReadError",
     "Split",
     "augment",
+    "decode_image",
     "load_cifar10",
     "load_dataset",
+    "load_folder",
     "load_tf_flowers",
     "make_offline_dataset",
+    "scan_folder",
 ]

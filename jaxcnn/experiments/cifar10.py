@@ -3,10 +3,13 @@
     python -m jaxcnn.experiments.cifar10                                   # real CIFAR-10, the seed's settings
     python -m jaxcnn.experiments.cifar10 --dataset offline --preset demo   # embedded data, a few minutes
     python -m jaxcnn.experiments.cifar10 --workdir runs/a --resume         # continue a run exactly
+    python -m jaxcnn.experiments.cifar10 --dataset folder --data_dir ~/photos   # your own images, by class folder
 
 Presets: ``jaxcnn/experiments/configs.py``; measured results and times:
 ``experiments/cifar10/README.md``. The workdir is a run folder (``jaxcnn.runfolder``):
-config, history, summary, TensorBoard logs, checkpoints (latest and best) and plots.
+config, history, summary, TensorBoard logs, checkpoints (latest and best) and plots; at the end
+the best checkpoint is scored on the test split (``jaxcnn.results``: ``plots/confusion.png``,
+``plots/wrong.png``, per-class accuracy and the confusion matrix in ``summary.json``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcnn import viz
+from jaxcnn import results, viz
 from jaxcnn.experiments.cli import add_distributed_flags, check_workdir, join_processes, run_main
 from jaxcnn.experiments.configs import DATASETS, PRESETS, ExperimentConfig, get_config
 from jaxcnn.models.cifar_cnn import CifarCNN
@@ -60,6 +63,9 @@ def load_data(config: ExperimentConfig):
     """The config's dataset (``jaxcnn.data.load_dataset``); raises DatasetUnavailableError for CIFAR-10 offline."""
     from jaxcnn.data import load_dataset
 
+    if config.dataset == "folder":
+        return load_dataset("folder", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size,
+                            val_fraction=config.val_fraction, test_fraction=config.test_fraction)
     if config.dataset == "offline":
         return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
                             num_test=config.num_test)
@@ -98,9 +104,15 @@ def _parse(argv):
     p.add_argument("--batch_size", type=int)
     p.add_argument("--learning_rate", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--data_dir", help="tfds data directory (CIFAR-10 without network: "
-                                      "<data_dir>/downloads/manual/cifar-10-binary.tar.gz)")
+    p.add_argument("--data_dir", help="cifar10: tfds data directory (CIFAR-10 without network: "
+                                      "<data_dir>/downloads/manual/cifar-10-binary.tar.gz); folder: the folder of "
+                                      "class subfolders of JPEG / PNG images (required)")
     p.add_argument("--val_size", type=int, help="cifar10: examples of the train split held out for validation (5000)")
+    p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
+    p.add_argument("--val_fraction", type=float,
+                   help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
+    p.add_argument("--test_fraction", type=float,
+                   help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
@@ -124,12 +136,22 @@ def _main(args) -> int:
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
-                        val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment)
-    if config.dataset == "offline":  # a flag that would be recorded but do nothing is refused
+                        val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
+                        image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    # a flag that would be recorded but do nothing is refused
+    if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset cifar10, not to the embedded offline data "
                                  f"(--dataset offline sizes its splits itself)")
+    if config.dataset == "folder" and args.val_size is not None:
+        raise ValueError("--val_size applies to --dataset cifar10; a folder is split by --val_fraction and "
+                         "--test_fraction (or its val/ and test/ subfolders)")
+    if config.dataset != "folder":
+        for flag in ("image_size", "val_fraction", "test_fraction"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset} (its images are "
+                                 f"32x32 and its splits are its own)")
     workdir = pathlib.Path(args.workdir) if args.workdir else \
         pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
@@ -139,6 +161,7 @@ def _main(args) -> int:
     if not procs.primary:  # process 0 writes the plots and tells the result
         return 0
     viz.plot_curves(workdir)  # writes the run's plots/curves.png (a bare Figure: nothing to close)
+    summary = results.write_test_results(workdir, dataset)  # confusion matrix, most confidently wrong images
     folder = RunFolder(workdir)
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "
           f"with the best weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "

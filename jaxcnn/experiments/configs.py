@@ -18,6 +18,12 @@ Measured results and times of each preset, with their hardware: ``experiments/ci
 ``smoke`` — a tiny model and a few hundred images; checks the whole path in seconds::
 
     python -m jaxcnn.experiments.cifar10 --dataset offline --preset smoke
+
+Any preset trains on a folder of your own images instead (one subfolder per class, JPEG / PNG,
+resized to ``--image_size``, 32 by default; split ``--val_fraction`` / ``--test_fraction``, or by
+its ``train/``, ``val/``, ``test/`` subfolders: ``jaxcnn.data.folder``)::
+
+    python -m jaxcnn.experiments.cifar10 --preset demo --dataset folder --data_dir ~/photos
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.train.config import FitConfig
 
 PRESETS = ("default", "demo", "smoke")
-DATASETS = ("cifar10", "offline")
+DATASETS = ("cifar10", "offline", "folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +50,14 @@ class ExperimentConfig:
 
     preset: str = "default"
     dataset: str = "cifar10"
-    data_dir: Optional[str] = None
+    data_dir: Optional[str] = None  # cifar10: tfds' data directory; folder: the image folder (required)
     val_size: int = 5000  # cifar10: examples moved from tfds' train split to val
     num_train: int = 10000  # offline split sizes
     num_val: int = 2000
     num_test: int = 2000
+    image_size: int = 32  # folder: images are resized to image_size x image_size
+    val_fraction: float = 0.1  # folder: fractions split off for val and test (without val/, test/ subfolders)
+    test_fraction: float = 0.1
     widths: tuple = (32, 64, 128)
     dense_units: int = 128
     conv_dropout: str = "dropout"
@@ -66,6 +75,7 @@ class ExperimentConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}; must be an int >= 1")
+        check_folder_settings(self)
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"learning_rate={lr!r}; must be a finite number > 0")
@@ -76,6 +86,24 @@ class ExperimentConfig:
         """The experiment's own settings (everything but ``fit``), JSON-ready."""
         return {f.name: (list(v) if isinstance(v, tuple) else v)
                 for f in dataclasses.fields(self) if f.name != "fit" for v in [getattr(self, f.name)]}
+
+
+def check_folder_settings(config) -> None:
+    """The folder-dataset settings of a config (``dataset``, ``data_dir``, ``image_size``,
+    ``val_fraction``, ``test_fraction``): ValueError naming the bad one."""
+    if config.dataset == "folder" and not config.data_dir:
+        raise ValueError("dataset='folder' needs data_dir (--data_dir PATH): a folder with one subfolder of "
+                         "images per class")
+    size = config.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"image_size={size!r}; must be an int >= 8")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(config, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"{name}={v!r}; must be a fraction in (0, 1)")
+    if config.val_fraction + config.test_fraction >= 1:
+        raise ValueError(f"val_fraction + test_fraction = {config.val_fraction + config.test_fraction:g}; "
+                         f"must be < 1 to leave images to train on")
 
 
 def get_config(name: str = "default", **overrides) -> ExperimentConfig:

@@ -3,6 +3,7 @@
     python -m jaxcnn.experiments.finetune                                   # tf_flowers 224, ImageNet weights
     python -m jaxcnn.experiments.finetune --preset offline --weights none   # embedded data, no download
     python -m jaxcnn.experiments.finetune --weights ~/resnet50_notop.h5     # a weight file of your own
+    python -m jaxcnn.experiments.finetune --dataset folder --data_dir ~/photos   # your photos, a folder per class
 
 Model: ``ResNet50(include_top=False)`` -> global average pooling -> Dense 256 ReLU
 (``head_hidden``) -> Dropout 0.5 -> Dense N (``head``, logits); caffe preprocessing (RGB -> BGR,
@@ -22,7 +23,14 @@ no LR drop) and keeps the weights of its lowest validation loss.
 
 ``<workdir>`` (default ``checkpoints/finetune-<dataset>-<preset>``) receives ``phase1/`` and
 ``phase2/`` (each a run folder, ``jaxcnn.runfolder``, with its ``freeze_summary.txt``) and
-``summary.json`` with the accuracy of each phase and ``pretrained: true|false``.
+``summary.json`` with the accuracy of each phase and ``pretrained: true|false``. Each phase ends by
+scoring its best checkpoint on the test split (``jaxcnn.results``: ``plots/confusion.png``,
+``plots/wrong.png``, per-class accuracy and the confusion matrix in its ``summary.json``).
+
+``--dataset folder --data_dir PATH`` fine-tunes on a folder of class subfolders of JPEG / PNG
+images (``jaxcnn.data.folder``), resized to ``--image_size``; split by ``--val_fraction`` /
+``--test_fraction`` or by its ``train/``, ``val/``, ``test/`` subfolders. Classify new images with
+the result: ``python -m jaxcnn.predict --run <workdir>/phase2 photo.jpg``.
 
 Presets (``get_config``); measured results and times: ``experiments/finetune/README.md``.
 
@@ -48,18 +56,18 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcnn import freeze, inference, viz
+from jaxcnn import freeze, inference, results, viz
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.cli import add_distributed_flags, join_processes, run_main
-from jaxcnn.experiments.configs import with_overrides
+from jaxcnn.experiments.configs import check_folder_settings, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
 
 PRESETS = ("default", "offline", "smoke")
-DATASETS = ("tf_flowers", "offline")
+DATASETS = ("tf_flowers", "offline", "folder")
 MODELS = ("resnet50", "tiny")
 SUMMARY = "summary.json"  # <workdir>/summary.json: both phases' results (each phase is a run folder)
 
@@ -78,8 +86,10 @@ class FinetuneConfig:
 
     preset: str = "default"
     dataset: str = "tf_flowers"
-    data_dir: Optional[str] = None
+    data_dir: Optional[str] = None  # tf_flowers: tfds' data directory; folder: the image folder (required)
     image_size: int = 224
+    val_fraction: float = 0.1  # folder: fractions split off for val and test (without val/, test/ subfolders)
+    test_fraction: float = 0.1
     num_train: int = 2000  # offline split sizes (tf_flowers: 80 / 10 / 10 % of its 3,670 photos)
     num_val: int = 500
     num_test: int = 500
@@ -110,6 +120,7 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig: {name}={v!r}; must be a finite number > 0")
         if self.image_size < 32:
             raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
+        check_folder_settings(self)
         if self.model == "tiny" and self.weights == "imagenet":
             raise ValueError("FinetuneConfig: weights='imagenet' is a ResNet50 file; with model='tiny' use "
                              "'none' or a path to a file of the tiny model")
@@ -251,6 +262,7 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
         if Processes().primary:  # once the phase ran: a refused start leaves no freeze summary
             run.freeze_summary_path.write_text(table + "\n")
             viz.plot_curves(run.path)
+            summary = results.write_test_results(run.path, dataset)  # confusion matrix, most confidently wrong
     except NothingToDo:  # its folder stays as it is
         print(f"phase {phase}: already complete in {run.path}; not repeated")
         summary = run.read_summary()
@@ -268,6 +280,9 @@ def load_data(config: FinetuneConfig):
     """The config's dataset; raises ``jaxcnn.data.DatasetUnavailableError`` when tf_flowers cannot be had."""
     from jaxcnn.data import load_dataset
 
+    if config.dataset == "folder":
+        return load_dataset("folder", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size,
+                            val_fraction=config.val_fraction, test_fraction=config.test_fraction)
     if config.dataset == "offline":
         return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
                             num_test=config.num_test, image_size=config.image_size)
@@ -347,8 +362,13 @@ def _parse(argv):
     p.add_argument("--batch_size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--model", choices=MODELS, help="resnet50 (default) or tiny (tests)")
-    p.add_argument("--data_dir", help="tfds data directory (tf_flowers without network: "
-                                      "<data_dir>/downloads/manual/flower_photos.tgz)")
+    p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
+                                      "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
+                                      "class subfolders of JPEG / PNG images (required)")
+    p.add_argument("--val_fraction", type=float,
+                   help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
+    p.add_argument("--test_fraction", type=float,
+                   help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
     p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
     p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
     p.add_argument("--resume", action="store_true",
@@ -372,9 +392,14 @@ def _main(args) -> int:
                         phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
-                        augment=False if args.no_augment else None)
+                        augment=False if args.no_augment else None, val_fraction=args.val_fraction,
+                        test_fraction=args.test_fraction)
     if config.dataset == "offline" and args.data_dir is not None:
-        raise ValueError("--data_dir applies to --dataset tf_flowers, not to the embedded offline data")
+        raise ValueError("--data_dir applies to --dataset tf_flowers or folder, not to the embedded offline data")
+    if config.dataset != "folder":
+        for flag in ("val_fraction", "test_fraction"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset}")
     workdir = pathlib.Path(args.workdir or f"checkpoints/finetune-{config.dataset}-{config.preset}")
     summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     s1, s2 = summary["phase1"], summary["phase2"]

@@ -1,0 +1,368 @@
+"""A folder of class subfolders as a dataset (Keras' ``image_dataset_from_directory``, PyTorch's
+``ImageFolder``), in memory; and the listing and decoding a streaming loader reuses.
+
+    photos/                        photos/
+      cat/ a.jpg b.png ...           train/ cat/ ... dog/ ...
+      dog/ c.jpeg ...        or      val/   cat/ ... dog/ ...      (val/, test/ optional)
+                                     test/  cat/ ... dog/ ...
+
+* **Classes** are the subfolder names, sorted; a label is the index of its class. Class folders
+  are searched recursively; hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are
+  ignored.
+* **Images** are JPEG or PNG files of any size and mode, recognised by their content (not the
+  name). :func:`decode_image` is the one decoding: the EXIF orientation applied (phone photos),
+  greyscale / palette / CMYK / 16-bit converted to RGB, transparency composited over white,
+  then resized with Pillow's bilinear filter (antialiased when shrinking) to a square
+  ``image_size x image_size`` (aspect ratio not kept, as Keras' default). The in-memory dataset
+  and any streaming loader that calls it give the same pixels.
+* **Splits**: with ``train/`` (and optionally ``val/``, ``test/``) subfolders, those; a missing
+  ``val/`` or ``test/`` is cut from ``train/`` by its fraction. Otherwise one seeded split of all
+  images: a permutation of the sorted file list, ``round(fraction * N)`` (at least 1) for val
+  and for test, the rest for training.
+* **Bad files** (not a JPEG or PNG, unreadable, or outside a class folder) are skipped and
+  listed in one warning on the ``jaxcnn`` logger. An empty class, a single class or no images at
+  all is a ValueError naming the folder and what it holds.
+
+:func:`scan_folder` lists the files, labels and split without decoding pixels (it reads each
+file's header); :func:`load_folder` decodes everything into a :class:`Dataset`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import numpy as np
+
+from jaxcnn.data.core import Dataset, Split
+
+#: Image formats read (Pillow's names); other files in a class folder are skipped and listed.
+FORMATS = ("JPEG", "PNG")
+SPLITS = ("train", "val", "test")
+_MAX_LISTED = 20  # bad files named in the warning; the rest are counted
+
+logger = logging.getLogger("jaxcnn")
+
+
+class FolderListing(NamedTuple):
+    """What :func:`scan_folder` found.
+
+    Attributes:
+      files: ``{"train" | "val" | "test": tuple of paths (str)}``, each split sorted by (class, path).
+      labels: ``{split: int32 (N,)}``, the class index of each file.
+      class_names: the class subfolder names, sorted (index = label).
+      skipped: ``((path, reason), ...)`` of the files that are not used.
+    """
+
+    files: dict
+    labels: dict
+    class_names: tuple
+    skipped: tuple
+
+
+class ImageReadError(ValueError):
+    """A file that is not a JPEG or PNG, or cannot be decoded; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[int]]) -> np.ndarray:
+    """Reads one JPEG or PNG as uint8 RGB ``(H, W, 3)`` of the requested size.
+
+    The steps, in order: EXIF orientation applied (``PIL.ImageOps.exif_transpose``); the mode
+    made RGB (greyscale repeated, palette and CMYK through Pillow, 16-bit greyscale divided by
+    257); transparency (RGBA, LA, palette with a transparent colour) composited over white as
+    ``(rgb * a + 255 * (255 - a) + 127) // 255``; then, when the size differs, Pillow's
+    ``resize(..., Image.BILINEAR)`` (a triangle filter widened by the scale factor when
+    shrinking, so it is antialiased). The aspect ratio is not kept.
+
+    Args:
+      path: the image file.
+      image_size: ``S`` for ``S x S``, or ``(H, W)``.
+
+    Raises:
+      ImageReadError (a ValueError): the file is not a JPEG or PNG, or cannot be decoded (the
+        message names it and says why).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    height, width = _size_hw(image_size)
+    rgb = None
+    try:
+        with Image.open(path) as im:
+            kind = im.format
+            if kind in FORMATS:
+                rgb = _to_rgb(ImageOps.exif_transpose(im))  # exif_transpose decodes (a copy)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, f"not a {' or '.join(FORMATS)} image") from None
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "a folder, not an image file") from None
+    except Exception as e:  # noqa: BLE001 -- truncated, corrupt: whatever Pillow raises, the file is unreadable
+        raise ImageReadError(path, f"unreadable ({type(e).__name__}: {e})") from None
+    if rgb is None:
+        raise ImageReadError(path, f"a {kind} image, not {' or '.join(FORMATS)}")
+    if rgb.shape[:2] != (height, width):
+        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
+def _to_rgb(im) -> np.ndarray:
+    """A decoded Pillow image as uint8 ``(h, w, 3)``, transparency over white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit PNG greyscale
+        grey = np.asarray(im, dtype=np.int64)
+        grey = np.clip((grey + 128) // 257, 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        a = np.asarray(im, dtype=np.uint32)
+        alpha = a[:, :, 3:]
+        return ((a[:, :, :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _size_hw(image_size) -> tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        size = (int(image_size), int(image_size))
+    elif isinstance(image_size, Sequence) and len(image_size) == 2:
+        size = tuple(int(s) for s in image_size)
+    else:
+        raise ValueError(f"decode_image: image_size={image_size!r}; must be an int or (height, width)")
+    if min(size) < 1:
+        raise ValueError(f"decode_image: image_size={image_size!r}; must be >= 1")
+    return size
+
+
+def _image_format(path) -> str | None:
+    """Why ``path`` is not a usable image (reading its header only), or None when it may be one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return None if im.format in FORMATS else f"a {im.format} image, not {' or '.join(FORMATS)}"
+    except UnidentifiedImageError:
+        return f"not a {' or '.join(FORMATS)} image"
+    except Exception as e:  # noqa: BLE001 -- a header Pillow cannot parse: unreadable, whatever the error
+        return f"unreadable ({type(e).__name__}: {e})"
+
+
+def _visible(path: pathlib.Path, root: pathlib.Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _subfolders(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_classes(folder: pathlib.Path, skipped: list) -> tuple[dict, tuple]:
+    """``({class name: [image paths, sorted]}, class names)`` of one folder of class subfolders;
+    stray files beside the class folders and bad files inside them go to ``skipped``."""
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            skipped.append((str(p), "not in a class folder"))
+    classes = {}
+    for class_dir in _subfolders(folder):
+        good = []
+        for p in sorted(class_dir.rglob("*")):
+            if not p.is_file() or not _visible(p, class_dir):
+                continue
+            reason = _image_format(p)
+            if reason is None:
+                good.append(str(p))
+            else:
+                skipped.append((str(p), reason))
+        classes[class_dir.name] = good
+    return classes, tuple(classes)
+
+
+def _check_classes(folder: pathlib.Path, classes: dict, skipped: list) -> None:
+    """ValueError naming ``folder`` when it has no images, one class, or an empty class."""
+    n_images = sum(len(v) for v in classes.values())
+    bad_here = [p for p, _ in skipped if pathlib.Path(p).is_relative_to(folder)]
+    found = (f"found {len(classes)} class subfolder(s)"
+             + (f" ({', '.join(classes)})" if 0 < len(classes) <= 10 else "")
+             + f", {n_images} JPEG/PNG image(s) and {len(bad_here)} other file(s)")
+    if n_images == 0:
+        raise ValueError(f"{folder} holds no {' or '.join(FORMATS)} images in class subfolders: {found}. "
+                         f"Expected one subfolder of images per class, e.g. {folder}/cat/1.jpg, {folder}/dog/2.jpg")
+    if len(classes) < 2:
+        raise ValueError(f"{folder} holds a single class ({next(iter(classes))!r}): {found}; a classifier needs "
+                         f"at least two class subfolders")
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise ValueError(f"{folder}: class folder(s) {', '.join(repr(e) for e in empty)} hold no "
+                         f"{' or '.join(FORMATS)} images ({found}); add images or remove the folder(s)")
+
+
+def _check_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"load_folder: {name}={value!r}; must be a fraction in (0, 1)")
+
+
+def _cut(files: list, labels: list, fractions: Sequence[float], seed: int, what: str) -> list[tuple[list, list]]:
+    """Seeded split of ``files``: ``[rest, part_1, ...]``, part i of ``max(1, round(f_i * N))`` files;
+    each part keeps the sorted order of ``files``."""
+    n = len(files)
+    sizes = [max(1, round(f * n)) for f in fractions]
+    if sum(sizes) >= n:
+        raise ValueError(f"{what} has {n} image(s), too few to split off {' + '.join(map(str, sizes))} for "
+                         f"{'val and test' if len(sizes) == 2 else 'this split'} and keep one to train on")
+    perm = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([0, *sizes])
+    parts = [np.sort(perm[bounds[-1]:])] + [np.sort(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [([files[i] for i in idx], [labels[i] for i in idx]) for idx in parts]
+
+
+def scan_folder(path: Union[str, os.PathLike], *, seed: int = 0, val_fraction: float = 0.1,
+                test_fraction: float = 0.1) -> FolderListing:
+    """Lists a folder of class subfolders: files, labels and split, without decoding pixels.
+
+    Each file's header is read to tell images from other files (a file that is damaged past its
+    header is only found when decoded: :func:`load_folder` skips it then, a streaming loader must
+    too). Nothing is logged; :func:`warn_skipped` reports ``skipped``.
+
+    Args:
+      path: the folder (see the module docstring for the layouts).
+      seed: seed of the split (int >= 0).
+      val_fraction, test_fraction: fractions of the images for val and test (each in ``(0, 1)``,
+        sum < 1), used where there is no ``val/`` or ``test/`` subfolder.
+
+    Raises:
+      FileNotFoundError: ``path`` is not a folder.
+      ValueError: no images, a single class, an empty class, split folders whose class names
+        differ, or too few images to split; the message names the folder and what it holds.
+    """
+    root = pathlib.Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_dir={str(path)!r} is not a folder (expected a folder with one subfolder "
+                                f"of images per class)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"load_folder: seed={seed!r}; must be an int >= 0")
+    _check_fraction("val_fraction", val_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"load_folder: val_fraction + test_fraction = {val_fraction + test_fraction}; must be "
+                         f"< 1 to leave images to train on")
+    skipped: list = []
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if "train" not in split_dirs:  # one folder of classes, split here
+        classes, names = _scan_classes(root, skipped)
+        _check_classes(root, classes, skipped)
+        files = [f for name in names for f in classes[name]]
+        labels = [k for k, name in enumerate(names) for _ in classes[name]]
+        (tr, tr_y), (va, va_y), (te, te_y) = _cut(files, labels, [val_fraction, test_fraction], seed, str(root))
+        by_split = {"train": (tr, tr_y), "val": (va, va_y), "test": (te, te_y)}
+    else:
+        others = [p.name for p in _subfolders(root) if p.name not in SPLITS]
+        if others:
+            raise ValueError(f"{root} holds train/ and also {', '.join(o + '/' for o in others)}: with split "
+                             f"folders, only train/, val/ and test/ may be there (each holding the class subfolders)")
+        for p in sorted(root.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                skipped.append((str(p), "not in a split's class folder"))
+        scanned = {}
+        for s, d in split_dirs.items():
+            classes, names = _scan_classes(d, skipped)
+            _check_classes(d, classes, skipped)
+            scanned[s] = (classes, names)
+        names = scanned["train"][1]
+        for s, (_, other) in scanned.items():
+            if other != names:
+                missing, extra = sorted(set(names) - set(other)), sorted(set(other) - set(names))
+                raise ValueError(f"{split_dirs[s]} has other class folders than {split_dirs['train']}: "
+                                 + "; ".join(w for w in (f"missing {missing}" if missing else "",
+                                                         f"not in train/: {extra}" if extra else "") if w))
+        by_split = {}
+        for s, (classes, _) in scanned.items():
+            by_split[s] = ([f for n in names for f in classes[n]],
+                           [k for k, n in enumerate(names) for _ in classes[n]])
+        missing = [s for s in ("val", "test") if s not in by_split]
+        if missing:
+            fractions = [val_fraction if s == "val" else test_fraction for s in missing]
+            rest, *parts = _cut(*by_split["train"], fractions, seed, str(split_dirs["train"]))
+            by_split["train"] = rest
+            by_split.update(zip(missing, parts))
+    return FolderListing(
+        files={s: tuple(by_split[s][0]) for s in SPLITS},
+        labels={s: np.asarray(by_split[s][1], np.int32) for s in SPLITS},
+        class_names=tuple(names), skipped=tuple(skipped))
+
+
+def warn_skipped(root, skipped: Sequence[tuple[str, str]]) -> None:
+    """One warning on the ``jaxcnn`` logger listing the skipped files and why (nothing when none)."""
+    if not skipped:
+        return
+    lines = [f"  {p}: {why}" for p, why in skipped[:_MAX_LISTED]]
+    if len(skipped) > _MAX_LISTED:
+        lines.append(f"  ... and {len(skipped) - _MAX_LISTED} more")
+    logger.warning("%s: skipped %d file(s) that are not usable images:\n%s", root, len(skipped), "\n".join(lines))
+
+
+def decode_images(paths: Sequence[str], image_size, *, workers: int | None = None) -> tuple[np.ndarray, list]:
+    """:func:`decode_image` of each path, in threads (Pillow decodes without the GIL).
+
+    Returns ``(images uint8 (n, H, W, 3), errors)``: ``errors`` lists ``(index, reason)`` of the
+    paths that could not be decoded; their rows of ``images`` are zeros.
+    """
+    height, width = _size_hw(image_size)
+    images = np.zeros((len(paths), height, width, 3), np.uint8)
+    errors = []
+
+    def one(i):
+        try:
+            images[i] = decode_image(paths[i], (height, width))
+        except ImageReadError as e:
+            errors.append((i, e.reason))
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, range(len(paths))))
+    return images, sorted(errors)
+
+
+def load_folder(data_dir: Union[str, os.PathLike], *, image_size: int = 224, val_fraction: float = 0.1,
+                test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """A folder of class subfolders as an in-memory :class:`Dataset` named ``"folder"``.
+
+    Args:
+      data_dir: the folder (layouts in the module docstring).
+      image_size: side of the square output images, >= 8 (default 224, ResNet50's).
+      val_fraction, test_fraction: as in :func:`scan_folder`.
+      seed: seed of the split.
+
+    Returns:
+      uint8 ``(N, image_size, image_size, 3)`` images (:func:`decode_image`), int32 labels, the
+      class subfolder names, sorted, as ``class_names``.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`scan_folder`; also when a split has no decodable image.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 8:
+        raise ValueError(f"load_folder: image_size={image_size!r}; must be an int >= 8")
+    listing = scan_folder(data_dir, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    skipped = list(listing.skipped)
+    splits = {}
+    for s in SPLITS:
+        files, labels = listing.files[s], listing.labels[s]
+        images, errors = decode_images(files, image_size)
+        keep = np.ones(len(files), bool)
+        for i, reason in errors:
+            keep[i] = False
+            skipped.append((files[i], reason))
+        if not keep.any():
+            raise ValueError(f"{data_dir}: none of the {len(files)} {s} image(s) could be decoded")
+        splits[s] = Split(images=images[keep], labels=labels[keep])
+    warn_skipped(data_dir, skipped)
+    names = listing.class_names
+    return Dataset(name="folder", train=splits["train"], val=splits["val"], test=splits["test"],
+                   num_classes=len(names), class_names=tuple(names))

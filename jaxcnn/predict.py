@@ -1,0 +1,137 @@
+"""Classify new images with a trained run: top-k class names and probabilities per image.
+
+    python -m jaxcnn.predict --run checkpoints/finetune-folder-default/phase2 photo.jpg more_photos/
+    python -m jaxcnn.predict --run runs/a --top_k 5 --out preds.csv ~/new/
+
+``--run`` is any run folder (a ``cifar10`` run, a fine-tuning phase, a ``fit`` of your own with a
+``jaxcnn.models`` model). Its model is rebuilt from its ``config.json`` and given its best
+checkpoint (``--which latest``: its latest), as ``jaxcnn.inference.restore`` does. Each image is
+read with the folder dataset's own decoding (``jaxcnn.data.folder.decode_image``: RGB, resized
+to the run's input size) and classified with the run's preprocessing, ``--batch_size`` at a time.
+Folders are searched recursively (hidden files skipped).
+
+Output: one line per image on stdout, ``<path>: <class> <prob>, <class> <prob>, ...`` (most
+likely first); a file that cannot be read gets a line on stderr, and the rest are still
+classified. ``--out FILE.csv``: ``path, label_1, prob_1, ..., label_k, prob_k, error`` (the error column says
+why a file could not be read; empty otherwise). Exit status
+0 when at least one image was classified; 2 (one ``error:`` line) for a missing or damaged run,
+a bad flag, or when no image could be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pathlib
+import sys
+from typing import Optional
+
+import numpy as np
+
+from jaxcnn import inference
+from jaxcnn.data.folder import decode_images
+from jaxcnn.experiments.cli import run_main
+
+
+def find_images(paths) -> list[str]:
+    """The files named by ``paths``, in order: a file as given, a folder's files (recursively,
+    sorted, hidden ones skipped). A path that does not exist is kept (it is reported unreadable)."""
+    found = []
+    for p in paths:
+        path = pathlib.Path(p)
+        if path.is_dir():
+            found += [str(f) for f in sorted(path.rglob("*"))
+                      if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)]
+        else:
+            found.append(str(path))
+    return found
+
+
+def _check_run(run: pathlib.Path) -> None:
+    """A clearer error than a missing config.json for a fine-tuning workdir (it holds phase1/, phase2/)."""
+    if not (run / "config.json").is_file() and (run / "phase2" / "config.json").is_file():
+        raise FileNotFoundError(f"{run} is a fine-tuning run's folder; pass one of its phases: --run {run / 'phase2'} "
+                                f"(or {run / 'phase1'})")
+
+
+def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch_size: int = 64):
+    """Yields ``(path, [(class name, probability), ...] top_k, most likely first, None)`` per
+    readable image, and ``(path, None, why it cannot be read)`` per unreadable one, in the order of ``paths``."""
+    image_shape = run.config.get("data", {}).get("image_shape")
+    if not image_shape:
+        raise ValueError("the run's config.json records no data.image_shape: cannot tell the input size")
+    names = list(run.class_names)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images, errors = decode_images(chunk, tuple(image_shape[:2]))
+        bad = dict(errors)
+        good = [i for i in range(len(chunk)) if i not in bad]
+        probs = run.predict(images[good], batch_size=batch_size) if good else None  # (n_good, K)
+        row = dict(zip(good, range(len(good))))
+        for i, path in enumerate(chunk):
+            if i in bad:
+                yield path, None, bad[i]
+                continue
+            p = probs[row[i]]
+            if len(names) != p.shape[0]:
+                names = [f"class {k}" for k in range(p.shape[0])]
+            top = np.argsort(-p, kind="stable")[:top_k]
+            yield path, [(names[k], float(p[k])) for k in top], None
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0])
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG) and folders of them")
+    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
+    p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")
+    p.add_argument("--out", help="also write the predictions to this CSV file")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
+    p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (64)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = _parse(argv)
+    return run_main(lambda: _main(args))
+
+
+def _main(args) -> int:
+    for flag in ("top_k", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}={getattr(args, flag)}; must be >= 1")
+    if args.out and pathlib.Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; name a .csv file")
+    run_dir = pathlib.Path(args.run)
+    _check_run(run_dir)
+    run = inference.restore(run_dir, which=args.which)
+    top_k = min(args.top_k, int(run.config.get("data", {}).get("num_classes") or args.top_k))
+    paths = find_images(args.images)
+    rows, n_ok = [], 0
+    for path, top, error in classify(run, paths, top_k=top_k, batch_size=args.batch_size):
+        if error is not None:
+            print(f"cannot read {path}: {error}", file=sys.stderr)
+            rows.append([path] + [""] * (2 * top_k) + [error])
+            continue
+        n_ok += 1
+        print(f"{path}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in top))
+        rows.append([path] + [v for name, prob in top for v in (name, f"{prob:.6g}")] + [""] * (2 * (top_k - len(top)))
+                    + [""])
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path"] + [c for k in range(1, top_k + 1) for c in (f"label_{k}", f"prob_{k}")] + ["error"])
+            w.writerows(rows)
+        os.replace(tmp, out)
+    if n_ok == 0:
+        raise ValueError(f"none of the {len(paths)} file(s) could be read as a JPEG or PNG image")
+    print(f"{n_ok} of {len(paths)} file(s) classified with {run_dir} ({run.which} epoch {run.epoch})"
+          + (f"; predictions in {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

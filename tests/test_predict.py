@@ -1,0 +1,291 @@
+"""Your own images end to end: ``finetune`` and ``cifar10`` on a folder of real PNG / JPEG files
+(``conftest.write_photo_folder``), the test results each run writes (confusion matrix, per-class
+accuracy, the most confidently wrong images), and ``python -m jaxcnn.predict`` against
+``jaxcnn.inference.restore(run).predict`` on the same decoded arrays."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcnn import inference, predict, results, viz
+from jaxcnn.data import decode_image, load_dataset, scan_folder
+from jaxcnn.experiments import cifar10, finetune
+from jaxcnn.runfolder import RunFolder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = ["disk", "ring", "square"]
+
+
+def cli(capsys, main, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def runs(photo_folder, tmp_path_factory):
+    """The smoke presets trained on the photo folder: {name: (run folder, stdout, stderr)}; names
+    ``finetune/phase1``, ``finetune/phase2``, ``cifar10``; and ``"finetune"``: the fine-tuning workdir."""
+    import contextlib
+    import io
+
+    root, _ = photo_folder
+    work = tmp_path_factory.mktemp("folder_runs")
+    out = {}
+    for name, main, extra in (
+        ("finetune", finetune.main, ["--test_fraction", "0.25"]),
+        ("cifar10", cifar10.main, ["--batch_size", "16", "--image_size", "24"]),
+    ):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["--preset", "smoke", "--dataset", "folder", "--data_dir", str(root), "--no_progress",
+                         "--workdir", str(work / name)] + extra)
+        assert code == 0, stderr.getvalue()[-3000:]
+        out[name] = (work / name, stdout.getvalue(), stderr.getvalue())
+    for phase in (1, 2):
+        out[f"finetune/phase{phase}"] = (work / "finetune" / f"phase{phase}",) + out["finetune"][1:]
+    return out
+
+
+RUN_KINDS = ["finetune/phase1", "finetune/phase2", "cifar10"]
+
+
+# --------------------------------------------------------------------------- training on a folder
+
+
+def test_finetune_on_a_folder_runs_both_phases_and_records_the_classes(runs, photo_folder):
+    root, manifest = photo_folder
+    workdir, out, err = runs["finetune"]
+    assert "phase 1: test accuracy" in out and "phase 2: test accuracy" in out
+    assert err.count("skipped 3 file(s) that are not usable images") == 1  # one warning, loaded once
+    assert all(bad in err for bad in manifest["bad"])
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["dataset"] == "folder" and summary["num_classes"] == 3 and summary["image_size"] == 32
+    for phase in (1, 2):
+        config = RunFolder(workdir / f"phase{phase}").read_config()
+        assert config["data"]["class_names"] == CLASSES and config["data"]["image_shape"] == [32, 32, 3]
+        assert config["data"]["source"] == {"name": "folder", "data_dir": str(root), "seed": 0, "image_size": 32,
+                                            "val_fraction": 0.1, "test_fraction": 0.25}
+        assert config["model"]["backbone"]["kind"] == "resnet" and config["experiment"]["dataset"] == "folder"
+        test_files = scan_folder(root, test_fraction=0.25).files["test"]  # 43 files pass the header check
+        assert len(test_files) == round(0.25 * 43)
+        assert summary[f"phase{phase}"]["num_test"] == len([f for f in test_files if not f.endswith("broken.jpg")])
+
+
+def test_cifar10_on_a_folder_runs_at_the_asked_size(runs):
+    workdir, out, _ = runs["cifar10"]
+    config = RunFolder(workdir).read_config()
+    assert config["data"]["class_names"] == CLASSES and config["data"]["image_shape"] == [24, 24, 3]
+    assert config["model"]["kind"] == "cifar_cnn" and config["model"]["num_classes"] == 3
+    assert "folder test accuracy" in out
+    assert str(workdir / "plots" / "confusion.png") in out and str(workdir / "plots" / "wrong.png") in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "folder"], "error: dataset='folder' needs data_dir (--data_dir PATH)"),
+    (["--dataset", "folder", "--data_dir", "/nonexistent/photos"], "error: data_dir='/nonexistent/photos' is not a "
+                                                                   "folder"),
+    (["--dataset", "folder", "--data_dir", "x", "--val_size", "5"], "error: --val_size applies to --dataset cifar10"),
+    (["--image_size", "64"], "error: --image_size applies to --dataset folder, not to offline"),
+    (["--val_fraction", "0.2"], "error: --val_fraction applies to --dataset folder, not to offline"),
+    (["--dataset", "folder", "--data_dir", "x", "--test_fraction", "1.5"],
+     "error: test_fraction=1.5; must be a fraction in (0, 1)"),
+])
+def test_folder_flags_are_one_line_errors_where_they_do_not_apply(tmp_path, capsys, args, message):
+    workdir = tmp_path / "run"
+    code, out, err = cli(capsys, cifar10.main, ["--preset", "smoke", "--no_progress", "--workdir", str(workdir)] + args)
+    assert code == 2 and err.startswith(message) and len(err.splitlines()) == 1 and out == ""
+    assert not workdir.exists()
+
+
+def test_finetune_folder_flags_are_one_line_errors(tmp_path, capsys):
+    for args, message in ((["--dataset", "folder"], "error: dataset='folder' needs data_dir"),
+                          (["--test_fraction", "0.3"], "error: --test_fraction applies to --dataset folder, not to "
+                                                       "offline")):
+        code, _, err = cli(capsys, finetune.main, ["--preset", "smoke", "--workdir", str(tmp_path / "w")] + args)
+        assert code == 2 and err.startswith(message) and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+# --------------------------------------------------------------------------- results you can look at
+
+
+@pytest.mark.parametrize("kind", RUN_KINDS)
+def test_the_confusion_matrix_sums_to_the_test_set_and_its_diagonal_is_the_accuracy(runs, kind):
+    workdir = runs[kind][0]
+    summary = RunFolder(workdir).read_summary()
+    config = RunFolder(workdir).read_config()
+    test = load_dataset(**config["data"]["source"]).test
+    confusion = np.array(summary["confusion_matrix"])
+    assert confusion.shape == (3, 3) and confusion.sum() == len(test) == summary["num_test"]
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(summary["test_accuracy"], abs=1e-9)
+    # rows are the true classes, columns the predicted ones
+    assert confusion.sum(axis=1).tolist() == np.bincount(test.labels, minlength=3).tolist()
+    pred = inference.restore(workdir).predict(test.images).argmax(-1)
+    assert confusion.sum(axis=0).tolist() == np.bincount(pred, minlength=3).tolist()
+    rows = confusion.sum(axis=1)
+    assert summary["per_class_accuracy"] == {
+        name: (confusion[k, k] / rows[k] if rows[k] else None) for k, name in enumerate(CLASSES)}
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("kind", RUN_KINDS)
+def test_the_result_plots_are_written_and_not_blank(runs, kind):
+    workdir = runs[kind][0]
+    for name in ("confusion.png", "wrong.png", "curves.png"):
+        pixels = _png(RunFolder(workdir).plot_path(name))
+        assert min(pixels.shape[:2]) >= 100, name
+        ink = (pixels.min(axis=2) < 200).mean()  # share of pixels that are not near white
+        assert 0.01 < ink < 0.9 and pixels.std() > 20, (name, ink)
+    assert (pixels := _png(RunFolder(workdir).plot_path("confusion.png")))[..., 2].mean() > pixels[..., 0].mean()
+
+
+def test_confusion_matrix_and_the_most_confidently_wrong_by_hand():
+    c = results.confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 0, 2], 3)
+    assert c.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert results.per_class_accuracy(c, "abc") == {"a": 0.5, "b": 1.0, "c": 0.5}
+    assert results.per_class_accuracy(np.zeros((2, 2), int), "ab") == {"a": None, "b": None}
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.05, 0.95]])
+    true = np.array([0, 0, 0, 1, 1])  # wrong: 1 (0.8), 2 (0.7), 3 (0.6)
+    assert results.most_confidently_wrong(true, probs, 2).tolist() == [1, 2]
+    assert results.most_confidently_wrong(true, probs, 9).tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"pred has labels outside \[0, 3\)"):
+        results.confusion_matrix([0], [3], 3)
+
+
+def test_plot_wrong_and_plot_confusion_draw_what_they_are_given(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    fig = viz.plot_wrong(images, [0, 1, 2, 0, 1], [1, 2, 0, 2, 0], [0.9, 0.8, 0.7, 0.6, 0.5], CLASSES, ncols=3)
+    assert viz.count_image_panels(fig) == 5
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles[0] == "true: disk\npred: ring 0.90" and titles[4] == "true: ring\npred: disk 0.50"
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), images[0] / 255.0)
+    assert viz.count_image_panels(viz.plot_wrong(images[:0], [], [], [], CLASSES)) == 0
+    fig = viz.plot_confusion(np.array([[3, 1], [0, 4]]), ["a", "b"])
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["3", "1", "0", "4"] and fig.axes[0].get_title() == "accuracy 0.8750 (8 images)"
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), [[0.75, 0.25], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"confusion must be a square \(K, K\) matrix"):
+        viz.plot_confusion(np.zeros((2, 3), int), ["a", "b"])
+    with pytest.raises(ValueError, match=r"3 class_names for a 2x2 matrix"):
+        viz.plot_confusion(np.zeros((2, 2), int), CLASSES)
+
+
+# --------------------------------------------------------------------------- python -m jaxcnn.predict
+
+
+def _expected(workdir, files, top_k):
+    """``{path: [(class, prob), ...]}`` from ``inference.restore(run).predict`` on decode_image's arrays."""
+    run = inference.restore(workdir)
+    size = tuple(run.config["data"]["image_shape"][:2])
+    probs = run.predict(np.stack([decode_image(f, size) for f in files]))
+    return {f: [(CLASSES[k], float(p[k])) for k in np.argsort(-p, kind="stable")[:top_k]] for f, p in zip(files, probs)}
+
+
+def _parse_lines(out):
+    got = {}
+    for line in out.splitlines():
+        path, rest = line.split(": ", 1)
+        got[path] = [(item.split(" ")[0], float(item.split(" ")[1])) for item in rest.split(", ")]
+    return got
+
+
+@pytest.mark.parametrize("kind", ["finetune/phase2", "cifar10"])
+def test_predict_names_the_classes_restore_predicts_and_reports_bad_files(runs, photo_folder, capsys, kind):
+    root, manifest = photo_folder
+    workdir = runs[kind][0]
+    single = manifest["files"][4]["path"]  # a JPEG, also named on its own
+    code, out, err = cli(capsys, predict.main, ["--run", str(workdir), str(root), single, "--top_k", "2"])
+    assert code == 0, err
+    good = sorted(f["path"] for f in manifest["files"])
+    got = _parse_lines(out)
+    assert sorted(got) == good and len(out.splitlines()) == len(good) + 1  # the single file twice, one key
+    want = _expected(workdir, good, 2)
+    for f in good:
+        assert [c for c, _ in got[f]] == [c for c, _ in want[f]], f
+        np.testing.assert_allclose([p for _, p in got[f]], [p for _, p in want[f]], atol=6e-5)
+    lines = err.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith(f"{len(good) + 1} of {len(good) + 4} file(s) classified with ")
+    whys = ("unreadable (OSError: image file is truncated (", "not a JPEG or PNG image", "not a JPEG or PNG image")
+    for bad, why in zip(manifest["bad"], whys):  # broken.jpg, garbage.jpg, notes.txt: one line each
+        assert sum(line.startswith(f"cannot read {bad}: {why}") for line in lines[:3]) == 1, (bad, lines)
+
+
+def test_predict_writes_a_csv_with_an_error_column(runs, photo_folder, capsys, tmp_path):
+    root, manifest = photo_folder
+    workdir = runs["finetune/phase2"][0]
+    csv_path = tmp_path / "out" / "preds.csv"
+    code, out, err = cli(capsys, predict.main, ["--run", str(workdir), "--out", str(csv_path), "--top_k", "5",
+                                                "--batch_size", "7", str(root / "disk"), str(tmp_path / "gone.jpg")])
+    assert code == 0, err
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", "label_1", "prob_1", "label_2", "prob_2", "label_3", "prob_3", "error"]  # 3 classes
+    body = {r[0]: r[1:] for r in rows[1:]}
+    files = sorted(f["path"] for f in manifest["files"] if f["class"] == "disk")
+    assert list(body) == sorted(files + [str(root / "disk" / "broken.jpg")]) + [str(tmp_path / "gone.jpg")]
+    want = _expected(workdir, files, 3)
+    for f in files:
+        labels, probs, error = body[f][0:6:2], [float(p) for p in body[f][1:6:2]], body[f][6]
+        assert labels == [c for c, _ in want[f]] and error == ""
+        np.testing.assert_allclose(probs, [p for _, p in want[f]], rtol=1e-5)
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)  # 3 classes: the top 3 are all of them
+    assert body[str(root / "disk" / "broken.jpg")][:6] == [""] * 6
+    assert body[str(root / "disk" / "broken.jpg")][6].startswith("unreadable (OSError: image file is truncated")
+    assert body[str(tmp_path / "gone.jpg")] == [""] * 6 + ["no such file"]
+    assert f"cannot read {tmp_path / 'gone.jpg'}: no such file" in err.splitlines()
+
+
+def test_predict_runs_as_a_command_in_a_fresh_process(runs, photo_folder):
+    root, manifest = photo_folder
+    workdir = runs["cifar10"][0]
+    files = [f["path"] for f in manifest["files"][:3]]
+    done = subprocess.run([sys.executable, "-m", "jaxcnn.predict", "--run", str(workdir), *files, manifest["bad"][2]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = _parse_lines(done.stdout)
+    want = _expected(workdir, files, 3)
+    assert [[c for c, _ in got[f]] for f in files] == [[c for c, _ in want[f]] for f in files]
+    assert done.stderr.splitlines() == [f"cannot read {manifest['bad'][2]}: not a JPEG or PNG image",
+                                        f"3 of 4 file(s) classified with {workdir} (best epoch "
+                                        f"{inference.restore(workdir).epoch})"]
+
+
+def test_predict_refuses_a_missing_or_damaged_run_in_one_line(runs, photo_folder, capsys, tmp_path):
+    root, manifest = photo_folder
+    image = manifest["files"][0]["path"]
+    code, out, err = cli(capsys, predict.main, ["--run", str(tmp_path / "nope"), image])
+    assert code == 2 and out == "" and err == (f"error: {tmp_path / 'nope' / 'config.json'} not found: "
+                                               f"{tmp_path / 'nope'} is not a training run folder\n")
+    ft = runs["finetune"][0]
+    code, _, err = cli(capsys, predict.main, ["--run", str(ft), image])
+    assert code == 2 and err == (f"error: {ft} is a fine-tuning run's folder; pass one of its phases: "
+                                 f"--run {ft / 'phase2'} (or {ft / 'phase1'})\n")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{not json")
+    code, _, err = cli(capsys, predict.main, ["--run", str(damaged), image])
+    assert code == 2 and err.startswith(f"error: {damaged / 'config.json'} is not valid JSON") and \
+        len(err.splitlines()) == 1
+    no_checkpoints = tmp_path / "no_ckpt"
+    no_checkpoints.mkdir()
+    (no_checkpoints / "config.json").write_text((runs["cifar10"][0] / "config.json").read_text())
+    code, _, err = cli(capsys, predict.main, ["--run", str(no_checkpoints), image])
+    assert code == 2 and err == f"error: {no_checkpoints / 'checkpoints'} not found: {no_checkpoints} holds no " \
+                                f"checkpoints\n"
+    code, _, err = cli(capsys, predict.main, ["--run", str(runs["cifar10"][0]), *manifest["bad"]])
+    assert code == 2 and err.splitlines()[-1] == "error: none of the 3 file(s) could be read as a JPEG or PNG image"
+    code, _, err = cli(capsys, predict.main, ["--run", str(runs["cifar10"][0]), image, "--top_k", "0"])
+    assert code == 2 and err == "error: --top_k=0; must be >= 1\n"

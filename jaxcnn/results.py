@@ -83,7 +83,8 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
     run = inference.restore(workdir, which=which)
     batch_size = int(run.config.get("fit", {}).get("eval_batch_size") or 256)
     test = dataset.test
-    probs = run.predict(test.images, batch_size=batch_size)  # (N, K)
+    images = test.read(np.arange(len(test)))  # in memory, or decoded from disk (a streamed split)
+    probs = run.predict(images, batch_size=batch_size)  # (N, K)
     names = tuple(dataset.class_names)
     if probs.shape[-1] != len(names):
         raise ValueError(f"write_test_results: the model of {workdir} has {probs.shape[-1]} outputs but the "
@@ -95,7 +96,7 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
                        title=f"{folder.path.name}: test accuracy {accuracy:.4f} ({len(test)} images, "
                              f"{run.which} epoch {run.epoch})")
     idx = most_confidently_wrong(test.labels, probs, k)
-    viz.plot_wrong(test.images[idx], test.labels[idx], pred[idx], probs[idx, pred[idx]], names,
+    viz.plot_wrong(images[idx], test.labels[idx], pred[idx], probs[idx, pred[idx]], names,
                    path=folder.plot_path(WRONG_PNG),
                    title=f"{folder.path.name}: the {len(idx)} most confidently wrong of {len(test)} test images")
     summary = folder.read_summary()

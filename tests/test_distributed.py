@@ -86,7 +86,7 @@ STEPS = textwrap.dedent("""
         feed = TrainFeed(train, 16, mesh, seed=3)
         batches = list(feed.epoch(1))[:3]
         ev = EvalFeed(distributed.shard(data.val, procs.index, procs.count), 8, mesh)
-        held = {"train_rows": int(feed.num_local), "train_feed_rows": int(feed._split.images.shape[0]),
+        held = {"train_rows": int(feed.num_local), "train_feed_rows": int(feed.host.split.images.shape[0]),
                 "global_train": feed.num_examples}
     else:  # one process, four devices: the same global batches, built from both shares
         from jaxcnn.train.sharding import shard_batch

@@ -52,6 +52,19 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of every image."""
+        return tuple(int(d) for d in self.images.shape[1:])
+
+    def read(self, rows) -> np.ndarray:
+        """The images of ``rows`` (an index array), uint8 ``(n, H, W, C)``."""
+        return self.images[rows]
+
+    def shard(self, index: int, count: int) -> "Split":
+        """Every ``count``-th row from ``index`` on (one process's share of the split)."""
+        return Split(self.images[index::count], self.labels[index::count])
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -59,7 +72,9 @@ class Dataset:
 
     Attributes:
       name: e.g. ``"cifar10"``, ``"offline"``, ``"tf_flowers"``.
-      train, val, test: :class:`Split` (uint8 ``(N, H, W, C)``, int32 ``(N,)``).
+      train, val, test: :class:`Split` (uint8 ``(N, H, W, C)``, int32 ``(N,)``), or splits read
+        from disk as they are needed (``jaxcnn.data.folder.FileSplit``: the same ``labels``,
+        ``image_shape``, ``read(rows)`` and ``shard(index, count)``).
       num_classes: number of classes; labels lie in ``[0, num_classes)``.
       class_names: ``num_classes`` human-readable names, index = label.
       source: how to load it again, ``load_dataset(**source)`` (set by ``load_dataset``;
@@ -79,11 +94,11 @@ class Dataset:
             raise ValueError(
                 f"Dataset {self.name!r}: {len(self.class_names)} class_names for "
                 f"num_classes={self.num_classes}")
-        shapes = {s.images.shape[1:] for s in (self.train, self.val, self.test)}
+        shapes = {s.image_shape for s in (self.train, self.val, self.test)}
         if len(shapes) != 1:
             raise ValueError(f"Dataset {self.name!r}: splits have different image shapes {shapes}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(H, W, C)`` of every image in every split."""
-        return tuple(int(d) for d in self.train.images.shape[1:])
+        return self.train.image_shape

@@ -330,8 +330,83 @@ def decode_images(paths: Sequence[str], image_size, *, workers: int | None = Non
     return images, sorted(errors)
 
 
+class FileSplit:
+    """A split whose images stay on disk until a batch needs them (the streaming path).
+
+    ``read(rows)`` decodes those files with :func:`decode_image` (the in-memory path's
+    decoding, so both give the same pixels), in a thread pool; ``jaxcnn.train`` feeds prefetch
+    the next batches in the background while the device trains.
+
+    Attributes:
+      paths: the image files, a label each; ``labels``: int32 ``(N,)``.
+      image_shape: ``(H, W, 3)`` of every decoded image.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: np.ndarray, image_shape: tuple[int, int, int], *,
+                 workers: int | None = None):
+        self.paths = np.asarray([str(p) for p in paths], dtype=object)
+        self.labels = np.asarray(labels, np.int32)
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        if self.paths.shape != self.labels.shape:
+            raise ValueError(f"FileSplit: {len(self.paths)} paths for {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __repr__(self) -> str:
+        return f"FileSplit({len(self)} files, image_shape={self.image_shape})"
+
+    def read(self, rows) -> np.ndarray:
+        """The decoded images of ``rows``, uint8 ``(n, H, W, 3)``; a file that cannot be decoded
+        (damaged after the check at load time) raises :class:`ImageReadError` naming it."""
+        paths = self.paths[np.asarray(rows)]
+        images, errors = decode_images(list(paths), self.image_shape[:2], workers=self.workers)
+        if errors:
+            i, reason = errors[0]
+            raise ImageReadError(paths[i], reason)
+        return images
+
+    def shard(self, index: int, count: int) -> "FileSplit":
+        """Every ``count``-th file from ``index`` on (one process's share of the split)."""
+        return FileSplit(self.paths[index::count], self.labels[index::count], self.image_shape, workers=self.workers)
+
+
+def check_decodable(paths: Sequence[str], *, workers: int | None = None) -> list[tuple[int, str]]:
+    """``(index, reason)`` of the files that do not decode, found cheaply: a JPEG is decoded at
+    an eighth of its size (Pillow's ``draft``), which still reads every byte of it; a PNG whole.
+    The streaming path drops these before it forms an epoch's order, as the in-memory path
+    drops the files it cannot decode, so that both paths see the same images."""
+    from PIL import Image
+
+    errors = []
+
+    def one(i):
+        try:
+            with Image.open(paths[i]) as im:
+                if im.format == "JPEG":
+                    im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+        except Exception as e:  # noqa: BLE001 -- whatever Pillow raises, the file does not decode
+            errors.append((i, f"unreadable ({type(e).__name__}: {e})"))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(len(paths))))
+    return sorted(errors)
+
+
+def fits_in_memory(num_images: int, image_size, *, fraction: float = 0.25) -> bool:
+    """True when ``num_images`` decoded images take at most ``fraction`` of this machine's memory."""
+    height, width = _size_hw(image_size)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return num_images * height * width * 3 <= fraction * memory
+
+
 def load_folder(data_dir: Union[str, os.PathLike], *, image_size: int = 224, val_fraction: float = 0.1,
-                test_fraction: float = 0.1, seed: int = 0) -> Dataset:
+                test_fraction: float = 0.1, seed: int = 0, stream: bool | None = None) -> Dataset:
     """A folder of class subfolders as an in-memory :class:`Dataset` named ``"folder"``.
 
     Args:
@@ -339,6 +414,10 @@ def load_folder(data_dir: Union[str, os.PathLike], *, image_size: int = 224, val
       image_size: side of the square output images, >= 8 (default 224, ResNet50's).
       val_fraction, test_fraction: as in :func:`scan_folder`.
       seed: seed of the split.
+      stream: keep the images on disk and decode each batch when it is needed
+        (:class:`FileSplit`) instead of decoding them all into memory; None (default): stream
+        when the decoded images would take more than a quarter of this machine's memory
+        (:func:`fits_in_memory`). Both give the same images in the same order.
 
     Returns:
       uint8 ``(N, image_size, image_size, 3)`` images (:func:`decode_image`), int32 labels, the
@@ -349,19 +428,29 @@ def load_folder(data_dir: Union[str, os.PathLike], *, image_size: int = 224, val
     """
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 8:
         raise ValueError(f"load_folder: image_size={image_size!r}; must be an int >= 8")
+    if stream is not None and not isinstance(stream, bool):
+        raise TypeError(f"load_folder: stream={stream!r}; must be True, False or None (automatic)")
     listing = scan_folder(data_dir, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    if stream is None:
+        stream = not fits_in_memory(sum(len(f) for f in listing.files.values()), image_size)
     skipped = list(listing.skipped)
     splits = {}
     for s in SPLITS:
         files, labels = listing.files[s], listing.labels[s]
-        images, errors = decode_images(files, image_size)
+        if stream:
+            errors = check_decodable(files)
+        else:
+            images, errors = decode_images(files, image_size)
         keep = np.ones(len(files), bool)
         for i, reason in errors:
             keep[i] = False
             skipped.append((files[i], reason))
         if not keep.any():
             raise ValueError(f"{data_dir}: none of the {len(files)} {s} image(s) could be decoded")
-        splits[s] = Split(images=images[keep], labels=labels[keep])
+        if stream:
+            splits[s] = FileSplit(np.asarray(files, dtype=object)[keep], labels[keep], (image_size, image_size, 3))
+        else:
+            splits[s] = Split(images=images[keep], labels=labels[keep])
     warn_skipped(data_dir, skipped)
     names = listing.class_names
     return Dataset(name="folder", train=splits["train"], val=splits["val"], test=splits["test"],

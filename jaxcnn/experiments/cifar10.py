@@ -65,7 +65,8 @@ def load_data(config: ExperimentConfig):
 
     if config.dataset == "folder":
         return load_dataset("folder", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size,
-                            val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+                            val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                            **({} if config.stream is None else {"stream": config.stream}))
     if config.dataset == "offline":
         return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
                             num_test=config.num_test)
@@ -113,6 +114,9 @@ def _parse(argv):
                    help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
     p.add_argument("--test_fraction", type=float,
                    help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="folder: decode each batch from disk in background threads (--stream) or all images into "
+                        "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
@@ -137,7 +141,8 @@ def _main(args) -> int:
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
-                        image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+                        image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                        stream=args.stream)
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):
@@ -148,7 +153,7 @@ def _main(args) -> int:
         raise ValueError("--val_size applies to --dataset cifar10; a folder is split by --val_fraction and "
                          "--test_fraction (or its val/ and test/ subfolders)")
     if config.dataset != "folder":
-        for flag in ("image_size", "val_fraction", "test_fraction"):
+        for flag in ("image_size", "val_fraction", "test_fraction", "stream"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset} (its images are "
                                  f"32x32 and its splits are its own)")

@@ -58,6 +58,7 @@ class ExperimentConfig:
     image_size: int = 32  # folder: images are resized to image_size x image_size
     val_fraction: float = 0.1  # folder: fractions split off for val and test (without val/, test/ subfolders)
     test_fraction: float = 0.1
+    stream: Optional[bool] = None  # folder: decode batches from disk (True), in memory (False), or by size
     widths: tuple = (32, 64, 128)
     dense_units: int = 128
     conv_dropout: str = "dropout"

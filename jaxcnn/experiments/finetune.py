@@ -90,6 +90,7 @@ class FinetuneConfig:
     image_size: int = 224
     val_fraction: float = 0.1  # folder: fractions split off for val and test (without val/, test/ subfolders)
     test_fraction: float = 0.1
+    stream: Optional[bool] = None  # folder: decode batches from disk (True), in memory (False), or by size
     num_train: int = 2000  # offline split sizes (tf_flowers: 80 / 10 / 10 % of its 3,670 photos)
     num_val: int = 500
     num_test: int = 500
@@ -282,7 +283,8 @@ def load_data(config: FinetuneConfig):
 
     if config.dataset == "folder":
         return load_dataset("folder", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size,
-                            val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+                            val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                            **({} if config.stream is None else {"stream": config.stream}))
     if config.dataset == "offline":
         return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
                             num_test=config.num_test, image_size=config.image_size)
@@ -369,6 +371,9 @@ def _parse(argv):
                    help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
     p.add_argument("--test_fraction", type=float,
                    help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="folder: decode each batch from disk in background threads (--stream) or all images into "
+                        "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
     p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
     p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
     p.add_argument("--resume", action="store_true",
@@ -393,11 +398,11 @@ def _main(args) -> int:
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
                         augment=False if args.no_augment else None, val_fraction=args.val_fraction,
-                        test_fraction=args.test_fraction)
+                        test_fraction=args.test_fraction, stream=args.stream)
     if config.dataset == "offline" and args.data_dir is not None:
         raise ValueError("--data_dir applies to --dataset tf_flowers or folder, not to the embedded offline data")
     if config.dataset != "folder":
-        for flag in ("val_fraction", "test_fraction"):
+        for flag in ("val_fraction", "test_fraction", "stream"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset}")
     workdir = pathlib.Path(args.workdir or f"checkpoints/finetune-{config.dataset}-{config.preset}")

@@ -187,7 +187,6 @@ def load_in_turn(load, procs: Processes):
 
 
 def shard(split: Split, index: int, count: int) -> Split:
-    """Process ``index``'s rows of ``split``: every ``count``-th row from ``index`` on."""
-    if count == 1:
-        return split
-    return Split(split.images[index::count], split.labels[index::count])
+    """Process ``index``'s rows of ``split``: every ``count``-th row from ``index`` on (in memory,
+    or the files of a split read from disk)."""
+    return split if count == 1 else split.shard(index, count)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import results, viz
-from jaxcnn.experiments.cli import add_distributed_flags, check_workdir, join_processes, run_main
+from jaxcnn.experiments.cli import add_distributed_flags, add_folder_flags, check_workdir, join_processes, run_main
 from jaxcnn.experiments.configs import DATASETS, PRESETS, ExperimentConfig, get_config
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
@@ -110,13 +110,7 @@ def _parse(argv):
                                       "class subfolders of JPEG / PNG images (required)")
     p.add_argument("--val_size", type=int, help="cifar10: examples of the train split held out for validation (5000)")
     p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
-    p.add_argument("--val_fraction", type=float,
-                   help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
-    p.add_argument("--test_fraction", type=float,
-                   help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="folder: decode each batch from disk in background threads (--stream) or all images into "
-                        "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
+    add_folder_flags(p)
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")

@@ -12,6 +12,7 @@ one line and an exit status, never a traceback (set ``JAXCNN_TRACEBACK=1`` to se
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pathlib
@@ -27,6 +28,18 @@ from jaxcnn.train.distributed import DistributedError, Processes, initialize
 #: Errors a user's input or machine causes: one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, RunBusyError,
                DatasetUnavailableError, DamagedCheckpointError, DistributedError)
+
+
+def add_folder_flags(p) -> None:
+    """The flags of ``--dataset folder`` that every training command shares (``--data_dir`` and
+    ``--image_size`` are the commands' own: they mean more there)."""
+    p.add_argument("--val_fraction", type=float,
+                   help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
+    p.add_argument("--test_fraction", type=float,
+                   help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="folder: decode each batch from disk in background threads (--stream) or all images into "
+                        "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
 
 
 def add_distributed_flags(parser) -> None:

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jaxcnn import freeze, inference, results, viz
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
-from jaxcnn.experiments.cli import add_distributed_flags, join_processes, run_main
+from jaxcnn.experiments.cli import add_distributed_flags, add_folder_flags, join_processes, run_main
 from jaxcnn.experiments.configs import check_folder_settings, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
@@ -367,13 +367,7 @@ def _parse(argv):
     p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
                                       "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
                                       "class subfolders of JPEG / PNG images (required)")
-    p.add_argument("--val_fraction", type=float,
-                   help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
-    p.add_argument("--test_fraction", type=float,
-                   help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
-    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="folder: decode each batch from disk in background threads (--stream) or all images into "
-                        "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
+    add_folder_flags(p)
     p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
     p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
     p.add_argument("--resume", action="store_true",

@@ -173,9 +173,15 @@ class Checkpoints:
         for which, n in ((LATEST, keep), (BEST, 1), (INTERRUPTED, 1)):
             if read_only and not (self.directory / which).is_dir():
                 continue
-            options = ocp.CheckpointManagerOptions(  # read_only=True logs warnings; create=False does not write
+            # read_only=True logs warnings; create=False does not write. A read-only store is this
+            # process's alone: in a multi-process run, process 0 restoring for its test results must
+            # not wait at Orbax barriers for processes that are not restoring.
+            local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                       active_processes={jax.process_index()})
+            options = ocp.CheckpointManagerOptions(
                 preservation_policy=ocp.checkpoint_managers.LatestN(n=n),
-                enable_async_checkpointing=False, create=not read_only, cleanup_tmp_directories=not read_only)
+                enable_async_checkpointing=False, create=not read_only, cleanup_tmp_directories=not read_only,
+                **({"multiprocessing_options": local} if read_only else {}))
             self._managers[which] = ocp.CheckpointManager(self.directory / which, options=options,
                                                           item_names=("state", "meta"))
 

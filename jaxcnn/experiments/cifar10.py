@@ -158,6 +158,7 @@ def _main(args) -> int:
     _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, dataset=dataset, mesh=make_mesh())
     if not procs.primary:  # process 0 writes the plots and tells the result
+        procs.barrier("done")  # every process leaves together (JAX's shutdown barrier has a deadline)
         return 0
     viz.plot_curves(workdir)  # writes the run's plots/curves.png (a bare Figure: nothing to close)
     summary = results.write_test_results(workdir, dataset)  # confusion matrix, most confidently wrong images
@@ -169,6 +170,7 @@ def _main(args) -> int:
     print(f"checkpoints: {folder.checkpoint_dir / 'best'} (best), {folder.checkpoint_dir / 'latest'} (resume)")
     print(f"records: {', '.join(str(p) for p in folder.record_paths())}, {folder.tensorboard_dir}/")
     print(f"plots: {', '.join(str(p) for p in sorted(folder.plots_dir.glob('*.png')))}")
+    procs.barrier("done")
     return 0
 
 

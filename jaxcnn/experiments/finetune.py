@@ -386,7 +386,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _main(args) -> int:
-    join_processes(args)  # first: JAX must not start before the processes are joined
+    procs = join_processes(args)  # first: JAX must not start before the processes are joined
     config = get_config(args.preset, dataset=args.dataset, weights=args.weights, image_size=args.image_size,
                         phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
@@ -407,6 +407,7 @@ def _main(args) -> int:
           f"{s1['test_accuracy']:.4f}, phase 2 {s2['test_accuracy']:.4f}; {summary['wall_time_s']:.0f} s on "
           f"{summary['device']}")
     print(f"records: {workdir}/summary.json, {workdir}/phase1/, {workdir}/phase2/ (checkpoints/best inside each)")
+    procs.barrier("done")  # every process leaves together (JAX's shutdown barrier has a deadline)
     return 0
 
 

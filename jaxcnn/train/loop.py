@@ -155,20 +155,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
                     epoch += 1
                     row = {**out.row, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                            "epoch_time_s": time.perf_counter() - t0}
-                    history.append(row)
-                    improved, next_lr = callbacks.update(epoch, val["loss"], row["lr"])
-                    if improved:  # copies: the next train step donates (invalidates) the state's buffers
-                        best = jax.tree.map(jnp.copy, (state.params, state.batch_stats))
-                    if next_lr != row["lr"]:
-                        state = set_learning_rate(state, next_lr)
-                    meta = {"epoch": epoch, "history": history, **callbacks.state_dict(),
-                            "wall_time_s": wall + time.perf_counter()}
-                    ckpts.save(epoch, state_to_tree(state), meta, best=improved)
-                    if procs.primary:
-                        run.write_history(history)
-                    for k in HISTORY_FIELDS[1:]:
-                        tb.add_scalar(k, row[k], epoch)
-                    tb.flush()
+                    state, best = _end_epoch(epoch, row, state, best, history, callbacks, ckpts,
+                                             wall + time.perf_counter(), run if procs.primary else None, tb)
     if procs.share(old.restored):  # diverged before its first checkpoint: the run it was to overwrite is back
         raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run, restored=True), {})
     if best is not None:
@@ -222,6 +210,27 @@ class _NoBoard:
 
     def flush(self):
         pass
+
+
+def _end_epoch(epoch: int, row: dict, state: TrainState, best, history: list, callbacks: EpochCallbacks, ckpts,
+               wall_time_s: float, run: Optional[RunFolder], tb) -> tuple[TrainState, Optional[tuple]]:
+    """The end of epoch ``epoch``: its row in the history, the callbacks' decisions (a new best,
+    the next learning rate), its checkpoint, and the records (``run``: process 0's run folder,
+    None on the other processes). Returns the state and the best epoch's weights."""
+    history.append(row)
+    improved, next_lr = callbacks.update(epoch, row["val_loss"], row["lr"])
+    if improved:  # copies: the next train step donates (invalidates) the state's buffers
+        best = jax.tree.map(jnp.copy, (state.params, state.batch_stats))
+    if next_lr != row["lr"]:
+        state = set_learning_rate(state, next_lr)
+    meta = {"epoch": epoch, "history": history, **callbacks.state_dict(), "wall_time_s": wall_time_s}
+    ckpts.save(epoch, state_to_tree(state), meta, best=improved)
+    if run is not None:
+        run.write_history(history)
+    for k in HISTORY_FIELDS[1:]:
+        tb.add_scalar(k, row[k], epoch)
+    tb.flush()
+    return state, best
 
 
 @dataclasses.dataclass

@@ -3,7 +3,8 @@
 These are deliberately slow, explicit loops — one output element at a time, exactly as
 the seed answers questions 1–3 — so that they are easy to check by eye. They exist to
 test :mod:`jaxcnn.layers` (values and gradients) and to benchmark against; nothing in
-the library calls them.
+the library calls them. The seed's Keras CIFAR CNN (question 4) is here too
+(:func:`seed_keras_cifar_cnn`), the reference for ``CifarCNN`` in tests and benchmarks.
 
 Layouts are those of :mod:`jaxcnn.layers`: ``X`` is ``(N, H, W, C_in)`` and ``W`` is
 ``(kh, kw, C_in, C_out)``. Paddings here are always explicit per-side pairs
@@ -166,3 +167,40 @@ def dropout_forward(x: np.ndarray, p: float = 0.5, training: bool = True, rng: O
 def dropout_backward(dout: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Inverted dropout backward pass: the upstream gradient times the (scaled) mask."""
     return dout * mask
+
+
+def seed_keras_cifar_cnn(classifier_activation="softmax"):
+    """Question 4's model, exactly as the seed writes it (Keras 3, whatever ``KERAS_BACKEND`` is):
+    the reference for :class:`jaxcnn.models.CifarCNN` in the tests and the benchmarks.
+
+    ``classifier_activation=None`` gives the same model with logits out (the seed's last Dense
+    without its softmax)."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential([
+        keras.Input((32, 32, 3)),
+        layers.Conv2D(32, (3, 3), activation="relu", padding="same"),
+        layers.BatchNormalization(),
+        layers.Conv2D(32, (3, 3), activation="relu", padding="same"),
+        layers.BatchNormalization(),
+        layers.MaxPooling2D((2, 2)),
+        layers.Dropout(0.25),
+        layers.Conv2D(64, (3, 3), activation="relu", padding="same"),
+        layers.BatchNormalization(),
+        layers.Conv2D(64, (3, 3), activation="relu", padding="same"),
+        layers.BatchNormalization(),
+        layers.MaxPooling2D((2, 2)),
+        layers.Dropout(0.25),
+        layers.Conv2D(128, (3, 3), activation="relu", padding="same"),
+        layers.BatchNormalization(),
+        layers.Conv2D(128, (3, 3), activation="relu", padding="same"),
+        layers.BatchNormalization(),
+        layers.MaxPooling2D((2, 2)),
+        layers.Dropout(0.25),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        layers.BatchNormalization(),
+        layers.Dropout(0.5),
+        layers.Dense(10, activation=classifier_activation),
+    ])

@@ -13,49 +13,14 @@ import numpy as np
 import pytest
 
 from jaxcnn.models.cifar_cnn import CifarCNN, count_params
+from jaxcnn.reference import seed_keras_cifar_cnn
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:keras.*")
 
 
-def _seed_keras_model(classifier_activation="softmax"):
-    """Question 4's model, exactly as the seed writes it (Keras 3, JAX backend).
-
-    ``classifier_activation=None`` gives the same model with logits out (the seed's last Dense
-    without its softmax)."""
-    import keras
-    from keras import layers
-
-    return keras.Sequential([
-        keras.Input((32, 32, 3)),
-        layers.Conv2D(32, (3, 3), activation="relu", padding="same"),
-        layers.BatchNormalization(),
-        layers.Conv2D(32, (3, 3), activation="relu", padding="same"),
-        layers.BatchNormalization(),
-        layers.MaxPooling2D((2, 2)),
-        layers.Dropout(0.25),
-        layers.Conv2D(64, (3, 3), activation="relu", padding="same"),
-        layers.BatchNormalization(),
-        layers.Conv2D(64, (3, 3), activation="relu", padding="same"),
-        layers.BatchNormalization(),
-        layers.MaxPooling2D((2, 2)),
-        layers.Dropout(0.25),
-        layers.Conv2D(128, (3, 3), activation="relu", padding="same"),
-        layers.BatchNormalization(),
-        layers.Conv2D(128, (3, 3), activation="relu", padding="same"),
-        layers.BatchNormalization(),
-        layers.MaxPooling2D((2, 2)),
-        layers.Dropout(0.25),
-        layers.Flatten(),
-        layers.Dense(128, activation="relu"),
-        layers.BatchNormalization(),
-        layers.Dropout(0.5),
-        layers.Dense(10, activation=classifier_activation),
-    ])
-
-
 @pytest.fixture(scope="module")
 def keras_model(keras):
-    return _seed_keras_model()
+    return seed_keras_cifar_cnn()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +118,7 @@ def test_same_weights_same_outputs_as_keras(keras_model, flax_variables):
     _calibrate_bn(keras_model, _images(rng, 64), seed=2)
     variables = _flax_variables_from_keras(keras_model)
     assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, flax_variables)  # same tree, same shapes
-    logits_model = _seed_keras_model(classifier_activation=None)
+    logits_model = seed_keras_cifar_cnn(classifier_activation=None)
     logits_model.set_weights(keras_model.get_weights())
 
     x = _images(rng, 4)

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import results, viz
-from jaxcnn.experiments.cli import add_distributed_flags, add_folder_flags, check_workdir, join_processes, run_main
-from jaxcnn.experiments.configs import DATASETS, PRESETS, ExperimentConfig, get_config
+from jaxcnn.experiments.cli import add_distributed_flags, add_folder_flags, add_precision_flag, check_workdir, join_processes, run_main
+from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
@@ -42,7 +42,8 @@ def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
     """The config's ``CifarCNN`` with ``num_classes`` outputs (the dataset's)."""
     return CifarCNN(num_classes=int(num_classes), widths=tuple(int(w) for w in config.widths),
                     dense_units=config.dense_units, conv_dropout=config.conv_dropout,
-                    conv_dropout_rate=float(config.conv_dropout_rate), dense_dropout=float(config.dense_dropout))
+                    conv_dropout_rate=float(config.conv_dropout_rate), dense_dropout=float(config.dense_dropout),
+                    dtype=PRECISIONS[config.precision])
 
 
 def init_variables(model, seed: int, image_shape) -> dict:
@@ -112,6 +113,7 @@ def _parse(argv):
     p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
     add_folder_flags(p)
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
+    add_precision_flag(p)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
     p.add_argument("--workdir", help="default: checkpoints/cifar10-<dataset>-<preset> (a fresh run takes the "
@@ -136,7 +138,7 @@ def _main(args) -> int:
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
                         image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        stream=args.stream)
+                        stream=args.stream, precision=args.precision)
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):

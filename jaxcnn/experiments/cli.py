@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from jaxcnn.checkpoint import DamagedCheckpointError
 from jaxcnn.data import DatasetUnavailableError
+from jaxcnn.experiments.configs import PRECISIONS
 from jaxcnn.runfolder import NothingToDo, RunBusyError, RunFolder
 from jaxcnn.train import RunInterrupted, TrainingDiverged
 from jaxcnn.train.distributed import DistributedError, Processes, initialize
@@ -28,6 +29,12 @@ from jaxcnn.train.distributed import DistributedError, Processes, initialize
 #: Errors a user's input or machine causes: one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, RunBusyError,
                DatasetUnavailableError, DamagedCheckpointError, DistributedError)
+
+
+def add_precision_flag(p) -> None:
+    p.add_argument("--precision", choices=tuple(PRECISIONS),
+                   help="the model's compute dtype (float32); bfloat16 keeps parameters, optimizer state, "
+                        "BatchNorm statistics and the loss in float32 (measured: benchmarks/README.md)")
 
 
 def add_folder_flags(p) -> None:

@@ -32,6 +32,8 @@ import dataclasses
 import math
 from typing import Optional
 
+import jax.numpy as jnp
+
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.train.config import FitConfig
 
@@ -65,6 +67,7 @@ class ExperimentConfig:
     conv_dropout_rate: float = 0.25
     dense_dropout: float = 0.5
     learning_rate: float = 1e-3  # Adam's, built in jaxcnn.experiments.cifar10.create_state
+    precision: str = "float32"  # the model's compute dtype (PRECISIONS); parameters stay float32
     fit: FitConfig = FitConfig()
 
     def __post_init__(self):
@@ -77,6 +80,7 @@ class ExperimentConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}; must be an int >= 1")
         check_folder_settings(self)
+        check_precision(self.precision)
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"learning_rate={lr!r}; must be a finite number > 0")
@@ -87,6 +91,16 @@ class ExperimentConfig:
         """The experiment's own settings (everything but ``fit``), JSON-ready."""
         return {f.name: (list(v) if isinstance(v, tuple) else v)
                 for f in dataclasses.fields(self) if f.name != "fit" for v in [getattr(self, f.name)]}
+
+
+#: ``--precision``: the models' compute dtype. ``bfloat16`` computes convolutions and dense layers
+#: in bfloat16; parameters, optimizer state, BatchNorm statistics and the loss stay float32.
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
 
 
 def check_folder_settings(config) -> None:

@@ -59,8 +59,9 @@ import jax.numpy as jnp
 from jaxcnn import freeze, inference, results, viz
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
-from jaxcnn.experiments.cli import add_distributed_flags, add_folder_flags, join_processes, run_main
-from jaxcnn.experiments.configs import check_folder_settings, with_overrides
+from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, join_processes,
+                                   run_main)
+from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
@@ -103,6 +104,7 @@ class FinetuneConfig:
     phase2_epochs: int = 20
     phase2_lr: float = 1e-5
     phase2_frozen_layers: int = 100
+    precision: str = "float32"  # the model's compute dtype (configs.PRECISIONS); parameters stay float32
     # The seed's fine-tuning augmentation: flips and shifts, no rotation; Keras' caffe preprocessing.
     fit: FitConfig = FitConfig(batch_size=32, eval_batch_size=64, augment=AugmentConfig(rotation=0.0),
                                preprocess="caffe")
@@ -111,6 +113,7 @@ class FinetuneConfig:
         for name, allowed in (("preset", PRESETS), ("dataset", DATASETS), ("model", MODELS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FinetuneConfig: {name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        check_precision(self.precision)
         for name in ("image_size", "num_train", "num_val", "num_test", "hidden", "phase1_epochs", "phase2_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -168,7 +171,8 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
 def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
     """The fine-tuning ``Classifier``: backbone (no top, average pooling) + the seed's head."""
     make = {"resnet50": ResNet50, "tiny": ResNetTiny}[config.model]
-    return Classifier(make(include_top=False, pooling="avg"), num_classes=int(num_classes),
+    return Classifier(make(include_top=False, pooling="avg", dtype=PRECISIONS[config.precision]),
+                      num_classes=int(num_classes),
                       dropout_rate=float(config.dropout), hidden=int(config.hidden))
 
 
@@ -369,6 +373,7 @@ def _parse(argv):
                                       "class subfolders of JPEG / PNG images (required)")
     add_folder_flags(p)
     p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
+    add_precision_flag(p)
     p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir phase by phase (a finished phase is not repeated)")
@@ -392,7 +397,7 @@ def _main(args) -> int:
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
                         augment=False if args.no_augment else None, val_fraction=args.val_fraction,
-                        test_fraction=args.test_fraction, stream=args.stream)
+                        test_fraction=args.test_fraction, stream=args.stream, precision=args.precision)
     if config.dataset == "offline" and args.data_dir is not None:
         raise ValueError("--data_dir applies to --dataset tf_flowers or folder, not to the embedded offline data")
     if config.dataset != "folder":

@@ -21,6 +21,7 @@ Parameter names (the filter plots use ``params["block1_conv1"]["kernel"]``, HWIO
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,6 +47,9 @@ class CifarCNN(nn.Module):
       dense_dropout: probability of zeroing before the last layer (default 0.5).
       dropblock_size: DropBlock's block side (default 3; maps are 16, 8, 4 pixels wide).
       bn_momentum, bn_epsilon: every BatchNorm's settings (Keras' defaults 0.99 and 1e-3).
+      dtype: the compute dtype (default float32; ``jnp.bfloat16`` for mixed precision). The
+        parameters, the BatchNorm statistics (computed and kept in float32) and the returned
+        logits stay float32 whatever it is.
 
     Call ``model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])``
     to train (BN uses batch statistics and updates ``batch_stats``) and
@@ -61,6 +65,7 @@ class CifarCNN(nn.Module):
     dropblock_size: int = 3
     bn_momentum: float = KERAS_BN_MOMENTUM
     bn_epsilon: float = KERAS_BN_EPSILON
+    dtype: Any = jnp.float32
 
     def _check(self, x):
         if self.conv_dropout not in CONV_DROPOUTS:
@@ -97,20 +102,22 @@ class CifarCNN(nn.Module):
 
         def bn(name):
             return BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             name=name)
+                             dtype=self.dtype, name=name)
 
+        x = x.astype(self.dtype)
         for b, width in enumerate(self.widths, start=1):
             for i in (1, 2):
-                x = nn.relu(Conv2D(int(width), 3, padding="SAME", name=f"block{b}_conv{i}")(x))  # (N, H, W, width)
+                x = nn.relu(Conv2D(int(width), 3, padding="SAME", dtype=self.dtype, name=f"block{b}_conv{i}")(x))  # (N, H, W, width)
                 x = bn(f"block{b}_bn{i}")(x)
             x = layers.max_pool2d(x, 2)  # (N, H/2, W/2, width)
             x = self._drop_conv(x, train)
         x = x.reshape((x.shape[0], -1))  # (N, H·W·C), NHWC order as Keras' Flatten
-        x = nn.relu(nn.Dense(self.dense_units, kernel_init=glorot_uniform, name="dense")(x))
+        x = nn.relu(nn.Dense(self.dense_units, kernel_init=glorot_uniform, dtype=self.dtype, name="dense")(x))
         x = bn("dense_bn")(x)
         key = self.make_rng("dropout") if train and self.dense_dropout > 0 else None
         x = layers.dropout(x, float(self.dense_dropout), key=key, train=train)
-        return nn.Dense(self.num_classes, kernel_init=glorot_uniform, name="logits")(x)  # (N, num_classes)
+        x = nn.Dense(self.num_classes, kernel_init=glorot_uniform, dtype=self.dtype, name="logits")(x)
+        return x.astype(jnp.float32)  # (N, num_classes)
 
 
 def count_params(variables) -> tuple[int, int]:

@@ -35,18 +35,17 @@ def step_keys(key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _forward(state: TrainState, params, images, *, train: bool, dropout_key=None):
-    """Logits ``(B, K)`` and the new batch_stats (unchanged when ``train`` is False or no BN)."""
+    """Float32 logits ``(B, K)`` (whatever the model computes in: the loss is float32) and the
+    new batch_stats (unchanged when ``train`` is False or no BN)."""
     variables = {"params": params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     if not train:
-        return state.apply_fn(variables, images, train=False), state.batch_stats
+        return state.apply_fn(variables, images, train=False).astype(jnp.float32), state.batch_stats
     mutable = ["batch_stats"] if state.batch_stats else False
     out = state.apply_fn(variables, images, train=True, rngs={"dropout": dropout_key}, mutable=mutable)
-    if state.batch_stats:
-        logits, updates = out
-        return logits, updates["batch_stats"]
-    return out, state.batch_stats
+    logits, new_stats = (out[0], out[1]["batch_stats"]) if state.batch_stats else (out, state.batch_stats)
+    return logits.astype(jnp.float32), new_stats
 
 
 def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Callable] = None,

@@ -1,0 +1,477 @@
+"""The speed suite: the seed's CIFAR CNN trained and run by jaxcnn beside Keras 3 (TensorFlow and
+JAX backends) and PyTorch (eager and ``torch.compile``, when installed), in one run.
+
+Run:  python -m benchmarks.suite [--windows 3 --min_window_s 3 --frameworks ...]
+
+Every framework runs in a worker process of its own (its threads, its allocator, its compiled
+code), all started before timing begins. Each worker builds the identical model (the seed's
+question-4 CNN, logits out, Keras' initializers and BatchNorm settings), Adam (learning rate
+1e-3) and softmax cross-entropy, puts random data in memory, and compiles and warms up every
+task; the compile time is reported apart. Then the driver asks for one timed window per
+framework per task, round after round (frameworks interleaved, so a noisy minute hits them
+all), and the table gives the median images/s of ``--windows`` windows of at least
+``--min_window_s`` seconds each.
+
+Tasks: ``train64`` and ``train256`` (one optimizer step on a batch already in memory),
+``infer256`` (the forward pass in inference mode). The jaxcnn variants:
+
+* ``jaxcnn``: ``jax.jit(make_train_step(), donate_argnums=0)`` on one device, batches placed
+  on the device once (uint8 images, scaled to [0, 1] inside the step as ``fit`` does).
+* ``jaxcnn-Ndev``: the same step with the batch split over ``N`` CPU devices (a ``data`` mesh,
+  ``jax_num_cpu_devices``): one XLA device per core, the data-parallel step of ``fit``.
+* ``jaxcnn-bf16``: bfloat16 compute, float32 parameters (``CifarCNN(dtype=bfloat16)``).
+
+Extra tasks of jaxcnn alone (``--loop``): ``epoch64``, ``train_epoch`` over a ``TrainFeed`` as
+``fit`` runs it (the batch gather on the device, the loss and accuracy sums, the progress bar),
+``augment64`` the same with on-device augmentation, and the time of one checkpoint save.
+
+The fp32 GEMM rate (a 2048^3 ``jnp.dot``, and NumPy's BLAS; the faster) gives each framework's
+share of it: model FLOPs per image (2 per multiply-add of the convolutions and dense layers;
+a train step counts 3x the forward: forward, input and weight gradients) x images/s / rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+TASKS = ("train64", "train256", "infer256")
+LOOP_TASKS = ("epoch64", "augment64")
+FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-compile", "jaxcnn", "jaxcnn-2dev")
+WIDTHS, DENSE, CLASSES = (32, 64, 128), 128, 10
+
+
+def forward_flops_per_image(widths=WIDTHS, dense=DENSE, classes=CLASSES, size=32) -> int:
+    """2 x the multiply-adds of the convolutions and dense layers of one 32x32x3 image."""
+    macs, cin, s = 0, 3, size
+    for w in widths:
+        macs += s * s * 9 * (cin * w + w * w)  # two 3x3 'same' convs at this resolution
+        cin, s = w, s // 2
+    macs += s * s * cin * dense + dense * classes
+    return 2 * macs
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+def _batches(rng, sizes):
+    import numpy as np
+
+    return {b: (rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8), rng.integers(0, CLASSES, b).astype(np.int32))
+            for b in sizes}
+
+
+def _sizes(tasks):
+    return sorted({int("".join(c for c in t if c.isdigit())) for t in tasks})
+
+
+def _timed(run_n, min_s: float, per_call: int) -> float:
+    """Images/s of ``run_n(n)`` (n calls, synchronised at the end) over at least ``min_s`` s."""
+    n = 2
+    while True:
+        t = time.perf_counter()
+        run_n(n)
+        dt = time.perf_counter() - t
+        if dt >= min_s:
+            return n * per_call / dt
+        n = max(n + 1, int(n * min_s * 1.2 / max(dt, 1e-3)))
+
+
+def _keras_worker(backend: str, tasks, min_s: float):
+    os.environ["KERAS_BACKEND"] = backend
+    import keras
+    import numpy as np
+
+    from jaxcnn.reference import seed_keras_cifar_cnn
+
+    keras.utils.set_random_seed(0)
+    model = seed_keras_cifar_cnn(classifier_activation=None)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data = _batches(np.random.default_rng(0), _sizes(tasks))
+    data = {b: ((x.astype(np.float32) / 255.0), y) for b, (x, y) in data.items()}
+
+    def run(task):
+        b = int("".join(c for c in task if c.isdigit()))
+        x, y = data[b]
+        if task.startswith("train"):
+            return lambda n: [model.train_on_batch(x, y) for _ in range(n)][-1], b
+        return lambda n: [model.predict_on_batch(x) for _ in range(n)][-1], b
+
+    return run
+
+
+def _torch_worker(compiled: bool, tasks, min_s: float):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01),
+                nn.MaxPool2d(2), nn.Dropout(0.25)]
+
+    layers, cin = [], 3
+    for w in WIDTHS:
+        layers += block(cin, w)
+        cin = w
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * 16, DENSE), nn.ReLU(),
+                          nn.BatchNorm1d(DENSE, eps=1e-3, momentum=0.01), nn.Dropout(0.5), nn.Linear(DENSE, CLASSES))
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def train_step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def infer(x):
+        with torch.no_grad():
+            return model(x)
+
+    if compiled:
+        train_step, infer = torch.compile(train_step), torch.compile(infer)
+    data = {}
+    for b, (x, y) in _batches(np.random.default_rng(0), _sizes(tasks)).items():
+        xt = torch.from_numpy(x.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last)
+        data[b] = (xt, torch.from_numpy(y.astype(np.int64)))
+
+    def run(task):
+        b = int("".join(c for c in task if c.isdigit()))
+        x, y = data[b]
+        if task.startswith("train"):
+            def go(n):
+                model.train()
+                for _ in range(n):
+                    loss = train_step(x, y)
+                return float(loss)
+        else:
+            def go(n):
+                model.eval()
+                for _ in range(n):
+                    out = infer(x)
+                return float(out[0, 0])
+        return go, b
+
+    return run
+
+
+def _jaxcnn_worker(devices: int, precision: str, tasks, min_s: float):
+    import jax
+
+    if devices > 1:
+        jax.config.update("jax_num_cpu_devices", devices)
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcnn.models import CifarCNN
+    from jaxcnn.train import TrainState, adam, make_mesh, make_train_step, replicate, shard_batch
+
+    dtype = jnp.bfloat16 if precision == "bfloat16" else jnp.float32
+    model = CifarCNN(dtype=dtype) if precision != "float32" else CifarCNN()
+    mesh = make_mesh()
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(0))
+    state = replicate(TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3),
+                                        key=jax.random.key(1)), mesh)
+    step = jax.jit(make_train_step(), donate_argnums=0)
+    forward = jax.jit(lambda v, x: model.apply(v, x.astype(jnp.float32) / 255.0, train=False))
+    data = {b: shard_batch({"image": x, "label": y}, mesh)
+            for b, (x, y) in _batches(np.random.default_rng(0), _sizes(tasks)).items()}
+    box = {"state": state}
+
+    def run(task):
+        b = int("".join(c for c in task if c.isdigit()))
+        batch = data[b]
+        if task.startswith("train"):
+            def go(n):
+                s = box["state"]
+                for _ in range(n):
+                    s, m = step(s, batch)
+                box["state"] = s
+                return float(m["loss"])
+        elif task.startswith("infer"):
+            def go(n):
+                v = {"params": box["state"].params, "batch_stats": box["state"].batch_stats}
+                for _ in range(n):
+                    out = forward(v, batch["image"])
+                return float(out[0, 0])
+        else:
+            return _loop_task(task, box, model, mesh, b), b
+        return go, b
+
+    run.box = box  # the train state, for the checkpoint timing
+    return run
+
+
+def _loop_task(task, box, model, mesh, b):
+    """``train_epoch`` as ``fit`` runs it, over a feed of 20-step epochs (``augment``: with random
+    flips, shifts and rotations on the device)."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    from jaxcnn.data import augment
+    from jaxcnn.data.core import Split
+    from jaxcnn.train import TrainFeed, make_train_step, train_epoch
+
+    rng = np.random.default_rng(1)
+    split = Split(rng.integers(0, 256, (b * 20, 32, 32, 3), dtype=np.uint8), rng.integers(0, CLASSES, b * 20)
+                  .astype(np.int32))
+    feed = TrainFeed(split, b, mesh, seed=0)
+    aug = functools.partial(augment.random_augment, rotation=15.0) if task.startswith("augment") else None
+    step = jax.jit(make_train_step(augment_fn=aug), donate_argnums=0)
+    counter = {"epoch": 0}
+
+    def go(n):  # n epochs of 20 steps each (n x 20 batches)
+        s = box["state"]
+        for _ in range(n):
+            counter["epoch"] += 1
+            out = train_epoch(s, step, feed, counter["epoch"], 10 ** 9, progress=True)
+            s = out.state
+        box["state"] = s
+        return 0.0
+
+    return go
+
+
+def worker(args) -> None:
+    name, tasks = args.worker, args.tasks.split(",")
+    if name.startswith("keras"):
+        run = _keras_worker("tensorflow" if name == "keras-tf" else "jax", tasks, args.min_window_s)
+    elif name.startswith("torch"):
+        run = _torch_worker(name == "torch-compile", tasks, args.min_window_s)
+    else:
+        devices = int(name.split("-")[1][:-3]) if name.endswith("dev") else 1
+        run = _jaxcnn_worker(devices, "bfloat16" if name.endswith("bf16") else "float32", tasks,
+                             args.min_window_s)
+    compile_s, runners = {}, {}
+    for task in tasks:
+        t = time.perf_counter()
+        go, b = run(task)
+        go(1)
+        go(1)
+        compile_s[task] = time.perf_counter() - t
+        per_call = b * 20 if task in LOOP_TASKS else b
+        runners[task] = (go, per_call)
+    print(json.dumps({"ready": True, "compile_s": compile_s, "versions": _versions(name)}), flush=True)
+    for line in sys.stdin:
+        task = line.strip()
+        if task == "gemm":
+            print(json.dumps({"gemm_flops": _gemm_rate()}), flush=True)
+            continue
+        if task == "checkpoint":
+            print(json.dumps({"checkpoint_s": _checkpoint_time(run.box)}), flush=True)
+            continue
+        go, per_call = runners[task]
+        print(json.dumps({"task": task, "images_per_s": _timed(go, args.min_window_s, per_call)}), flush=True)
+
+
+def _checkpoint_time(box) -> float:
+    """Median seconds of one ``Checkpoints.save`` of the CIFAR CNN's train state (3 saves)."""
+    import tempfile
+
+    from jaxcnn.checkpoint import Checkpoints
+    from jaxcnn.train import state_to_tree
+
+    times = []
+    with tempfile.TemporaryDirectory() as d, Checkpoints(d) as ckpts:
+        for epoch in range(1, 4):
+            t = time.perf_counter()
+            ckpts.save(epoch, state_to_tree(box["state"]), {"epoch": epoch}, best=False)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _gemm_rate() -> float:
+    """fp32 FLOP/s of a 2048^3 matrix product: the faster of jax.numpy and NumPy's BLAS."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    dot = jax.jit(jnp.dot)
+    ja = jax.device_put(a, jax.devices()[0])
+    rates = []
+    for f, sync in ((lambda: dot(ja, ja), jax.block_until_ready), (lambda: a @ a, lambda x: x)):
+        sync(f())
+        best = 0.0
+        for _ in range(5):
+            t = time.perf_counter()
+            sync(f())
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+        rates.append(best)
+    return max(rates)
+
+
+def _versions(name: str) -> str:
+    if name.startswith("keras"):
+        import keras
+
+        if name == "keras-tf":
+            import tensorflow as tf
+
+            return f"keras {keras.__version__}, tensorflow {tf.__version__}"
+        import jax
+
+        return f"keras {keras.__version__}, jax {jax.__version__}"
+    if name.startswith("torch"):
+        import torch
+
+        return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    import jax
+
+    return f"jax {jax.__version__}, {len(jax.devices())} device(s)"
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+def _available(name: str) -> str | None:
+    """None, or why ``name`` cannot run here."""
+    import importlib.util
+
+    need = {"keras-tf": ("keras", "tensorflow"), "keras-jax": ("keras",), "torch": ("torch",),
+            "torch-compile": ("torch",)}.get(name, ())
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    return f"not installed: {', '.join(missing)} (pip install -e '.[bench]')" if missing else None
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read(proc, name) -> dict:
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {name} worker ended without an answer (run it alone: python -m "
+                               f"benchmarks.suite --worker {name} --tasks ...)")
+        if line.startswith("{"):
+            return json.loads(line)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n")[0])
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                   help=f"comma-separated, from {', '.join(FRAMEWORKS)} (default: all; a missing one is skipped)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--windows", type=int, default=3, help="timed windows per framework and task (3)")
+    p.add_argument("--min_window_s", type=float, default=3.0, help="seconds per window, at least (3)")
+    p.add_argument("--loop", action="store_true",
+                   help="also jaxcnn's train_epoch against the bare step, with augmentation, and a checkpoint save")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for n in names:
+        if n not in FRAMEWORKS and not (n.startswith("jaxcnn-") and n.endswith("dev")):
+            raise SystemExit(f"--frameworks: {n!r} is not one of {', '.join(FRAMEWORKS)} (or jaxcnn-<N>dev)")
+    for t in tasks:
+        if t not in TASKS:
+            raise SystemExit(f"--tasks: {t!r} is not one of {', '.join(TASKS)}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": root}
+    workers, notes = {}, []
+    for name in names:
+        why = _available(name)
+        if why:
+            notes.append(f"{name}: skipped, {why}")
+            continue
+        wt = tasks + (list(LOOP_TASKS) if args.loop and name == "jaxcnn" else [])
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.suite", "--worker", name, "--tasks", ",".join(wt),
+                                 "--min_window_s", str(args.min_window_s)], cwd=root, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        workers[name] = {"proc": proc, "tasks": wt, "results": {t: [] for t in wt}}
+        # compile one worker at a time: a compiling worker would slow the others' start
+        ready = _read(proc, name)
+        workers[name].update(compile_s=ready["compile_s"], versions=ready["versions"])
+        print(f"{name}: ready ({ready['versions']})", file=sys.stderr, flush=True)
+
+    def ask(name, line):
+        w = workers[name]["proc"]
+        w.stdin.write(line + "\n")
+        w.stdin.flush()
+        return _read(w, name)
+
+    gemm = ask(next(n for n in workers if n.startswith("jaxcnn")), "gemm")["gemm_flops"] \
+        if any(n.startswith("jaxcnn") for n in workers) else None
+    all_tasks = tasks + (list(LOOP_TASKS) if args.loop and "jaxcnn" in workers else [])
+    for r in range(args.windows):
+        for task in all_tasks:
+            for name, w in workers.items():
+                if task in w["tasks"]:
+                    w["results"][task].append(ask(name, task)["images_per_s"])
+        print(f"round {r + 1}/{args.windows} done", file=sys.stderr, flush=True)
+    ckpt = ask("jaxcnn", "checkpoint")["checkpoint_s"] if args.loop and "jaxcnn" in workers else None
+    for w in workers.values():
+        w["proc"].stdin.close()
+        w["proc"].wait(timeout=120)
+    _report(workers, tasks, args, gemm, ckpt, notes)
+    return 0
+
+
+def _report(workers, tasks, args, gemm, ckpt, notes) -> None:
+    import jax
+
+    med = {n: {t: statistics.median(v) for t, v in w["results"].items() if v} for n, w in workers.items()}
+    ref = med.get("keras-tf", {})
+    flops = forward_flops_per_image()
+    print(f"\nThe seed's CIFAR CNN ({flops / 1e6:.1f} MFLOP forward per image), Adam, random data in memory; "
+          f"median images/s of {args.windows} windows of >= {args.min_window_s:g} s, frameworks interleaved; "
+          f"(x Keras-TF); [share of the fp32 GEMM rate{f', {gemm / 1e9:.0f} GFLOP/s' if gemm else ''}]")
+    print(f"CPU: {_cpu()}, {os.cpu_count()} cores; jax {jax.__version__}; " +
+          "; ".join(f"{n}: {w['versions']}" for n, w in workers.items()) + "\n")
+    print("| | " + " | ".join(tasks) + " | compile s (" + tasks[0] + ") |")
+    print("|---|" + "---:|" * (len(tasks) + 1))
+    for name in workers:
+        cells = []
+        for t in tasks:
+            v = med[name].get(t)
+            if v is None:
+                cells.append("—")
+                continue
+            c = f"{v:,.0f}"
+            if t in ref:
+                c += f" ({v / ref[t]:.2f})"
+            if gemm:
+                c += f" [{v * flops * (3 if t.startswith('train') else 1) / gemm:.0%}]"
+            cells.append(c)
+        print(f"| {name} | " + " | ".join(cells) + f" | {workers[name]['compile_s'][tasks[0]]:.1f} |")
+    if args.loop and "jaxcnn" in med:
+        m = med["jaxcnn"]
+        bare = m.get("train64")
+        print("\njaxcnn's loop (batch 64, 20-step epochs of train_epoch with its progress bar):")
+        for t in LOOP_TASKS:
+            if bare and t in m:
+                print(f"  {t}: {m[t]:,.0f} images/s, {1 - m[t] / bare:+.1%} slower than the bare step")
+        if ckpt is not None:
+            print(f"  one checkpoint save of the train state: {ckpt * 1e3:.0f} ms "
+                  f"({ckpt * (bare or 1) / 45000:.2%} of a 45,000-image epoch at the bare step's speed)")
+    for n in notes:
+        print(n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,7 +94,8 @@ def _keras_worker(backend: str, tasks, min_s: float):
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     data = _batches(np.random.default_rng(0), _sizes(tasks))
-    data = {b: ((x.astype(np.float32) / 255.0), y) for b, (x, y) in data.items()}
+    data = {b: (keras.ops.convert_to_tensor(x.astype(np.float32) / 255.0), keras.ops.convert_to_tensor(y))
+            for b, (x, y) in data.items()}  # on the framework's device once, as jaxcnn's batches are
 
     def run(task):
         b = int("".join(c for c in task if c.isdigit()))
@@ -393,6 +394,7 @@ def main(argv=None) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": root}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # TensorFlow's CPU default (oneDNN on), as a Keras user has it
     workers, notes = {}, []
     for name in names:
         why = _available(name)

@@ -83,7 +83,8 @@ def test_run_records(two_epochs, data):
     # the model's every constructor argument, the learning rate from the optimizer, the data to reload
     assert config["model"] == {"kind": "cifar_cnn", "num_classes": 10, "widths": [8, 16, 32], "dense_units": 32,
                                "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
-                               "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 0.001}
+                               "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 0.001,
+                               "dtype": {"dtype": "float32"}}
     assert config["optimizer"] == {"learning_rate": 1e-3}
     assert config["fit"]["epochs"] == 2 and config["fit"]["preprocess"] == "unit"
     assert "learning_rate" not in config["fit"]  # one home: the optimizer

@@ -153,6 +153,26 @@ def test_max_pool_matches_reference_and_routes_gradient(h, w, window, stride, pa
         np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dout))[0]), reference.max_pool2d_backward(dout, cache), rtol=1e-12)
 
 
+@pytest.mark.parametrize("h,w,window", [(4, 4, 2), (6, 8, 2), (4, 6, (2, 3)), (9, 6, 3)])
+def test_max_pool_over_tiling_windows_routes_tied_gradients_to_the_first_maximum(h, w, window):
+    """Windows that tile the image take max_pool2d's element-wise derivative (no select_and_scatter):
+    on inputs full of ties its gradient is still the reference's (the first maximum in row-major
+    order of each window), and forward- and reverse-mode derivatives agree (check_grads)."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 3, (2, h, w, 3)).astype(np.float64)  # three values: most windows tie
+    win = (window, window) if isinstance(window, int) else window
+    out, cache = reference.max_pool2d_forward(x, win, win, ((0, 0), (0, 0)))
+    dout = rng.standard_normal(out.shape)
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(lambda x_: layers.max_pool2d(x_, window), jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(y), out)
+        np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(dout))[0]), reference.max_pool2d_backward(dout, cache))
+        _, tangent = jax.jvp(lambda x_: layers.max_pool2d(x_, window), (jnp.asarray(x),), (jnp.ones_like(x),))
+        np.testing.assert_array_equal(np.asarray(tangent), np.ones(out.shape))  # one input per window counts
+        check_grads(lambda x_: layers.max_pool2d(x_, window), (jnp.asarray(rng.standard_normal((1, h, w, 2))),),
+                    order=2, modes=("fwd", "rev"))
+
+
 @pytest.mark.parametrize("h,w,window,stride,padding", POOL_GRID)
 def test_avg_pool_matches_reference_and_check_grads(h, w, window, stride, padding):
     x, win, st_, pads = _pool_case(h, w, window, stride, padding, seed=3)

@@ -25,7 +25,6 @@ always the probability of **zeroing** a unit (not of keeping it).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -249,48 +248,10 @@ def max_pool2d(
       >>> max_pool2d(x[None, :, :, None])[0, :, :, 0]   # [[6, 8], [9, 6]]
     """
     dims, strides, pads = _pool_args("max_pool2d", x, window, stride, padding)
-    tiles = dims == strides and all(p == (0, 0) for p in pads) and x.shape[1] % dims[1] == 0 \
-        and x.shape[2] % dims[2] == 0
-    if tiles:  # windows tile the image: the same values, a gradient without select_and_scatter
-        return _max_pool_tiles(x, dims[1], dims[2])
-    return _reduce_window_max(x, dims, strides, pads)
-
-
-def _reduce_window_max(x, dims, strides, pads):
     # The init value must be a concrete (NumPy) constant: a traced one makes lax.reduce_window
     # fall back to its generic, non-differentiable form under jit.
     init = np.array(-np.inf, dtype=x.dtype)
     return lax.reduce_window(x, init, lax.max, dims, strides, pads)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _max_pool_tiles(x, kh: int, kw: int):
-    """``max_pool2d`` over non-overlapping ``kh`` x ``kw`` windows that tile ``x`` exactly.
-
-    The values are ``lax.reduce_window``'s. The derivative is its too (each window's tangent
-    or gradient goes to its first maximum in row-major order, as XLA's ``select_and_scatter``
-    picks it), written as ``kh * kw`` element-wise selections that XLA fuses: on a 2-core CPU
-    the backward pass of the CIFAR CNN's first pool fell from 30 ms to 1.4 ms (batch 64,
-    ``benchmarks/README.md``).
-    """
-    return _reduce_window_max(x, (1, kh, kw, 1), (1, kh, kw, 1), ((0, 0),) * 4)
-
-
-@_max_pool_tiles.defjvp
-def _max_pool_tiles_jvp(kh, kw, primals, tangents):
-    (x,), (dx,) = primals, tangents
-    y = _max_pool_tiles(x, kh, kw)  # (N, H/kh, W/kw, C)
-    n, h, w, c = x.shape
-    xr = x.reshape(n, h // kh, kh, w // kw, kw, c)
-    dxr = dx.reshape(n, h // kh, kh, w // kw, kw, c)
-    taken = jnp.zeros(y.shape, bool)
-    dy = jnp.zeros(y.shape, dx.dtype)
-    for a in range(kh):  # row-major: the first position equal to the maximum takes the tangent
-        for b in range(kw):
-            hit = (xr[:, :, a, :, b, :] == y) & ~taken
-            taken = taken | hit
-            dy = dy + jnp.where(hit, dxr[:, :, a, :, b, :], 0)
-    return y, dy
 
 
 def avg_pool2d(

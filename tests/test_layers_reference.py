@@ -155,9 +155,9 @@ def test_max_pool_matches_reference_and_routes_gradient(h, w, window, stride, pa
 
 @pytest.mark.parametrize("h,w,window", [(4, 4, 2), (6, 8, 2), (4, 6, (2, 3)), (9, 6, 3)])
 def test_max_pool_over_tiling_windows_routes_tied_gradients_to_the_first_maximum(h, w, window):
-    """Windows that tile the image take max_pool2d's element-wise derivative (no select_and_scatter):
-    on inputs full of ties its gradient is still the reference's (the first maximum in row-major
-    order of each window), and forward- and reverse-mode derivatives agree (check_grads)."""
+    """Windows that tile the image (the CIFAR CNN's pools), on inputs full of ties: the gradient is
+    the reference's (the first maximum in row-major order of each window), the tangent of each
+    window comes from one input, and forward- and reverse-mode derivatives agree (check_grads)."""
     rng = np.random.default_rng(7)
     x = rng.integers(0, 3, (2, h, w, 3)).astype(np.float64)  # three values: most windows tie
     win = (window, window) if isinstance(window, int) else window

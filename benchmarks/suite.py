@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import time
 
 TASKS = ("train64", "train256", "infer256")
 LOOP_TASKS = ("epoch64", "augment64")
-FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-compile", "jaxcnn", "jaxcnn-2dev")
+FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-compile", "jaxcnn", "jaxcnn-2dev", "jaxcnn-4dev")
 WIDTHS, DENSE, CLASSES = (32, 64, 128), 128, 10
 
 
@@ -254,9 +255,9 @@ def worker(args) -> None:
     elif name.startswith("torch"):
         run = _torch_worker(name == "torch-compile", tasks, args.min_window_s)
     else:
-        devices = int(name.split("-")[1][:-3]) if name.endswith("dev") else 1
-        run = _jaxcnn_worker(devices, "bfloat16" if name.endswith("bf16") else "float32", tasks,
-                             args.min_window_s)
+        m = re.fullmatch(r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?", name)
+        devices = int(m.group(1) or 1)
+        run = _jaxcnn_worker(devices, "bfloat16" if m.group(2) else "float32", tasks, args.min_window_s)
     compile_s, runners = {}, {}
     for task in tasks:
         t = time.perf_counter()
@@ -386,8 +387,9 @@ def main(argv=None) -> int:
     names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for n in names:
-        if n not in FRAMEWORKS and not (n.startswith("jaxcnn-") and n.endswith("dev")):
-            raise SystemExit(f"--frameworks: {n!r} is not one of {', '.join(FRAMEWORKS)} (or jaxcnn-<N>dev)")
+        if n not in FRAMEWORKS and not re.fullmatch(r"jaxcnn(-\d+dev)?(-bf16)?(-1thread)?", n):
+            raise SystemExit(f"--frameworks: {n!r} is not one of {', '.join(FRAMEWORKS)} "
+                             f"(or jaxcnn[-<N>dev][-bf16][-1thread])")
     for t in tasks:
         if t not in TASKS:
             raise SystemExit(f"--tasks: {t!r} is not one of {', '.join(TASKS)}")
@@ -402,8 +404,11 @@ def main(argv=None) -> int:
             notes.append(f"{name}: skipped, {why}")
             continue
         wt = tasks + (list(LOOP_TASKS) if args.loop and name == "jaxcnn" else [])
+        wenv = env
+        if name.endswith("-1thread"):  # XLA's CPU ops without Eigen's thread pool: one thread per device
+            wenv = {**env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()}
         proc = subprocess.Popen([sys.executable, "-m", "benchmarks.suite", "--worker", name, "--tasks", ",".join(wt),
-                                 "--min_window_s", str(args.min_window_s)], cwd=root, env=env, stdin=subprocess.PIPE,
+                                 "--min_window_s", str(args.min_window_s)], cwd=root, env=wenv, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         workers[name] = {"proc": proc, "tasks": wt, "results": {t: [] for t in wt}}
         # compile one worker at a time: a compiling worker would slow the others' start

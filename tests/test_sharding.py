@@ -83,3 +83,36 @@ def test_batch_size_must_be_a_positive_int():
     for bad in (0, -8, 2.0):
         with pytest.raises(ValueError, match=f"batch_size={bad!r}"):
             check_batch_size(bad, mesh)
+
+
+def test_use_cpu_devices_splits_the_cpu_before_jax_starts_and_refuses_after():
+    code = ("from jaxcnn.train import use_cpu_devices; use_cpu_devices(3); import jax; "
+            "print(len(jax.devices()), jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "cpu"]
+
+    from jaxcnn.train import use_cpu_devices
+
+    jax.devices()  # this process's backend has started
+    use_cpu_devices(len(jax.devices("cpu")))  # what it already has: nothing to do
+    with pytest.raises(RuntimeError, match=rf"use_cpu_devices\({len(jax.devices('cpu')) + 1}\): JAX already "
+                                           rf"started with {len(jax.devices('cpu'))} CPU device"):
+        use_cpu_devices(len(jax.devices("cpu")) + 1)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=r"use_cpu_devices: count=.*must be an int >= 1"):
+            use_cpu_devices(bad)
+
+
+def test_the_cli_trains_on_the_cpu_devices_asked_for(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "jaxcnn.experiments.cifar10", "--preset", "smoke", "--epochs", "1", "--no_progress"]
+    run = subprocess.run(cmd + ["--workdir", str(tmp_path / "run"), "--cpu_devices", "2"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["device"] == "cpu x2"
+    bad = subprocess.run(cmd + ["--workdir", str(tmp_path / "bad"), "--cpu_devices", "0"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --cpu_devices 0: must be >= 1"
+    assert not (tmp_path / "bad").exists()

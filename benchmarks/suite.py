@@ -4,13 +4,15 @@ JAX backends) and PyTorch (eager and ``torch.compile``, when installed), in one 
 Run:  python -m benchmarks.suite [--windows 3 --min_window_s 3 --frameworks ...]
 
 Every framework runs in a worker process of its own (its threads, its allocator, its compiled
-code), all started before timing begins. Each worker builds the identical model (the seed's
-question-4 CNN, logits out, Keras' initializers and BatchNorm settings), Adam (learning rate
-1e-3) and softmax cross-entropy, puts random data in memory, and compiles and warms up every
-task; the compile time is reported apart. Then the driver asks for one timed window per
-framework per task, round after round (frameworks interleaved, so a noisy minute hits them
-all), and the table gives the median images/s of ``--windows`` windows of at least
-``--min_window_s`` seconds each.
+code), all started before timing begins, one compiling at a time. Each worker builds the
+identical model (the seed's question-4 CNN, logits out, Keras' initializers and BatchNorm
+settings), Adam (learning rate 1e-3) and softmax cross-entropy, puts random data in memory, and
+compiles and warms up every task; the compile time is reported apart. Then the driver asks for
+one timed window per framework per task, round after round (frameworks interleaved, so a noisy
+minute hits them all; each round starts with the next framework, and a pause of ``--pause_s``
+before every window lets the previous framework's spinning OpenMP threads go to sleep), and
+the table gives the median images/s of ``--windows`` windows of at least ``--min_window_s``
+seconds each.
 
 Tasks: ``train64`` and ``train256`` (one optimizer step on a batch already in memory),
 ``infer256`` (the forward pass in inference mode). The jaxcnn variants:
@@ -369,6 +371,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--windows", type=int, default=3, help="timed windows per framework and task (3)")
     p.add_argument("--min_window_s", type=float, default=3.0, help="seconds per window, at least (3)")
+    p.add_argument("--pause_s", type=float, default=1.0,
+                   help="idle seconds before each window, for the previous framework's spinning threads (1)")
     p.add_argument("--loop", action="store_true",
                    help="also jaxcnn's train_epoch against the bare step, with augmentation, and a checkpoint save")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -417,10 +421,16 @@ def main(argv=None) -> int:
     gemm_worker = next((n for n in workers if n.startswith("jaxcnn")), None)
     gemms = []
     all_tasks = tasks + (list(LOOP_TASKS) if args.loop and "jaxcnn" in workers else [])
+    names = list(workers)
     for r in range(args.windows):
+        order = names[r % len(names):] + names[:r % len(names)]  # each round starts with another framework
         for task in all_tasks:
-            for name, w in workers.items():
+            for name in order:
+                w = workers[name]
                 if task in w["tasks"]:
+                    # OpenMP threads (TensorFlow's oneDNN, PyTorch) spin for a while after their work:
+                    # a pause lets them sleep before the next framework's window starts
+                    time.sleep(args.pause_s)
                     w["results"][task].append(ask(name, task)["images_per_s"])
         if gemm_worker:  # the GEMM rate once per round too; the table uses the best (the least disturbed)
             gemms.append(ask(gemm_worker, "gemm")["gemm_flops"])

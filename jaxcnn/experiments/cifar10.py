@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import results, viz
-from jaxcnn.experiments.cli import add_distributed_flags, add_folder_flags, add_precision_flag, check_workdir, join_processes, run_main
+from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, check_workdir,
+                                   join_processes, run_main)
 from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder

@@ -107,7 +107,8 @@ class CifarCNN(nn.Module):
         x = x.astype(self.dtype)
         for b, width in enumerate(self.widths, start=1):
             for i in (1, 2):
-                x = nn.relu(Conv2D(int(width), 3, padding="SAME", dtype=self.dtype, name=f"block{b}_conv{i}")(x))  # (N, H, W, width)
+                conv = Conv2D(int(width), 3, padding="SAME", dtype=self.dtype, name=f"block{b}_conv{i}")
+                x = nn.relu(conv(x))  # (N, H, W, width)
                 x = bn(f"block{b}_bn{i}")(x)
             x = layers.max_pool2d(x, 2)  # (N, H/2, W/2, width)
             x = self._drop_conv(x, train)

@@ -71,8 +71,13 @@ def _batches(rng, sizes):
             for b in sizes}
 
 
+def _batch_of(task: str) -> int:
+    """The batch size in a task's name: ``train256`` -> 256."""
+    return int("".join(c for c in task if c.isdigit()))
+
+
 def _sizes(tasks):
-    return sorted({int("".join(c for c in t if c.isdigit())) for t in tasks})
+    return sorted({_batch_of(t) for t in tasks})
 
 
 def _timed(run_n, min_s: float, per_call: int) -> float:
@@ -87,7 +92,7 @@ def _timed(run_n, min_s: float, per_call: int) -> float:
         n = max(n + 1, int(n * min_s * 1.2 / max(dt, 1e-3)))
 
 
-def _keras_worker(backend: str, tasks, min_s: float):
+def _keras_worker(backend: str, tasks):
     os.environ["KERAS_BACKEND"] = backend
     import keras
     import numpy as np
@@ -103,7 +108,7 @@ def _keras_worker(backend: str, tasks, min_s: float):
             for b, (x, y) in data.items()}  # on the framework's device once, as jaxcnn's batches are
 
     def run(task):
-        b = int("".join(c for c in task if c.isdigit()))
+        b = _batch_of(task)
         x, y = data[b]
         if task.startswith("train"):
             return lambda n: [model.train_on_batch(x, y) for _ in range(n)][-1], b
@@ -112,7 +117,7 @@ def _keras_worker(backend: str, tasks, min_s: float):
     return run
 
 
-def _torch_worker(compiled: bool, tasks, min_s: float):
+def _torch_worker(compiled: bool, tasks):
     import numpy as np
     import torch
     from torch import nn
@@ -154,7 +159,7 @@ def _torch_worker(compiled: bool, tasks, min_s: float):
         data[b] = (xt, torch.from_numpy(y.astype(np.int64)))
 
     def run(task):
-        b = int("".join(c for c in task if c.isdigit()))
+        b = _batch_of(task)
         x, y = data[b]
         if task.startswith("train"):
             def go(n):
@@ -173,7 +178,7 @@ def _torch_worker(compiled: bool, tasks, min_s: float):
     return run
 
 
-def _jaxcnn_worker(devices: int, precision: str, tasks, min_s: float):
+def _jaxcnn_worker(devices: int, precision: str, tasks):
     import jax
 
     if devices > 1:
@@ -197,7 +202,7 @@ def _jaxcnn_worker(devices: int, precision: str, tasks, min_s: float):
     box = {"state": state}
 
     def run(task):
-        b = int("".join(c for c in task if c.isdigit()))
+        b = _batch_of(task)
         batch = data[b]
         if task.startswith("train"):
             def go(n):
@@ -255,13 +260,13 @@ def _loop_task(task, box, model, mesh, b):
 def worker(args) -> None:
     name, tasks = args.worker, args.tasks.split(",")
     if name.startswith("keras"):
-        run = _keras_worker("tensorflow" if name == "keras-tf" else "jax", tasks, args.min_window_s)
+        run = _keras_worker("tensorflow" if name == "keras-tf" else "jax", tasks)
     elif name.startswith("torch"):
-        run = _torch_worker(name == "torch-compile", tasks, args.min_window_s)
+        run = _torch_worker(name == "torch-compile", tasks)
     else:
         m = re.fullmatch(r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?", name)
         devices = int(m.group(1) or 1)
-        run = _jaxcnn_worker(devices, "bfloat16" if m.group(2) else "float32", tasks, args.min_window_s)
+        run = _jaxcnn_worker(devices, "bfloat16" if m.group(2) else "float32", tasks)
     compile_s, runners = {}, {}
     for task in tasks:
         t = time.perf_counter()

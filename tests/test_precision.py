@@ -18,21 +18,15 @@ from jaxcnn.train import FitConfig, TrainState, adam, fit, make_train_step
 
 
 def _primitives(jaxpr, name):
-    """Every equation named ``name`` in ``jaxpr`` and the jaxprs nested in it."""
+    """Every equation named ``name`` in ``jaxpr`` and the jaxprs nested in its equations' parameters."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == name:
             yield eqn
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _nested(eqn):
-            yield from _primitives(sub, name)
-
-
-def _nested(eqn):
-    for v in eqn.params.values():
-        for p in (v if isinstance(v, (list, tuple)) else [v]):
-            if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
-                yield p.jaxpr
-            elif hasattr(p, "eqns"):
-                yield p
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _primitives(sub, name)
 
 
 def _state(dtype):

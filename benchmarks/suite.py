@@ -15,7 +15,12 @@ the table gives the median images/s of ``--windows`` windows of at least ``--min
 seconds each.
 
 Tasks: ``train64`` and ``train256`` (one optimizer step on a batch already in memory),
-``infer256`` (the forward pass in inference mode). The jaxcnn variants:
+``infer256`` (the forward pass in inference mode). ResNet50 at 224x224 (``--resnet``, Keras
+and jaxcnn; random weights, uint8 images caffe-preprocessed inside the step, a 5-class head as
+the fine-tuning experiment builds it): ``resnet_infer8`` (the forward pass, inference mode),
+``resnet_frozen8`` (fine-tuning phase 1: the backbone frozen, its BatchNorm in inference mode,
+only the head trained; Keras: ``base.trainable = False``), ``resnet_train8`` (phase 2 with
+nothing frozen). The jaxcnn variants:
 
 * ``jaxcnn``: ``jax.jit(make_train_step(), donate_argnums=0)`` on one device, batches placed
   on the device once (uint8 images, scaled to [0, 1] inside the step as ``fit`` does).
@@ -25,7 +30,9 @@ Tasks: ``train64`` and ``train256`` (one optimizer step on a batch already in me
 
 Extra tasks of jaxcnn alone (``--loop``): ``epoch64``, ``train_epoch`` over a ``TrainFeed`` as
 ``fit`` runs it (the batch gather on the device, the loss and accuracy sums, the progress bar),
-``augment64`` the same with on-device augmentation, and the time of one checkpoint save.
+``augment64`` the same with on-device augmentation, and the time of one checkpoint save. Each
+epoch runs beside 20 bare ``train64`` steps, in pairs (A B B A ...): the pairs' time ratio is the
+loop's overhead, far steadier on a noisy machine than windows minutes apart.
 
 The fp32 GEMM rate (a 2048^3 ``jnp.dot``, and NumPy's BLAS; the faster; the best of one
 measurement per round) gives each framework's
@@ -47,6 +54,8 @@ import time
 from benchmarks.scaling import _cpu  # the CPU's model name
 
 TASKS = ("train64", "train256", "infer256")
+RESNET_TASKS = ("resnet_infer8", "resnet_frozen8", "resnet_train8")
+RESNET_SIZE, RESNET_CLASSES = 224, 5
 LOOP_TASKS = ("epoch64", "augment64")
 FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-compile", "jaxcnn", "jaxcnn-2dev", "jaxcnn-4dev")
 WIDTHS, DENSE, CLASSES = (32, 64, 128), 128, 10
@@ -62,6 +71,27 @@ def forward_flops_per_image(widths=WIDTHS, dense=DENSE, classes=CLASSES, size=32
     return 2 * macs
 
 
+def resnet50_forward_flops() -> float:
+    """FLOPs of one 224x224 image through jaxcnn's ResNet50 forward, as XLA counts them (its
+    cost analysis of the lowered program, no compilation)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcnn.models.resnet import ResNet50
+
+    net = ResNet50()
+    shape = jax.ShapeDtypeStruct((1, RESNET_SIZE, RESNET_SIZE, 3), jnp.float32)
+    v = jax.eval_shape(lambda k: net.init(k, jnp.zeros(shape.shape), train=False), jax.random.key(0))
+    return float(jax.jit(lambda v, x: net.apply(v, x, train=False)).lower(v, shape).cost_analysis()["flops"])
+
+
+def task_flops(task: str, cifar: float, resnet: float) -> float:
+    """FLOPs per image of a task: a full train step counts 3x the forward (forward, input and
+    weight gradients); a frozen-backbone step counts the forward alone (the head is negligible)."""
+    fwd = resnet if task.startswith("resnet") else cifar
+    return fwd * (3 if task.startswith(("train", "resnet_train")) else 1)
+
+
 # ------------------------------------------------------------------------------------------ workers
 
 def _batches(rng, sizes):
@@ -72,12 +102,19 @@ def _batches(rng, sizes):
 
 
 def _batch_of(task: str) -> int:
-    """The batch size in a task's name: ``train256`` -> 256."""
-    return int("".join(c for c in task if c.isdigit()))
+    """The batch size at the end of a task's name: ``train256`` -> 256, ``resnet_train8`` -> 8."""
+    return int(re.search(r"\d+$", task).group())
+
+
+def _resnet_batch(rng, b):
+    import numpy as np
+
+    return (rng.integers(0, 256, (b, RESNET_SIZE, RESNET_SIZE, 3), dtype=np.uint8),
+            rng.integers(0, RESNET_CLASSES, b).astype(np.int32))
 
 
 def _sizes(tasks):
-    return sorted({_batch_of(t) for t in tasks})
+    return sorted({_batch_of(t) for t in tasks if not t.startswith("resnet")})
 
 
 def _timed(run_n, min_s: float, per_call: int) -> float:
@@ -109,12 +146,34 @@ def _keras_worker(backend: str, tasks):
 
     def run(task):
         b = _batch_of(task)
+        if task.startswith("resnet"):
+            return _keras_resnet(keras, task, b), b
         x, y = data[b]
         if task.startswith("train"):
             return lambda n: [model.train_on_batch(x, y) for _ in range(n)][-1], b
         return lambda n: [model.predict_on_batch(x) for _ in range(n)][-1], b
 
     return run
+
+
+def _keras_resnet(keras, task: str, b: int):
+    """Keras' ResNet50 for one ResNet task: the whole network (``resnet_infer``), or the
+    fine-tuning model (no top, average pooling, a Dense head; the base frozen or not)."""
+    import numpy as np
+
+    x, y = _resnet_batch(np.random.default_rng(0), b)
+    x = keras.ops.convert_to_tensor(keras.applications.resnet50.preprocess_input(x.astype(np.float32)))
+    y = keras.ops.convert_to_tensor(y)
+    shape = (RESNET_SIZE, RESNET_SIZE, 3)
+    if task.startswith("resnet_infer"):
+        net = keras.applications.ResNet50(weights=None, input_shape=shape)
+        return lambda n: [net.predict_on_batch(x) for _ in range(n)][-1]
+    base = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg", input_shape=shape)
+    base.trainable = not task.startswith("resnet_frozen")
+    net = keras.Sequential([keras.Input(shape), base, keras.layers.Dense(RESNET_CLASSES)])
+    net.compile(optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return lambda n: [net.train_on_batch(x, y) for _ in range(n)][-1]
 
 
 def _torch_worker(compiled: bool, tasks):
@@ -211,6 +270,8 @@ def _jaxcnn_worker(devices: int, precision: str, tasks):
                     s, m = step(s, batch)
                 box["state"] = s
                 return float(m["loss"])
+        elif task.startswith("resnet"):
+            return _jaxcnn_resnet(task, b, mesh), b
         elif task.startswith("infer"):
             def go(n):
                 v = {"params": box["state"].params, "batch_stats": box["state"].batch_stats}
@@ -223,6 +284,59 @@ def _jaxcnn_worker(devices: int, precision: str, tasks):
 
     run.box = box  # the train state, for the checkpoint timing
     return run
+
+
+def _jaxcnn_resnet(task: str, b: int, mesh):
+    """jaxcnn's ResNet50 for one ResNet task, built as the fine-tuning experiment builds it:
+    ``Classifier(ResNet50(include_top=False, pooling="avg"))``, ``freeze.backbone()`` or
+    nothing frozen, ``adam(labels=...)`` and ``make_train_step(labels=...)`` with caffe
+    preprocessing inside the step."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcnn import freeze
+    from jaxcnn.models.resnet import Classifier, ResNet50
+    from jaxcnn.preprocess import caffe_preprocess
+    from jaxcnn.train import TrainState, adam, make_train_step, replicate, shard_batch
+
+    x, y = _resnet_batch(np.random.default_rng(0), b)
+    batch = shard_batch({"image": x, "label": y}, mesh)
+    if task.startswith("resnet_infer"):
+        net = ResNet50()
+        variables = jax.jit(lambda k: net.init(k, jnp.zeros((1, RESNET_SIZE, RESNET_SIZE, 3)), train=False))(
+            jax.random.key(0))
+        variables = replicate(variables, mesh)
+        forward = jax.jit(lambda v, x: net.apply(v, caffe_preprocess(x), train=False))
+
+        def go(n):
+            for _ in range(n):
+                out = forward(variables, batch["image"])
+            return float(out[0, 0])
+
+        return go
+    model = Classifier(ResNet50(include_top=False, pooling="avg"), num_classes=RESNET_CLASSES)
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, RESNET_SIZE, RESNET_SIZE, 3)), train=False))(
+        jax.random.key(0))
+    rule = freeze.backbone() if task.startswith("resnet_frozen") else freeze.nothing()
+    labels = freeze.label_tree(variables["params"], rule)
+    frozen_bn = freeze.frozen_layer_names(labels, under="backbone")
+    state = replicate(TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn),
+                                        variables=variables, tx=adam(1e-3, labels=labels), key=jax.random.key(1)),
+                      mesh)
+    step = jax.jit(make_train_step(labels=labels, preprocess=caffe_preprocess), donate_argnums=0)
+    box = {"state": state}
+
+    def go(n):
+        s = box["state"]
+        for _ in range(n):
+            s, m = step(s, batch)
+        box["state"] = s
+        return float(m["loss"])
+
+    return go
 
 
 def _loop_task(task, box, model, mesh, b):
@@ -264,8 +378,12 @@ def worker(args) -> None:
     elif name.startswith("torch"):
         run = _torch_worker(name == "torch-compile", tasks)
     else:
-        m = re.fullmatch(r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?", name)
+        m = re.fullmatch(r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?(-keepmem)?", name)
         devices = int(m.group(1) or 1)
+        if m.group(4):
+            from jaxcnn.train.cpu import keep_host_memory
+
+            keep_host_memory()
         run = _jaxcnn_worker(devices, "bfloat16" if m.group(2) else "float32", tasks)
     compile_s, runners = {}, {}
     for task in tasks:
@@ -286,7 +404,29 @@ def worker(args) -> None:
             print(json.dumps({"checkpoint_s": _checkpoint_time(run.box)}), flush=True)
             continue
         go, per_call = runners[task]
+        if task in LOOP_TASKS:  # paired with the bare step, window by window
+            rate, ratio = _paired(go, runners["train64"][0], args.min_window_s)
+            print(json.dumps({"task": task, "images_per_s": rate, "ratio": ratio}), flush=True)
+            continue
         print(json.dumps({"task": task, "images_per_s": _timed(go, args.min_window_s, per_call)}), flush=True)
+
+
+def _paired(loop, bare, min_s: float, steps: int = 20) -> tuple[float, float]:
+    """``loop`` (one call: one epoch of ``steps`` steps) against ``bare`` (``steps`` bare steps),
+    in pairs, alternately first (A B B A ...), for at least ``2 * min_s`` seconds: the loop's
+    images/s and the median of the pairs' time ratios bare / loop (1.0: no overhead). Pairs
+    seconds apart see the same load, so their ratio cancels most of this VM's drift."""
+    ratios, loop_s, n, t_end = [], 0.0, 0, time.perf_counter() + 2 * min_s
+    while time.perf_counter() < t_end or len(ratios) < 3:
+        times = {}
+        for name in (("bare", "loop") if len(ratios) % 2 == 0 else ("loop", "bare")):
+            t = time.perf_counter()
+            bare(steps) if name == "bare" else loop(1)
+            times[name] = time.perf_counter() - t
+        ratios.append(times["bare"] / times["loop"])
+        loop_s += times["loop"]
+        n += 1
+    return n * steps * 64 / loop_s, statistics.median(ratios)
 
 
 def _checkpoint_time(box) -> float:
@@ -378,6 +518,8 @@ def main(argv=None) -> int:
     p.add_argument("--min_window_s", type=float, default=3.0, help="seconds per window, at least (3)")
     p.add_argument("--pause_s", type=float, default=1.0,
                    help="idle seconds before each window, for the previous framework's spinning threads (1)")
+    p.add_argument("--resnet", action="store_true",
+                   help=f"also ResNet50 at 224x224 ({', '.join(RESNET_TASKS)}; Keras and jaxcnn only)")
     p.add_argument("--loop", action="store_true",
                    help="also jaxcnn's train_epoch against the bare step, with augmentation, and a checkpoint save")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -388,12 +530,16 @@ def main(argv=None) -> int:
     names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for n in names:
-        if n not in FRAMEWORKS and not re.fullmatch(r"jaxcnn(-\d+dev)?(-bf16)?(-1thread)?", n):
+        if n not in FRAMEWORKS and not re.fullmatch(r"jaxcnn(-\d+dev)?(-bf16)?(-1thread)?(-keepmem)?", n):
             raise SystemExit(f"--frameworks: {n!r} is not one of {', '.join(FRAMEWORKS)} "
-                             f"(or jaxcnn[-<N>dev][-bf16][-1thread])")
+                             f"(or jaxcnn[-<N>dev][-bf16][-1thread][-keepmem])")
     for t in tasks:
-        if t not in TASKS:
-            raise SystemExit(f"--tasks: {t!r} is not one of {', '.join(TASKS)}")
+        if t not in TASKS + RESNET_TASKS:
+            raise SystemExit(f"--tasks: {t!r} is not one of {', '.join(TASKS + RESNET_TASKS)}")
+    if args.resnet:
+        tasks += [t for t in RESNET_TASKS if t not in tasks]
+    if args.loop and "train64" not in tasks:
+        raise SystemExit("--loop: the loop is compared with the bare step, train64: keep it in --tasks")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": root}
@@ -404,7 +550,8 @@ def main(argv=None) -> int:
         if why:
             notes.append(f"{name}: skipped, {why}")
             continue
-        wt = tasks + (list(LOOP_TASKS) if args.loop and name == "jaxcnn" else [])
+        wt = [t for t in tasks if not (t.startswith("resnet") and name.startswith("torch"))]  # no torchvision
+        wt += list(LOOP_TASKS) if args.loop and name == "jaxcnn" else []
         wenv = env
         if name.endswith("-1thread"):  # XLA's CPU ops without Eigen's thread pool: one thread per device
             wenv = {**env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()}
@@ -436,7 +583,10 @@ def main(argv=None) -> int:
                     # OpenMP threads (TensorFlow's oneDNN, PyTorch) spin for a while after their work:
                     # a pause lets them sleep before the next framework's window starts
                     time.sleep(args.pause_s)
-                    w["results"][task].append(ask(name, task)["images_per_s"])
+                    answer = ask(name, task)
+                    w["results"][task].append(answer["images_per_s"])
+                    if "ratio" in answer:
+                        w.setdefault("ratios", {}).setdefault(task, []).append(answer["ratio"])
         if gemm_worker:  # the GEMM rate once per round too; the table uses the best (the least disturbed)
             gemms.append(ask(gemm_worker, "gemm")["gemm_flops"])
         print(f"round {r + 1}/{args.windows} done", file=sys.stderr, flush=True)
@@ -454,35 +604,50 @@ def _report(workers, tasks, args, gemm, ckpt, notes) -> None:
 
     med = {n: {t: statistics.median(v) for t, v in w["results"].items() if v} for n, w in workers.items()}
     ref = med.get("keras-tf", {})
-    flops = forward_flops_per_image()
-    print(f"\nThe seed's CIFAR CNN ({flops / 1e6:.1f} MFLOP forward per image), Adam, random data in memory; "
-          f"median images/s of {args.windows} windows of >= {args.min_window_s:g} s, frameworks interleaved; "
-          f"(x Keras-TF); [share of the fp32 GEMM rate{f', {gemm / 1e9:.0f} GFLOP/s' if gemm else ''}]")
+    cifar = forward_flops_per_image()
+    resnet = resnet50_forward_flops() if any(t.startswith("resnet") for t in tasks) else 0.0
+    print(f"\nMedian images/s of {args.windows} windows of >= {args.min_window_s:g} s, frameworks interleaved, "
+          f"random data in memory, Adam; (x Keras-TF); [share of the fp32 GEMM rate"
+          f"{f', {gemm / 1e9:.0f} GFLOP/s' if gemm else ''}]")
     print(f"CPU: {_cpu()}, {os.cpu_count()} cores; jax {jax.__version__}; " +
-          "; ".join(f"{n}: {w['versions']}" for n, w in workers.items()) + "\n")
-    print("| | " + " | ".join(tasks) + " | compile s (" + tasks[0] + ") |")
-    print("|---|" + "---:|" * (len(tasks) + 1))
-    for name in workers:
-        cells = []
-        for t in tasks:
-            v = med[name].get(t)
-            if v is None:
-                cells.append("—")
+          "; ".join(f"{n}: {w['versions']}" for n, w in workers.items()))
+    groups = [(f"The seed's CIFAR CNN ({cifar / 1e6:.1f} MFLOP forward per image)",
+               [t for t in tasks if not t.startswith("resnet")])]
+    if resnet:
+        groups.append((f"ResNet50, 224x224, batch 8 ({resnet / 1e9:.2f} GFLOP forward per image, XLA's count); "
+                       "frozen: fine-tuning phase 1, train: phase 2", [t for t in tasks if t.startswith("resnet")]))
+    for title, group in groups:
+        if not group:
+            continue
+        print(f"\n{title}\n")
+        print("| | " + " | ".join(group) + " | compile s (" + group[0] + ") |")
+        print("|---|" + "---:|" * (len(group) + 1))
+        for name in workers:
+            if not any(t in med[name] for t in group):
                 continue
-            c = f"{v:,.0f}"
-            if t in ref:
-                c += f" ({v / ref[t]:.2f})"
-            if gemm:
-                c += f" [{v * flops * (3 if t.startswith('train') else 1) / gemm:.0%}]"
-            cells.append(c)
-        print(f"| {name} | " + " | ".join(cells) + f" | {workers[name]['compile_s'][tasks[0]]:.1f} |")
+            cells = []
+            for t in group:
+                v = med[name].get(t)
+                if v is None:
+                    cells.append("—")
+                    continue
+                c = f"{v:,.0f}" if v >= 10 else f"{v:.2f}"
+                if t in ref:
+                    c += f" ({v / ref[t]:.2f})"
+                if gemm:
+                    c += f" [{v * task_flops(t, cifar, resnet) / gemm:.0%}]"
+                cells.append(c)
+            print(f"| {name} | " + " | ".join(cells) + f" | {workers[name]['compile_s'].get(group[0], 0):.1f} |")
     if args.loop and "jaxcnn" in med:
-        m = med["jaxcnn"]
+        m, ratios = med["jaxcnn"], workers["jaxcnn"].get("ratios", {})
         bare = m.get("train64")
-        print("\njaxcnn's loop (batch 64, 20-step epochs of train_epoch with its progress bar):")
+        print("\njaxcnn's loop (batch 64, 20-step epochs of train_epoch with its progress bar), each epoch "
+              "paired with 20 bare steps around it:")
         for t in LOOP_TASKS:
-            if bare and t in m:
-                print(f"  {t}: {m[t]:,.0f} images/s, {m[t] / bare:.3f}x the bare step's {bare:,.0f}")
+            if t in ratios:
+                r = sorted(ratios[t])
+                print(f"  {t}: {m[t]:,.0f} images/s; bare step time / loop time {statistics.median(r):.3f} "
+                      f"(windows: {', '.join(f'{x:.3f}' for x in r)}), i.e. {1 / statistics.median(r) - 1:+.1%} time")
         if ckpt is not None:
             print(f"  one checkpoint save of the train state: {ckpt * 1e3:.0f} ms "
                   f"({ckpt * (bare or 1) / 45000:.2%} of a 45,000-image epoch at the bare step's speed)")

@@ -25,7 +25,7 @@ from jaxcnn.experiments.configs import PRECISIONS
 from jaxcnn.runfolder import NothingToDo, RunBusyError, RunFolder
 from jaxcnn.train import RunInterrupted, TrainingDiverged
 from jaxcnn.train.distributed import DistributedError, Processes, initialize
-from jaxcnn.train.sharding import use_cpu_devices
+from jaxcnn.train.cpu import backend_started, keep_host_memory, use_cpu_devices
 
 #: Errors a user's input or machine causes: one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, RunBusyError,
@@ -50,12 +50,28 @@ def add_folder_flags(p) -> None:
                         "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
 
 
+def add_host_memory_flag(parser) -> None:
+    """``--keep_host_memory`` (on) / ``--no-keep_host_memory``; applied by ``prepare_host``."""
+    parser.add_argument("--keep_host_memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the memory each step frees for the next one instead of handing it back to the "
+                             "kernel (glibc's malloc; on by default: on the CPU it saved the page faults of every "
+                             "step, up to 1.2x faster: benchmarks/README.md); --no-keep_host_memory: glibc's default")
+
+
+def prepare_host(args) -> None:
+    """``--keep_host_memory``, before any use of JAX. In a process where JAX already runs (the
+    tests call the CLIs in-process) the setting is left as it is."""
+    if args.keep_host_memory and not backend_started():
+        keep_host_memory()
+
+
 def add_distributed_flags(parser) -> None:
     """``--distributed`` and how to reach the other processes (``jax.distributed.initialize``)."""
     parser.add_argument("--cpu_devices", type=int,
                         help="split the CPU into this many XLA devices, each taking a share of every batch (on a "
                              "2-core VM, 4 trained the CIFAR CNN 1.3-1.7x faster: benchmarks/README.md); "
                              "batch sizes must divide by it; no effect on a GPU")
+    add_host_memory_flag(parser)
     g = parser.add_argument_group("several processes (one per host or per GPU; see the README)")
     g.add_argument("--distributed", action="store_true",
                    help="join the run's other processes (jax.distributed) before anything else; without the "
@@ -71,8 +87,9 @@ def add_distributed_flags(parser) -> None:
 
 
 def join_processes(args) -> Processes:
-    """``--cpu_devices`` and ``jax.distributed.initialize`` when ``--distributed`` (before any other
-    use of JAX); this process."""
+    """``--keep_host_memory`` (``prepare_host``), ``--cpu_devices`` and ``jax.distributed.initialize``
+    when ``--distributed`` (before any other use of JAX); this process."""
+    prepare_host(args)
     if args.cpu_devices is not None:
         if args.cpu_devices < 1:
             raise ValueError(f"--cpu_devices {args.cpu_devices}: must be >= 1")

@@ -49,7 +49,7 @@ import numpy as np
 
 from jaxcnn import inference, viz
 from jaxcnn.experiments import cifar10
-from jaxcnn.experiments.cli import run_main
+from jaxcnn.experiments.cli import add_host_memory_flag, prepare_host, run_main
 from jaxcnn.experiments.configs import get_config as cifar_config
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.runfolder import RunFolder
@@ -274,11 +274,13 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--workdir", type=pathlib.Path, help="default: runs/dropout_study-<preset>")
     p.add_argument("--export", type=pathlib.Path, help="copy records and plots (no checkpoints) to this folder")
     p.add_argument("--no_progress", action="store_true")
+    add_host_memory_flag(p)
     args = p.parse_args(argv)
     return run_main(lambda: _main(args))
 
 
 def _main(args) -> int:
+    prepare_host(args)
     study = get_config(args.preset, num_train=args.num_train, epochs=args.epochs, seed=args.seed,
                        variants=tuple(args.variants) if args.variants else None)
     workdir = args.workdir or pathlib.Path(f"runs/dropout_study-{study.preset}")

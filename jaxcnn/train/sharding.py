@@ -17,33 +17,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def use_cpu_devices(count: int) -> None:
-    """Split the host's CPU into ``count`` XLA devices; call it before JAX starts (before the first
-    array, ``jax.devices()`` or ``jax.distributed.initialize``).
-
-    The data-parallel step then splits each batch into ``count`` shards that XLA runs side by side,
-    which keeps a multi-core CPU busier than one device's thread pool does: on a 2-core AMD EPYC VM
-    the seed's CNN trained 1.26x (batch 64) to 1.69x (batch 256) faster with 4 devices than with
-    one (``benchmarks/README.md``). The arithmetic is the same program's (BatchNorm statistics
-    over the whole batch); batch sizes must divide by the device count. GPUs are not affected.
-
-    Raises:
-      ValueError: ``count`` is not an int >= 1.
-      RuntimeError: JAX's CPU backend already started with another device count.
-    """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"use_cpu_devices: count={count!r}; must be an int >= 1")
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
-        have = len(jax.devices("cpu"))
-        if have != count:
-            raise RuntimeError(f"use_cpu_devices({count}): JAX already started with {have} CPU device(s); call it "
-                               f"before the first use of JAX (or set JAX_NUM_CPU_DEVICES={count})")
-        return
-    jax.config.update("jax_num_cpu_devices", count)
-
-
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A 1-D mesh named ``"data"`` over ``devices`` (default: all of ``jax.devices()``)."""
     devices = list(jax.devices() if devices is None else devices)

@@ -27,6 +27,11 @@ nothing frozen). The jaxcnn variants:
 * ``jaxcnn-Ndev``: the same step with the batch split over ``N`` CPU devices (a ``data`` mesh,
   ``jax_num_cpu_devices``): one XLA device per core, the data-parallel step of ``fit``.
 * ``jaxcnn-bf16``: bfloat16 compute, float32 parameters (``CifarCNN(dtype=bfloat16)``).
+* ``-1thread``: XLA's CPU ops without Eigen's thread pool; ``-release``: without
+  ``keep_host_memory()`` (which every other jaxcnn worker applies first, as the CLIs do: glibc's
+  default, the step's buffers handed back to the kernel and faulted in again every step);
+  ``-xlawgrad``: XLA's own kernel gradient for the stride-1 convolutions instead of
+  ``jaxcnn.layers``' matrix products by rows.
 
 Extra tasks of jaxcnn alone (``--loop``): ``epoch64``, ``train_epoch`` over a ``TrainFeed`` as
 ``fit`` runs it (the batch gather on the device, the loss and accuracy sums, the progress bar),
@@ -59,6 +64,7 @@ RESNET_SIZE, RESNET_CLASSES = 224, 5
 LOOP_TASKS = ("epoch64", "augment64")
 FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-compile", "jaxcnn", "jaxcnn-2dev", "jaxcnn-4dev")
 WIDTHS, DENSE, CLASSES = (32, 64, 128), 128, 10
+VARIANT = r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?(-release)?(-xlawgrad)?"  # the jaxcnn workers' names
 
 
 def forward_flops_per_image(widths=WIDTHS, dense=DENSE, classes=CLASSES, size=32) -> int:
@@ -378,9 +384,13 @@ def worker(args) -> None:
     elif name.startswith("torch"):
         run = _torch_worker(name == "torch-compile", tasks)
     else:
-        m = re.fullmatch(r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?(-keepmem)?", name)
+        m = re.fullmatch(VARIANT, name)
         devices = int(m.group(1) or 1)
-        if m.group(4):
+        if m.group(5):  # XLA's own kernel gradient for the stride-1 convolutions
+            from jaxcnn import layers
+
+            layers._conv_unit_stride = lambda x, w, pads, precision: layers._xla_conv(x, w, pads, precision)
+        if not m.group(4):  # as the CLIs do
             from jaxcnn.train.cpu import keep_host_memory
 
             keep_host_memory()
@@ -530,9 +540,9 @@ def main(argv=None) -> int:
     names = [n.strip() for n in args.frameworks.split(",") if n.strip()]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for n in names:
-        if n not in FRAMEWORKS and not re.fullmatch(r"jaxcnn(-\d+dev)?(-bf16)?(-1thread)?(-keepmem)?", n):
+        if n not in FRAMEWORKS and not re.fullmatch(VARIANT, n):
             raise SystemExit(f"--frameworks: {n!r} is not one of {', '.join(FRAMEWORKS)} "
-                             f"(or jaxcnn[-<N>dev][-bf16][-1thread][-keepmem])")
+                             f"(or jaxcnn[-<N>dev][-bf16][-1thread][-release][-xlawgrad])")
     for t in tasks:
         if t not in TASKS + RESNET_TASKS:
             raise SystemExit(f"--tasks: {t!r} is not one of {', '.join(TASKS + RESNET_TASKS)}")

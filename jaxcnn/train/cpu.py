@@ -1,5 +1,5 @@
 """Settings of the host process for training on the CPU; each must come before JAX starts (before
-the first array, ``jax.devices()`` or ``jax.distributed.initialize``), as both CLIs apply them.
+the first array, ``jax.devices()`` or ``jax.distributed.initialize``), as the CLIs apply them.
 
 * ``use_cpu_devices(n)``: the CPU split into ``n`` XLA devices, each taking a share of every batch.
 * ``keep_host_memory()``: the step's freed buffers kept by the process for the next step instead
@@ -50,7 +50,6 @@ def use_cpu_devices(count: int) -> None:
     jax.config.update("jax_num_cpu_devices", count)
 
 
-
 def keep_host_memory() -> bool:
     """Keep the memory XLA frees on the host for its next step (glibc's ``malloc``); call it before
     JAX starts.
@@ -64,7 +63,9 @@ def keep_host_memory() -> bool:
     not ``mmap``) and ``M_TRIM_THRESHOLD`` to 2 GiB (freed memory stays with the process), so the
     next step reuses the same pages, as TensorFlow's and PyTorch's caching allocators do. The
     process's resident memory then stays near its high-water mark until it exits. The measured
-    gain is in ``benchmarks/README.md``.
+    gain is in ``benchmarks/README.md``. A process that alternates steps of very different sizes
+    (batch 64 and 256 in turns) can still fault part of the time, when the heap's free blocks do
+    not fit the next step; a training run's single batch size does not.
 
     Returns:
       True where applied (Linux with glibc); False elsewhere, where nothing is changed.

@@ -278,12 +278,7 @@ def _jaxcnn_worker(devices: int, precision: str, tasks):
             return _jaxcnn_resnet(task, b, mesh), b
         batch = data[b]
         if task.startswith("train"):
-            def go(n):
-                s = box["state"]
-                for _ in range(n):
-                    s, m = step(s, batch)
-                box["state"] = s
-                return float(m["loss"])
+            go = _steps(step, box, batch)
         elif task.startswith("infer"):
             def go(n):
                 v = {"params": box["state"].params, "batch_stats": box["state"].batch_stats}
@@ -339,8 +334,11 @@ def _jaxcnn_resnet(task: str, b: int, mesh):
                                         variables=variables, tx=adam(1e-3, labels=labels), key=jax.random.key(1)),
                       mesh)
     step = jax.jit(make_train_step(labels=labels, preprocess=caffe_preprocess), donate_argnums=0)
-    box = {"state": state}
+    return _steps(step, {"state": state}, batch)
 
+
+def _steps(step, box, batch):
+    """``go(n)``: ``n`` train steps on ``batch`` from ``box["state"]`` (kept there), synchronised."""
     def go(n):
         s = box["state"]
         for _ in range(n):

@@ -54,8 +54,8 @@ def add_host_memory_flag(parser) -> None:
     """``--keep_host_memory`` (on) / ``--no-keep_host_memory``; applied by ``prepare_host``."""
     parser.add_argument("--keep_host_memory", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the memory each step frees for the next one instead of handing it back to the "
-                             "kernel (glibc's malloc; on by default: on the CPU it saved the page faults of every "
-                             "step, up to 1.2x faster: benchmarks/README.md); --no-keep_host_memory: glibc's default")
+                             "kernel (glibc's malloc; on by default: it spares the page faults of every step, 1.1-1.4x "
+                             "faster on a 2-core VM: benchmarks/README.md); --no-keep_host_memory: glibc's default")
 
 
 def prepare_host(args) -> None:
@@ -68,8 +68,8 @@ def prepare_host(args) -> None:
 def add_distributed_flags(parser) -> None:
     """``--distributed`` and how to reach the other processes (``jax.distributed.initialize``)."""
     parser.add_argument("--cpu_devices", type=int,
-                        help="split the CPU into this many XLA devices, each taking a share of every batch (on a "
-                             "2-core VM, 4 trained the CIFAR CNN 1.3-1.7x faster: benchmarks/README.md); "
+                        help="split the CPU into this many XLA devices, each taking a share of every batch (measured "
+                             "on a 2-core VM in benchmarks/README.md); "
                              "batch sizes must divide by it; no effect on a GPU")
     add_host_memory_flag(parser)
     g = parser.add_argument_group("several processes (one per host or per GPU; see the README)")

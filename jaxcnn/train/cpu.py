@@ -30,9 +30,10 @@ def use_cpu_devices(count: int) -> None:
     array, ``jax.devices()`` or ``jax.distributed.initialize``).
 
     The data-parallel step then splits each batch into ``count`` shards that XLA runs side by side,
-    which keeps a multi-core CPU busier than one device's thread pool does: on a 2-core AMD EPYC VM
-    the seed's CNN trained 1.26x (batch 64) to 1.69x (batch 256) faster with 4 devices than with
-    one (``benchmarks/README.md``). The arithmetic is the same program's (BatchNorm statistics
+    which can keep a multi-core CPU busier than one device's thread pool does. On a 2-core AMD EPYC
+    VM, with 4 devices the seed's CNN trained no faster at batch 64 and 2.2x faster at batch 256 in
+    the speed suite, where one device's step lost half its speed between the other frameworks'
+    (alone it ran as fast as 4 devices; ``benchmarks/README.md``). The arithmetic is the same program's (BatchNorm statistics
     over the whole batch); batch sizes must divide by the device count. GPUs are not affected.
 
     Raises:

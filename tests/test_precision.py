@@ -72,22 +72,27 @@ def test_bfloat16_logits_are_the_float32_logits_to_bfloat16_precision():
 
 
 def test_a_bfloat16_run_learns_as_float32_does(tmp_path):
-    """The embedded data (1,024 training images), a small CifarCNN, 160 steps: both precisions
-    reach the same test accuracy within a few points, far above chance (1/10). (Measured: 0.40
-    float32, 0.43 bfloat16. BatchNorm momentum 0.9 so that the moving statistics, which the test
-    accuracy uses, are settled after so few steps.)"""
-    data = load_dataset("offline", seed=0, num_train=1024, num_val=256, num_test=256)
+    """The embedded data (1,024 training images, 1,024 test images), a small CifarCNN, 160 steps,
+    three seeds: both precisions reach the same mean test accuracy within a few points, far above
+    chance (1/10). One seed is not enough: float32 runs whose gradients differ by 1e-6 (the
+    kernel gradient's summation order) ended 0.08 apart. BatchNorm momentum 0.9 so that the
+    moving statistics, which the test accuracy uses, are settled after so few steps."""
+    data = load_dataset("offline", seed=0, num_train=1024, num_val=256, num_test=1024)
     accuracy = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         model = CifarCNN(widths=(8, 16, 32), dense_units=32, conv_dropout="none", dense_dropout=0.0,
                          bn_momentum=0.9, dtype=dtype)
-        variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-        state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(3e-3), key=jax.random.key(1))
-        _, _, summary = fit(state, data, FitConfig(epochs=5, batch_size=32, augment=None),
-                            tmp_path / jnp.dtype(dtype).name, progress=False)
-        accuracy[jnp.dtype(dtype).name] = summary["test_accuracy"]
+        runs = []
+        for seed in range(3):
+            variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), train=False)
+            state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(3e-3),
+                                      key=jax.random.key(100 + seed))
+            _, _, summary = fit(state, data, FitConfig(epochs=5, batch_size=32, augment=None, seed=seed),
+                                tmp_path / f"{jnp.dtype(dtype).name}-{seed}", progress=False)
+            runs.append(summary["test_accuracy"])
+        accuracy[jnp.dtype(dtype).name] = float(np.mean(runs))
     assert accuracy["float32"] > 0.3, accuracy
-    assert abs(accuracy["bfloat16"] - accuracy["float32"]) < 0.08, accuracy
+    assert abs(accuracy["bfloat16"] - accuracy["float32"]) < 0.06, accuracy
 
 
 def test_precision_is_recorded_and_a_bfloat16_run_restores_in_bfloat16(tmp_path):

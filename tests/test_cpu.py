@@ -1,12 +1,13 @@
 """Host-process settings for the CPU (``jaxcnn.train.cpu``): measured by what the kernel reports."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import jax
 import pytest
+
+from jaxcnn.train.cpu import glibc_malloc
 
 # A jitted program whose temporary (the sorted copy, 72 MB) is larger than a glibc thread arena's
 # heap (64 MB): glibc maps it fresh with mmap on every call unless keep_host_memory() came first.
@@ -45,7 +46,7 @@ def _faults_per_call(mode: str, *flags: str):
     return applied, int(faults)
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.skipif(not glibc_malloc(), reason="glibc's malloc")
 def test_keep_host_memory_stops_the_page_faults_of_every_step():
     applied, faults = _faults_per_call("default")
     assert applied == "None" and faults > 10_000  # 72 MB of fresh pages on every call (4 KiB each)
@@ -53,7 +54,7 @@ def test_keep_host_memory_stops_the_page_faults_of_every_step():
     assert applied == "True" and faults < 500  # the same pages reused
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.skipif(not glibc_malloc(), reason="glibc's malloc")
 def test_the_clis_keep_host_memory_unless_told_not_to():
     assert _faults_per_call("cli")[1] < 500
     assert _faults_per_call("cli", "--no-keep_host_memory")[1] > 10_000
@@ -63,7 +64,7 @@ def test_keep_host_memory_refuses_once_jax_started():
     from jaxcnn.train import keep_host_memory
 
     jax.devices()  # this process's backend has started
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if glibc_malloc():
         with pytest.raises(RuntimeError, match=r"keep_host_memory\(\): JAX already started; call it before"):
             keep_host_memory()
     else:

@@ -18,6 +18,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _TRIM_THRESHOLD = 2 ** 31 - 1  # the largest value mallopt takes (an int): 2 GiB
 
 
+def glibc_malloc() -> bool:
+    """Whether this process allocates with glibc's ``malloc`` (Linux with glibc): where
+    ``keep_host_memory`` applies."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def backend_started() -> bool:
     """Whether JAX's backends (its devices and threads) have started in this process."""
     from jax._src import xla_bridge
@@ -74,7 +80,7 @@ def keep_host_memory() -> bool:
     Raises:
       RuntimeError: JAX already started (its threads keep the arenas they allocate from).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_malloc():
         return False
     if backend_started():
         raise RuntimeError("keep_host_memory(): JAX already started; call it before the first use of JAX")

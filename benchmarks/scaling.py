@@ -50,7 +50,7 @@ def worker(args) -> None:
     mesh = make_mesh()
     state = replicate(TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3),
                                         key=jax.random.key(1)), mesh)
-    feed = TrainFeed(distributed.shard(data.train, procs.index, procs.count), args.batch, mesh, seed=0,
+    feed = TrainFeed(data.train, args.batch, mesh, seed=0,
                      processes=procs)
     step = jax.jit(make_train_step(), donate_argnums=0)
     t = time.perf_counter()

@@ -61,10 +61,6 @@ class Split:
         """The images of ``rows`` (an index array), uint8 ``(n, H, W, C)``."""
         return self.images[rows]
 
-    def shard(self, index: int, count: int) -> "Split":
-        """Every ``count``-th row from ``index`` on (one process's share of the split)."""
-        return Split(self.images[index::count], self.labels[index::count])
-
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -74,7 +70,7 @@ class Dataset:
       name: e.g. ``"cifar10"``, ``"offline"``, ``"tf_flowers"``.
       train, val, test: :class:`Split` (uint8 ``(N, H, W, C)``, int32 ``(N,)``), or splits read
         from disk as they are needed (``jaxcnn.data.folder.FileSplit``: the same ``labels``,
-        ``image_shape``, ``read(rows)`` and ``shard(index, count)``).
+        ``image_shape`` and ``read(rows)``).
       num_classes: number of classes; labels lie in ``[0, num_classes)``.
       class_names: ``num_classes`` human-readable names, index = label.
       source: how to load it again, ``load_dataset(**source)`` (set by ``load_dataset``;

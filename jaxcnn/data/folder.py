@@ -367,10 +367,6 @@ class FileSplit:
             raise ImageReadError(paths[i], reason)
         return images
 
-    def shard(self, index: int, count: int) -> "FileSplit":
-        """Every ``count``-th file from ``index`` on (one process's share of the split)."""
-        return FileSplit(self.paths[index::count], self.labels[index::count], self.image_shape, workers=self.workers)
-
 
 def check_decodable(paths: Sequence[str], *, workers: int | None = None) -> list[tuple[int, str]]:
     """``(index, reason)`` of the files that do not decode, found cheaply: a JPEG is decoded at

@@ -17,6 +17,7 @@ import logging
 import os
 import pathlib
 import sys
+import traceback
 from collections.abc import Callable
 
 from jaxcnn.checkpoint import DamagedCheckpointError
@@ -24,6 +25,7 @@ from jaxcnn.data import DatasetUnavailableError
 from jaxcnn.experiments.configs import PRECISIONS
 from jaxcnn.runfolder import NothingToDo, RunBusyError, RunFolder
 from jaxcnn.train import RunInterrupted, TrainingDiverged
+from jaxcnn.train import distributed
 from jaxcnn.train.distributed import DistributedError, Processes, initialize
 from jaxcnn.train.cpu import backend_started, keep_host_memory, use_cpu_devices
 
@@ -99,6 +101,7 @@ def join_processes(args) -> Processes:
         if given:
             raise ValueError(f"{', '.join(given)} need --distributed")
         return Processes()
+    _native_stdout_to_stderr()  # gloo's connection notes are not the command's output
     initialize(args.coordinator_address, args.num_processes, args.process_id,
                init_timeout_s=args.init_timeout, heartbeat_timeout_s=args.heartbeat_timeout)
     procs = Processes()
@@ -106,6 +109,19 @@ def join_processes(args) -> Processes:
         sys.stdout = open(os.devnull, "w")
         logging.getLogger("jaxcnn").setLevel(logging.ERROR)
     return procs
+
+
+def _native_stdout_to_stderr() -> None:
+    """What native code (gloo, XLA) prints on the standard output goes to stderr; Python's
+    ``print`` keeps the real standard output, so stdout holds the command's own lines only."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced (a test's capture): nothing to split
+        return
+    sys.stdout.flush()
+    python_out = os.dup(fd)
+    os.dup2(sys.stderr.fileno(), fd)
+    sys.stdout = os.fdopen(python_out, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8")
 
 
 class _Stderr(logging.Handler):
@@ -125,8 +141,35 @@ def setup_logging() -> None:
 
 
 def run_main(body: Callable[[], int], *, user_errors: tuple = ()) -> int:
-    """``body()``'s exit status, with the errors of ``USER_ERRORS + user_errors`` as one line each."""
+    """``body()``'s exit status, with the errors of ``USER_ERRORS + user_errors`` as one line each.
+
+    In a run of several processes (``--distributed``), a process that fails tells the others,
+    which stop at once with a line naming it and its error (``jaxcnn.train.distributed.end_all``),
+    and leaves without waiting for them at JAX's shutdown barrier.
+    """
     setup_logging()
+    failure = {}
+
+    def watched() -> int:
+        try:
+            return body()
+        except BaseException as e:
+            failure["why"] = (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
+            raise
+
+    try:
+        code = _run(watched, user_errors)
+    except BaseException:
+        if not distributed.joined():
+            raise
+        traceback.print_exc()  # not a user's error: the traceback, then every process stops
+        code = 1
+    if code != 0 and distributed.joined():  # (the body joins the processes: known only now)
+        distributed.end_all(code, failure.get("why", f"exit status {code}"))
+    return code
+
+
+def _run(body: Callable[[], int], user_errors: tuple) -> int:
     try:
         return body()
     except NothingToDo as e:

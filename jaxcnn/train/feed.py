@@ -1,25 +1,24 @@
-"""Feeds: a split served as global batches sharded over the ``data`` mesh.
+"""Feeds: a split served as global batches sharded over the ``data`` mesh, in one global order.
 
-One process (any number of its devices): the whole split lives on every device as uint8
-(CIFAR-10 is ~180 MB); batches are gathered there inside a small jitted function and come out
-sharded over the ``data`` axis, ready for the jitted step. Each feed compiles its gather once.
+**The order does not depend on the layout.** Epoch ``e``'s order is one permutation of the
+whole split, ``permutation(fold_in(shuffle_key(seed), e), n)``, computed the same on every
+process; global batch ``i`` is rows ``order[i*B:(i+1)*B]``, and its row ``j`` lands on the device
+of the mesh that holds position ``j`` of the batch axis. So N processes x D devices train on the
+batches of one process x N*D devices (and a run resumed in another layout continues the same
+order): each process builds only the positions its own devices hold.
 
-Several processes (``jax.distributed``): each holds only its share of the split (every P-th
-row, ``jaxcnn.train.distributed.shard``) on the host, and builds its part of every global batch
-from it; ``jax.make_array_from_process_local_data`` joins the parts into one global array.
-Process ``p``'s rows fill the batch rows of its own devices.
+Every process holds the whole split (CIFAR-10 is ~180 MB of uint8), in one of two ways:
 
-A split on disk (``jaxcnn.data.folder.FileSplit``, the streaming path) is read the same way,
-batch by batch: the next batches are decoded in background threads while the device trains
-(``prefetch``), and ``wait_s`` counts the time the loop waited for them. The order of the
-batches is the in-memory path's, so both paths train on the same batches.
+* in memory (:class:`jaxcnn.data.Split`): the split lives on every device as uint8, and each
+  batch is gathered there by a small jitted function whose output is sharded over ``data``;
+* on disk (``jaxcnn.data.folder.FileSplit``, the streaming path): each process decodes the files
+  of its positions of the next batches in a background thread (``prefetch``) while the device
+  trains; ``wait_s`` counts the time the loop waited for them.
 
-* :class:`TrainFeed` — shuffled batches: epoch ``e``'s order is
-  ``permutation(fold_in(shuffle_key(seed), e), n)`` of the ``n`` rows a process holds (all of
-  them with one process), the same key on every process; the last incomplete batch is dropped
-  (those examples are seen in other epochs).
-* :class:`EvalFeed` — every example exactly once: each process pads its rows to the same whole
-  number of batches and a ``mask`` marks the real ones; :func:`evaluate` sums over the mask.
+* :class:`TrainFeed` — shuffled batches; the last incomplete batch is dropped (those examples
+  are seen in other epochs).
+* :class:`EvalFeed` — every example exactly once, in order: the split is padded to whole batches
+  and a ``mask`` marks the real rows; :func:`evaluate` sums over the mask.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnn.data.core import Split
 from jaxcnn.train import sharding
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.state import TrainState
@@ -46,119 +44,156 @@ def shuffle_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 0x5EED)
 
 
-def _global_batch(mesh, local: dict) -> dict:
-    """This process's rows of a batch, as its part of one global array sharded over ``data``."""
-    spec = sharding.batch_sharding(mesh)
-    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(spec, a), local)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch``'s order of a split of ``n`` rows, ``(n,)`` int32: the same on every process."""
+    return np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key(seed), epoch), n))
+
+
+def _split_length(split, processes: Processes, what: str) -> int:
+    """``len(split)``, checked equal on every process (each holds the whole split)."""
+    counts = processes.gather(len(split))
+    if len(set(counts)) > 1:
+        raise ValueError(f"{what}: the processes hold splits of different sizes ({counts}, by process); every "
+                         f"process must load the same data")
+    return counts[0]
+
+
+class _Positions:
+    """Which positions of a global batch this process's devices hold, in the order of its shards."""
+
+    def __init__(self, mesh, batch_size: int):
+        spec = sharding.batch_sharding(mesh)
+        starts = sorted({idx[0].start or 0 for idx in spec.addressable_devices_indices_map((batch_size,)).values()})
+        per_device = batch_size // mesh.devices.size
+        self.sharding, self.batch_size = spec, batch_size
+        self.positions = np.concatenate([np.arange(s, s + per_device) for s in starts])  # (local rows,)
+        self._offset = {s: k * per_device for k, s in enumerate(starts)}
+
+    def assemble(self, local: dict) -> dict:
+        """Arrays holding this process's positions (in ``positions`` order) as global arrays
+        ``(batch_size, ...)`` sharded over ``data``."""
+
+        def one(a):
+            def piece(index):
+                start, stop = index[0].start or 0, index[0].stop or self.batch_size
+                k = self._offset[start]
+                return a[k:k + stop - start]
+
+            return jax.make_array_from_callback((self.batch_size, *a.shape[1:]), self.sharding, piece)
+
+        return {k: one(a) for k, a in local.items()}
 
 
 class _HostBatches:
-    """Batches built on the host from a split's rows (several processes, or a split on disk),
-    read ``prefetch`` batches ahead in a background thread."""
+    """Batches of a split on disk: this process's positions of each batch decoded on the host,
+    ``prefetch`` batches ahead in a background thread."""
 
-    def __init__(self, split, mesh, prefetch: int):
-        self.split, self.mesh, self.prefetch, self.wait_s = split, mesh, prefetch, 0.0
+    def __init__(self, split, mesh, batch_size: int, prefetch: int):
+        self.split, self.prefetch, self.wait_s = split, prefetch, 0.0
+        self.positions = _Positions(mesh, batch_size)
 
-    def _rows(self, rows: np.ndarray, extra: dict) -> dict:
-        return {"image": self.split.read(rows), "label": self.split.labels[rows], **extra}
+    def _read(self, rows: np.ndarray, extra: dict) -> dict:
+        mine = self.positions.positions
+        return {"image": self.split.read(rows[mine]), "label": self.split.labels[rows[mine]],
+                **{k: v[mine] for k, v in extra.items()}}
 
     def batches(self, row_sets: list, extras: Optional[list] = None) -> Iterator[dict]:
+        """``row_sets[i]``: the split rows of global batch ``i`` ``(B,)``; ``extras[i]``: more
+        per-position arrays ``(B,)`` (the evaluation mask)."""
         extras = extras or [{}] * len(row_sets)
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(self._rows, r, e) for r, e in zip(row_sets[:self.prefetch], extras)]
+            pending = [pool.submit(self._read, r, e) for r, e in zip(row_sets[:self.prefetch], extras)]
             for i in range(len(row_sets)):
                 if i + self.prefetch < len(row_sets):
-                    pending.append(pool.submit(self._rows, row_sets[i + self.prefetch], extras[i + self.prefetch]))
+                    pending.append(pool.submit(self._read, row_sets[i + self.prefetch], extras[i + self.prefetch]))
                 t = time.perf_counter()
                 local = pending[i].result()
                 self.wait_s += time.perf_counter() - t
                 pending[i] = None
-                yield _global_batch(self.mesh, local)
+                yield self.positions.assemble(local)
+
+
+def _in_memory(split) -> bool:
+    return hasattr(split, "images")  # a jaxcnn.data.Split; a FileSplit reads its files batch by batch
 
 
 class TrainFeed:
     """A training split served as shuffled global batches sharded over ``mesh``.
 
     Args:
-      split: uint8 images ``(N, H, W, C)`` and int32 labels ``(N,)``: the whole split with one
-        process, this process's share with several.
+      split: uint8 images ``(N, H, W, C)`` and int32 labels ``(N,)`` (a ``Split`` in memory, or
+        a ``FileSplit`` read from disk): the whole split, on every process.
       batch_size: global batch (a multiple of the mesh's device count).
       mesh: a 1-D ``data`` mesh over every device of every process (``jaxcnn.train.make_mesh``).
       seed: the epoch order's seed.
       processes: this process among the run's (default: ``Processes()``).
-      prefetch: batches read ahead when the rows come from the host (default 2).
+      prefetch: batches read ahead when they come from disk (default 2).
 
-    ``num_examples`` is the global count; ``steps_per_epoch`` is the same on every process.
+    ``num_examples`` is the split's size, ``steps_per_epoch`` = ``num_examples // batch_size``.
     """
 
-    def __init__(self, split: Split, batch_size: int, mesh, *, seed: int, processes: Optional[Processes] = None,
+    def __init__(self, split, batch_size: int, mesh, *, seed: int, processes: Optional[Processes] = None,
                  prefetch: int = 2):
         self.processes = processes = Processes() if processes is None else processes
         sharding.check_batch_size(batch_size, mesh, name="batch_size")
-        counts = processes.gather(len(split))
-        self.num_examples, self.batch_size, self.num_local = sum(counts), batch_size, len(split)
+        self.num_examples = _split_length(split, processes, "TrainFeed")
         if batch_size > self.num_examples:
             raise ValueError(f"batch_size={batch_size} is larger than the training set ({self.num_examples} examples)")
-        self.local_batch = batch_size // processes.count
-        self.steps_per_epoch = min(counts) // self.local_batch
-        self._key = shuffle_key(seed)
-        self._mesh = mesh
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = self.num_examples // batch_size
         self.host = None
-        if processes.count > 1 or not isinstance(split, Split):  # rows from the host: each batch built there
-            self.host = _HostBatches(split, mesh, prefetch)
+        if not _in_memory(split):
+            self.host = _HostBatches(split, mesh, batch_size, prefetch)
             return
         self._arrays = sharding.replicate({"image": split.images, "label": split.labels}, mesh)
         self._replicated = sharding.replicated(mesh)
 
         @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
-        def take(arrays, perm, i):
-            idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)  # (B,)
-            return jax.tree.map(lambda a: a[idx], arrays)
+        def take(arrays, rows):  # rows: (B,) the batch's rows of the split
+            return jax.tree.map(lambda a: a[rows], arrays)
 
         self._take = take
 
-    def permutation(self, epoch: int) -> jax.Array:
-        """Epoch ``epoch``'s order of this process's rows, ``(n,)`` int32."""
-        return jax.random.permutation(jax.random.fold_in(self._key, epoch), self.num_local)
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s order of the whole split, ``(num_examples,)`` int32."""
+        return epoch_order(self.seed, epoch, self.num_examples)
 
-    def local_indices(self, epoch: int, step: int) -> np.ndarray:
-        """The rows of this process's share that form its part of batch ``step`` of ``epoch``."""
-        perm = np.asarray(self.permutation(epoch))
-        return perm[step * self.local_batch:(step + 1) * self.local_batch]
+    def batch_rows(self, epoch: int, step: int) -> np.ndarray:
+        """The split rows of global batch ``step`` of ``epoch``, ``(batch_size,)``, in batch order."""
+        return self.permutation(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """The batches of epoch ``epoch`` (1-based) from batch ``start`` on (a run resumed
         mid-epoch), ``{"image": (B, H, W, C) uint8, "label": (B,)}`` global arrays."""
+        order, b = self.permutation(epoch), self.batch_size
+        rows = [order[i * b:(i + 1) * b] for i in range(start, self.steps_per_epoch)]
         if self.host is not None:
-            perm = np.asarray(self.permutation(epoch))
-            yield from self.host.batches([perm[i * self.local_batch:(i + 1) * self.local_batch]
-                                          for i in range(start, self.steps_per_epoch)])
+            yield from self.host.batches(rows)
             return
-        perm = jax.device_put(self.permutation(epoch), self._replicated)
-        for i in range(start, self.steps_per_epoch):
-            yield self._take(self._arrays, perm, i)
+        for r in rows:
+            yield self._take(self._arrays, sharding.put(r, self._replicated))
 
 
 class EvalFeed:
     """A split padded to whole batches, with a ``mask`` of its real rows.
 
-    Batches are ``{"image", "label", "mask": bool (B,)}``; :func:`evaluate` counts only masked
-    rows, so every example counts exactly once whatever the batch size and process count.
+    Batches are ``{"image", "label", "mask": bool (B,)}``: batch ``b`` is rows ``b*B .. b*B+B-1``
+    of the split, those past its end masked out (they repeat row 0). :func:`evaluate` counts only
+    masked rows, so every example counts exactly once whatever the batch size, device and
+    process count.
     """
 
-    def __init__(self, split: Split, batch_size: int, mesh, *, processes: Optional[Processes] = None,
+    def __init__(self, split, batch_size: int, mesh, *, processes: Optional[Processes] = None,
                  prefetch: int = 2):
         self.processes = processes = Processes() if processes is None else processes
         sharding.check_batch_size(batch_size, mesh, name="eval_batch_size")
-        counts = processes.gather(len(split))
-        local_batch = batch_size // processes.count
-        n = len(split)
-        total = max(1, math.ceil(max(counts) / local_batch)) * local_batch  # the same on every process
-        self.num_examples, self.batch_size, self.num_batches = sum(counts), batch_size, total // local_batch
-        self._local_batch, self._mesh, self._n = local_batch, mesh, n
+        n = self.num_examples = _split_length(split, processes, "EvalFeed")
+        self.batch_size = batch_size
+        self.num_batches = max(1, math.ceil(n / batch_size))
+        total = self.num_batches * batch_size
         self.host = None
-        if processes.count > 1 or not isinstance(split, Split):  # rows from the host, padding rows repeat row 0
-            self.host = _HostBatches(split, mesh, prefetch)
+        if not _in_memory(split):
+            self.host = _HostBatches(split, mesh, batch_size, prefetch)
             return
         pad = total - n
         images, labels = split.images, split.labels
@@ -177,9 +212,9 @@ class EvalFeed:
         if self.host is not None:
             rows, extras = [], []
             for b in range(self.num_batches):
-                r = np.arange(b * self._local_batch, (b + 1) * self._local_batch)
-                rows.append(np.where(r < self._n, r, 0))  # padding: row 0 again, masked out
-                extras.append({"mask": r < self._n})
+                r = np.arange(b * self.batch_size, (b + 1) * self.batch_size)
+                rows.append(np.where(r < self.num_examples, r, 0))  # padding: row 0 again, masked out
+                extras.append({"mask": r < self.num_examples})
             yield from self.host.batches(rows, extras)
             return
         for b in range(self.num_batches):

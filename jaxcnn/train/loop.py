@@ -41,7 +41,7 @@ from jaxcnn.runfolder import HISTORY_FIELDS, DamagedCheckpointError, NothingToDo
 from jaxcnn.train import sharding
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
-from jaxcnn.train.distributed import Processes, shard
+from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
 from jaxcnn.train.state import TrainState, get_learning_rate, set_learning_rate, state_from_tree, state_to_tree
 from jaxcnn.train.steps import make_eval_step, make_train_step
@@ -103,12 +103,10 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
     t_start = time.perf_counter()
     procs = Processes()  # one process, or this one of several (jax.distributed): process 0 writes the records
     mesh = sharding.make_mesh() if mesh is None else mesh
-    dataset = _share_of(dataset, procs)
     train_feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed, processes=procs)
     val_feed = EvalFeed(dataset.val, config.eval_batch_size, mesh, processes=procs)
     run = RunFolder(workdir)
-    record = run_config(state, dataset, config, model=model, experiment=experiment,
-                        sizes={k: sum(procs.gather(len(getattr(dataset, k)))) for k in ("train", "val", "test")})
+    record = run_config(state, dataset, config, model=model, experiment=experiment)
     procs.check_same_config(record)
     procs.on_primary(run.check_writable)
     train_step, eval_step = _steps(config, labels, train_step, eval_step)
@@ -170,14 +168,6 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
     if diverged:
         raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run), summary)
     return state, history, summary
-
-
-def _share_of(dataset, procs: Processes):
-    """The dataset with only this process's share of each split (every P-th row); itself with one process."""
-    if procs.count == 1:
-        return dataset
-    return dataclasses.replace(dataset, **{k: shard(getattr(dataset, k), procs.index, procs.count)
-                                           for k in ("train", "val", "test")})
 
 
 def _signal_now(stop: dict, procs: Processes, done: int) -> Optional[int]:
@@ -309,7 +299,7 @@ def _accumulator(max_loss: float) -> Callable:
 
 
 def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional[nn.Module] = None,
-               experiment: Optional[dict] = None, sizes: Optional[dict] = None) -> dict:
+               experiment: Optional[dict] = None) -> dict:
     """What ``fit`` writes to ``config.json``: enough to rebuild the model, reload the data and
     check a resume, in any process.
 
@@ -317,7 +307,7 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
     (the input preprocessing is ``fit.preprocess``); ``model`` is None when no Flax module is known.
     """
     model = module_of(state.apply_fn) if model is None else model
-    sizes = sizes or {k: len(getattr(dataset, k)) for k in ("train", "val", "test")}  # (global, with processes)
+    sizes = {k: len(getattr(dataset, k)) for k in ("train", "val", "test")}  # every process holds whole splits
     return {
         "model": None if model is None else model_spec(model),
         "data": {"name": dataset.name, "source": dataset.source, "image_shape": list(dataset.image_shape),

@@ -10,7 +10,7 @@ on the device) and ``stream=True`` (each batch decoded from disk in background t
 device trains) — and times ``--steps`` steps of ``fit``'s jitted, donated phase-1 train step
 (ResNet50 with its backbone frozen, caffe preprocessing, augmentation) per round, the two paths
 taking turns. Reports images/s and, for the streamed path, the fraction of the time the loop
-waited for a batch (``TrainFeed.host.wait_s``). Weights are random (speed does not depend on them).
+waited for a batch (``TrainFeed.source.wait_s``). Weights are random (speed does not depend on them).
 The measured table is in ``benchmarks/README.md``.
 """
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         for r in range(args.rounds + 1):  # round 0: compile and warm up
             for name, rec in paths.items():
                 feed = rec["feed"]
-                waited = feed.host.wait_s if feed.host else 0.0
+                waited = feed.source.wait_s
                 rec["epoch"] += 1
                 t = time.perf_counter()
                 for i, batch in enumerate(feed.epoch(rec["epoch"])):
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                 dt = time.perf_counter() - t
                 if r:
                     rec["ips"].append(args.steps * args.batch / dt)
-                    rec["wait"].append(((feed.host.wait_s if feed.host else 0.0) - waited) / dt)
+                    rec["wait"].append((feed.source.wait_s - waited) / dt)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"\nResNet50 fine-tuning phase 1 (backbone frozen), {args.size}x{args.size}, batch {args.batch}, "
           f"median of {args.rounds} rounds of {args.steps} steps; CPU {cpu}, {os.cpu_count()} cores, "

@@ -13,6 +13,14 @@ from typing import Optional
 
 import numpy as np
 
+def seeded_parts(n: int, sizes, seed: int) -> list[np.ndarray]:
+    """A seeded split of ``n`` rows: ``[rest, part_1, ..., part_k]`` index arrays, part ``i`` of
+    ``sizes[i]`` rows, each in ascending order (every dataset splits off val / test this way)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([0, *sizes])
+    return [np.sort(perm[bounds[-1]:])] + [np.sort(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class DatasetUnavailableError(RuntimeError):
     """A dataset cannot be had here (no network and no manually placed file).
 

@@ -38,7 +38,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
-from jaxcnn.data.core import Dataset, Split
+from jaxcnn.data.core import Dataset, Split, seeded_parts
 
 #: Image formats read (Pillow's names); other files in a class folder are skipped and listed.
 FORMATS = ("JPEG", "PNG")
@@ -217,10 +217,7 @@ def _cut(files: list, labels: list, fractions: Sequence[float], seed: int, what:
     if sum(sizes) >= n:
         raise ValueError(f"{what} has {n} image(s), too few to split off {' + '.join(map(str, sizes))} for "
                          f"{'val and test' if len(sizes) == 2 else 'this split'} and keep one to train on")
-    perm = np.random.default_rng(seed).permutation(n)
-    bounds = np.cumsum([0, *sizes])
-    parts = [np.sort(perm[bounds[-1]:])] + [np.sort(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [([files[i] for i in idx], [labels[i] for i in idx]) for idx in parts]
+    return [([files[i] for i in idx], [labels[i] for i in idx]) for idx in seeded_parts(n, sizes, seed)]
 
 
 def scan_folder(path: Union[str, os.PathLike], *, seed: int = 0, val_fraction: float = 0.1,
@@ -341,6 +338,8 @@ class FileSplit:
       paths: the image files, a label each; ``labels``: int32 ``(N,)``.
       image_shape: ``(H, W, 3)`` of every decoded image.
     """
+
+    images = None  # not in memory: ``jaxcnn.train`` reads batches of files through ``read(rows)``
 
     def __init__(self, paths: Sequence[str], labels: np.ndarray, image_shape: tuple[int, int, int], *,
                  workers: int | None = None):

@@ -21,7 +21,7 @@ import urllib.parse
 
 import numpy as np
 
-from jaxcnn.data.core import Dataset, DatasetUnavailableError, Split
+from jaxcnn.data.core import Dataset, DatasetUnavailableError, Split, seeded_parts
 
 CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                        "dog", "frog", "horse", "ship", "truck")
@@ -189,10 +189,7 @@ def _split_off(images, labels, sizes, seed, fn, arg):
     if sum(sizes) >= n:
         raise ValueError(f"{fn}: {arg} asks for {sum(sizes)} of the {n} training examples; "
                          f"must leave at least one for training (< {n})")
-    perm = np.random.default_rng(seed).permutation(n)
-    bounds = np.cumsum([0, *sizes])
-    parts = [np.sort(perm[bounds[-1]:])] + [np.sort(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return [Split(images=images[idx], labels=labels[idx]) for idx in parts]
+    return [Split(images=images[idx], labels=labels[idx]) for idx in seeded_parts(n, sizes, seed)]
 
 
 def _check_int(fn, arg, value, *, minimum):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jaxcnn import results, viz
 from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, check_workdir,
                                    join_processes, run_main)
-from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config
+from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
@@ -59,20 +59,6 @@ def create_state(config: ExperimentConfig, model, image_shape) -> TrainState:
     state_key = jax.random.split(jax.random.key(config.fit.seed))[1]
     return TrainState.create(apply_fn=model.apply, variables=init_variables(model, config.fit.seed, image_shape),
                              tx=adam(config.learning_rate), key=state_key)
-
-
-def load_data(config: ExperimentConfig):
-    """The config's dataset (``jaxcnn.data.load_dataset``); raises DatasetUnavailableError for CIFAR-10 offline."""
-    from jaxcnn.data import load_dataset
-
-    if config.dataset == "folder":
-        return load_dataset("folder", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size,
-                            val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                            **({} if config.stream is None else {"stream": config.stream}))
-    if config.dataset == "offline":
-        return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
-                            num_test=config.num_test)
-    return load_dataset("cifar10", data_dir=config.data_dir, seed=config.fit.seed, val_size=config.val_size)
 
 
 def run(config: ExperimentConfig, workdir, *, resume: bool = False, overwrite: bool = False, progress: bool = True,

@@ -161,3 +161,24 @@ def with_overrides(base, overrides: dict):
         overrides = {**{k: v for k, v in overrides.items() if k in top},
                      "fit": dataclasses.replace(fit, **to_fit)}
     return dataclasses.replace(base, **overrides)
+
+
+def load_data(config):
+    """The dataset of an experiment's config (``cifar10``'s ``ExperimentConfig`` or ``finetune``'s
+    ``FinetuneConfig``: the same data fields) through ``jaxcnn.data.load_dataset``; raises
+    ``jaxcnn.data.DatasetUnavailableError`` when CIFAR-10 or tf_flowers cannot be had here."""
+    from jaxcnn.data import load_dataset
+
+    kind, seed = config.dataset, config.fit.seed
+    if kind == "folder":
+        return load_dataset("folder", data_dir=config.data_dir, seed=seed, image_size=config.image_size,
+                            val_fraction=config.val_fraction, test_fraction=config.test_fraction,
+                            **({} if config.stream is None else {"stream": config.stream}))
+    if kind == "offline":
+        size = getattr(config, "offline_image_size", None)
+        return load_dataset("offline", seed=seed, num_train=config.num_train, num_val=config.num_val,
+                            num_test=config.num_test, **({} if size is None else {"image_size": size}))
+    if kind == "cifar10":
+        return load_dataset("cifar10", data_dir=config.data_dir, seed=seed, val_size=config.val_size)
+    return load_dataset(kind, data_dir=config.data_dir, seed=seed, image_size=config.image_size)
+

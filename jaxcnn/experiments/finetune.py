@@ -61,7 +61,7 @@ from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, join_processes,
                                    run_main)
-from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, with_overrides
+from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
@@ -108,6 +108,11 @@ class FinetuneConfig:
     # The seed's fine-tuning augmentation: flips and shifts, no rotation; Keras' caffe preprocessing.
     fit: FitConfig = FitConfig(batch_size=32, eval_batch_size=64, augment=AugmentConfig(rotation=0.0),
                                preprocess="caffe")
+
+    @property
+    def offline_image_size(self) -> int:
+        """The embedded offline set is made at the model's input size (``configs.load_data``)."""
+        return self.image_size
 
     def __post_init__(self):
         for name, allowed in (("preset", PRESETS), ("dataset", DATASETS), ("model", MODELS)):
@@ -279,20 +284,6 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
 
 
 # --------------------------------------------------------------------------- both phases
-
-
-def load_data(config: FinetuneConfig):
-    """The config's dataset; raises ``jaxcnn.data.DatasetUnavailableError`` when tf_flowers cannot be had."""
-    from jaxcnn.data import load_dataset
-
-    if config.dataset == "folder":
-        return load_dataset("folder", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size,
-                            val_fraction=config.val_fraction, test_fraction=config.test_fraction,
-                            **({} if config.stream is None else {"stream": config.stream}))
-    if config.dataset == "offline":
-        return load_dataset("offline", seed=config.fit.seed, num_train=config.num_train, num_val=config.num_val,
-                            num_test=config.num_test, image_size=config.image_size)
-    return load_dataset("tf_flowers", data_dir=config.data_dir, seed=config.fit.seed, image_size=config.image_size)
 
 
 NO_WEIGHTS_WARNING = ("WARNING: running WITHOUT pretrained weights (--weights none): the backbone is randomly "

@@ -15,6 +15,9 @@ Every process holds the whole split (CIFAR-10 is ~180 MB of uint8), in one of tw
   of its positions of the next batches in a background thread (``prefetch``) while the device
   trains; ``wait_s`` counts the time the loop waited for them.
 
+A feed is an index plan (:func:`train_plan`, :func:`eval_plan`: which split rows form each
+global batch; pure) read through a batch source (:func:`batch_source`: rows -> sharded arrays):
+
 * :class:`TrainFeed` — shuffled batches; the last incomplete batch is dropped (those examples
   are seen in other epochs).
 * :class:`EvalFeed` — every example exactly once, in order: the split is padded to whole batches
@@ -44,10 +47,29 @@ def shuffle_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 0x5EED)
 
 
+# ------------------------------------------------------------------ the index plan (pure, no devices)
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """Epoch ``epoch``'s order of a split of ``n`` rows, ``(n,)`` int32: the same on every process."""
     return np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_key(seed), epoch), n))
 
+
+def train_plan(seed: int, epoch: int, n: int, batch_size: int, start: int = 0) -> np.ndarray:
+    """The split rows of epoch ``epoch``'s global batches from batch ``start`` on,
+    ``(n // batch_size - start, batch_size)``; the last incomplete batch is dropped."""
+    steps = n // batch_size
+    return epoch_order(seed, epoch, n)[:steps * batch_size].reshape(steps, batch_size)[start:]
+
+
+def eval_plan(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, mask)``, each ``(ceil(n / batch_size), batch_size)``: the split in order, padded
+    to whole batches with row 0 again, ``mask`` False on the padding."""
+    positions = np.arange(max(1, math.ceil(n / batch_size)) * batch_size).reshape(-1, batch_size)
+    mask = positions < n
+    return np.where(mask, positions, 0), mask
+
+
+# ------------------------------------------------------------------ batch sources (rows -> global arrays)
 
 def _split_length(split, processes: Processes, what: str) -> int:
     """``len(split)``, checked equal on every process (each holds the whole split)."""
@@ -84,11 +106,40 @@ class _Positions:
         return {k: one(a) for k, a in local.items()}
 
 
-class _HostBatches:
-    """Batches of a split on disk: this process's positions of each batch decoded on the host,
-    ``prefetch`` batches ahead in a background thread."""
+class ResidentRows:
+    """A split held in memory, put once on every device (uint8); each batch is gathered there by a
+    jitted function whose output is sharded over ``data``."""
 
-    def __init__(self, split, mesh, batch_size: int, prefetch: int):
+    streamed = False
+    wait_s = 0.0
+
+    def __init__(self, split, mesh, batch_size: int):
+        self._arrays = sharding.replicate({"image": split.images, "label": split.labels}, mesh)
+        self._replicated = sharding.replicated(mesh)
+
+        @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
+        def take(arrays, rows, extra):  # rows: (B,) the batch's rows of the split
+            return {**jax.tree.map(lambda a: a[rows], arrays), **extra}
+
+        self._take = take
+
+    def batches(self, row_sets, extras=None) -> Iterator[dict]:
+        """``row_sets[i]``: the split rows of global batch ``i`` ``(B,)``; ``extras[i]``: more
+        per-position arrays ``(B,)`` (the evaluation mask), the same on every process."""
+        put = functools.partial(sharding.put, sharding=self._replicated)
+        for i, rows in enumerate(row_sets):
+            extra = {} if extras is None else jax.tree.map(put, extras[i])
+            yield self._take(self._arrays, put(rows), extra)
+
+
+class StreamedRows:
+    """A split read from disk (``FileSplit``): this process's positions of each batch decoded on
+    the host, ``prefetch`` batches ahead in a background thread; ``wait_s`` counts the time the
+    loop waited for them."""
+
+    streamed = True
+
+    def __init__(self, split, mesh, batch_size: int, prefetch: int = 2):
         self.split, self.prefetch, self.wait_s = split, prefetch, 0.0
         self.positions = _Positions(mesh, batch_size)
 
@@ -97,9 +148,9 @@ class _HostBatches:
         return {"image": self.split.read(rows[mine]), "label": self.split.labels[rows[mine]],
                 **{k: v[mine] for k, v in extra.items()}}
 
-    def batches(self, row_sets: list, extras: Optional[list] = None) -> Iterator[dict]:
-        """``row_sets[i]``: the split rows of global batch ``i`` ``(B,)``; ``extras[i]``: more
-        per-position arrays ``(B,)`` (the evaluation mask)."""
+    def batches(self, row_sets, extras=None) -> Iterator[dict]:
+        """As :meth:`ResidentRows.batches`."""
+        row_sets = list(row_sets)
         extras = extras or [{}] * len(row_sets)
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             pending = [pool.submit(self._read, r, e) for r, e in zip(row_sets[:self.prefetch], extras)]
@@ -113,9 +164,16 @@ class _HostBatches:
                 yield self.positions.assemble(local)
 
 
-def _in_memory(split) -> bool:
-    return hasattr(split, "images")  # a jaxcnn.data.Split; a FileSplit reads its files batch by batch
+def batch_source(split, mesh, batch_size: int, *, prefetch: int = 2):
+    """Where a split's batches come from: :class:`ResidentRows` for a split whose ``images`` are
+    in memory (``jaxcnn.data.Split``), :class:`StreamedRows` for one that reads its files as
+    batches need them (``jaxcnn.data.folder.FileSplit``, whose ``images`` is None)."""
+    if getattr(split, "images", None) is not None:
+        return ResidentRows(split, mesh, batch_size)
+    return StreamedRows(split, mesh, batch_size, prefetch)
 
+
+# ------------------------------------------------------------------ the feeds: a plan and a source
 
 class TrainFeed:
     """A training split served as shuffled global batches sharded over ``mesh``.
@@ -129,7 +187,9 @@ class TrainFeed:
       processes: this process among the run's (default: ``Processes()``).
       prefetch: batches read ahead when they come from disk (default 2).
 
-    ``num_examples`` is the split's size, ``steps_per_epoch`` = ``num_examples // batch_size``.
+    ``num_examples`` is the split's size, ``steps_per_epoch`` = ``num_examples // batch_size``;
+    ``source.streamed`` / ``source.wait_s``: whether batches are read from disk, and the time
+    spent waiting for them.
     """
 
     def __init__(self, split, batch_size: int, mesh, *, seed: int, processes: Optional[Processes] = None,
@@ -141,44 +201,23 @@ class TrainFeed:
             raise ValueError(f"batch_size={batch_size} is larger than the training set ({self.num_examples} examples)")
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_epoch = self.num_examples // batch_size
-        self.host = None
-        if not _in_memory(split):
-            self.host = _HostBatches(split, mesh, batch_size, prefetch)
-            return
-        self._arrays = sharding.replicate({"image": split.images, "label": split.labels}, mesh)
-        self._replicated = sharding.replicated(mesh)
-
-        @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
-        def take(arrays, rows):  # rows: (B,) the batch's rows of the split
-            return jax.tree.map(lambda a: a[rows], arrays)
-
-        self._take = take
+        self.source = batch_source(split, mesh, batch_size, prefetch=prefetch)
 
     def permutation(self, epoch: int) -> np.ndarray:
         """Epoch ``epoch``'s order of the whole split, ``(num_examples,)`` int32."""
         return epoch_order(self.seed, epoch, self.num_examples)
 
-    def batch_rows(self, epoch: int, step: int) -> np.ndarray:
-        """The split rows of global batch ``step`` of ``epoch``, ``(batch_size,)``, in batch order."""
-        return self.permutation(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """The batches of epoch ``epoch`` (1-based) from batch ``start`` on (a run resumed
         mid-epoch), ``{"image": (B, H, W, C) uint8, "label": (B,)}`` global arrays."""
-        order, b = self.permutation(epoch), self.batch_size
-        rows = [order[i * b:(i + 1) * b] for i in range(start, self.steps_per_epoch)]
-        if self.host is not None:
-            yield from self.host.batches(rows)
-            return
-        for r in rows:
-            yield self._take(self._arrays, sharding.put(r, self._replicated))
+        yield from self.source.batches(train_plan(self.seed, epoch, self.num_examples, self.batch_size, start))
 
 
 class EvalFeed:
     """A split padded to whole batches, with a ``mask`` of its real rows.
 
     Batches are ``{"image", "label", "mask": bool (B,)}``: batch ``b`` is rows ``b*B .. b*B+B-1``
-    of the split, those past its end masked out (they repeat row 0). :func:`evaluate` counts only
+    of the split, those past its end masked out (:func:`eval_plan`). :func:`evaluate` counts only
     masked rows, so every example counts exactly once whatever the batch size, device and
     process count.
     """
@@ -187,38 +226,14 @@ class EvalFeed:
                  prefetch: int = 2):
         self.processes = processes = Processes() if processes is None else processes
         sharding.check_batch_size(batch_size, mesh, name="eval_batch_size")
-        n = self.num_examples = _split_length(split, processes, "EvalFeed")
+        self.num_examples = _split_length(split, processes, "EvalFeed")
         self.batch_size = batch_size
-        self.num_batches = max(1, math.ceil(n / batch_size))
-        total = self.num_batches * batch_size
-        self.host = None
-        if not _in_memory(split):
-            self.host = _HostBatches(split, mesh, batch_size, prefetch)
-            return
-        pad = total - n
-        images, labels = split.images, split.labels
-        arrays = {"image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]),
-                  "label": np.concatenate([labels, np.zeros(pad, labels.dtype)]),
-                  "mask": np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])}
-        self._arrays = sharding.replicate(arrays, mesh)
-
-        @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
-        def take(arrays, start):
-            return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, batch_size), arrays)
-
-        self._take = take
+        self._rows, self._mask = eval_plan(self.num_examples, batch_size)
+        self.num_batches = len(self._rows)
+        self.source = batch_source(split, mesh, batch_size, prefetch=prefetch)
 
     def batches(self) -> Iterator[dict]:
-        if self.host is not None:
-            rows, extras = [], []
-            for b in range(self.num_batches):
-                r = np.arange(b * self.batch_size, (b + 1) * self.batch_size)
-                rows.append(np.where(r < self.num_examples, r, 0))  # padding: row 0 again, masked out
-                extras.append({"mask": r < self.num_examples})
-            yield from self.host.batches(rows, extras)
-            return
-        for b in range(self.num_batches):
-            yield self._take(self._arrays, b * self.batch_size)
+        yield from self.source.batches(self._rows, [{"mask": m} for m in self._mask])
 
 
 def evaluate(state: TrainState, feed: EvalFeed, eval_step: Callable) -> dict:

@@ -248,7 +248,7 @@ def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch:
     handler: the epoch stops after the current step (``stopped_by``).
     """
     t0 = time.perf_counter()
-    waited = feed.host.wait_s if feed.host is not None else 0.0
+    waited = feed.source.wait_s
     lr = get_learning_rate(state.opt_state)
     steps = feed.steps_per_epoch
     accumulate = _accumulator(math.inf) if accumulate is None else accumulate
@@ -279,8 +279,8 @@ def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch:
     row = {"epoch": epoch, "train_loss": host["loss"] / steps, "train_accuracy": host["accuracy"] / steps,
            "lr": float(f"{lr:.7g}"),  # the float32 rate, without float32's decimal noise
            "images_per_s": (done - start) * feed.batch_size / max(time.perf_counter() - t0, 1e-9)}
-    if feed.host is not None:  # batches built on the host: the share of the epoch spent waiting for them
-        row["data_wait_fraction"] = (feed.host.wait_s - waited) / max(time.perf_counter() - t0, 1e-9)
+    if feed.source.streamed:  # batches read from disk: the share of the epoch spent waiting for them
+        row["data_wait_fraction"] = (feed.source.wait_s - waited) / max(time.perf_counter() - t0, 1e-9)
     return EpochResult(state, row, host, done, stopped_by, bad)
 
 

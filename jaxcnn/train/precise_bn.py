@@ -1,0 +1,75 @@
+"""Precise BatchNorm: population statistics re-estimated over training batches with the weights fixed.
+
+BatchNorm's moving statistics are an exponential average with momentum 0.99 (Keras' default,
+the seed's): after a few hundred steps they still mix in batches seen under much older weights,
+so early in a run the model that is evaluated (validation loss, early stopping, the best
+checkpoint) is not the model that was trained. Precise BatchNorm (Wu & Johnson, "Rethinking
+'Batch' in BatchNorm", 2021; pycls and detectron2 do it) replaces them, before an evaluation, by
+the average over ``num_batches`` training batches of each batch's mean and variance, computed
+with the current weights, in the same train-mode forward pass the step runs.
+
+Each batch's statistics come from the model's own BatchNorm update,
+``new = momentum * old + (1 - momentum) * batch``, solved for ``batch``; a layer whose
+statistics do not move (a frozen BatchNorm) keeps its own, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxcnn.preprocess import scale_to_unit
+from jaxcnn.train.state import TrainState
+
+
+def make_batch_stats_step(momentum: float, *, preprocess: Callable = scale_to_unit) -> Callable:
+    """``step(state, batch, key) -> (batch_stats, moved)``: each BatchNorm layer's mean and variance
+    over ``batch`` (the train-mode forward pass, dropout on, no augmentation) and, per leaf,
+    whether the layer updates them at all. Pure; jit it."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"make_batch_stats_step: momentum={momentum!r}; must be in [0, 1)")
+
+    def step(state: TrainState, batch: dict, key: jax.Array):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        _, out = state.apply_fn(variables, preprocess(batch["image"]), train=True, rngs={"dropout": key},
+                                mutable=["batch_stats"])
+        new = out["batch_stats"]
+        # new = m * old + (1 - m) * batch  =>  batch = (new - m * old) / (1 - m)
+        stats = jax.tree.map(lambda n, o: (n - momentum * o) / (1.0 - momentum), new, state.batch_stats)
+        moved = jax.tree.map(lambda n, o: jnp.any(n != o), new, state.batch_stats)
+        return stats, moved
+
+    return step
+
+
+def precise_batch_stats(state: TrainState, batches: Iterable[dict], *, momentum: float,
+                        num_batches: int, step: Optional[Callable] = None, seed: int = 0) -> dict:
+    """The population statistics of ``state``'s BatchNorm layers re-estimated over ``num_batches``
+    of ``batches`` (``{"image": uint8 (B, H, W, C), ...}``, e.g. ``TrainFeed.epoch(...)``).
+
+    ``mean`` = the average of the batches' means, ``var`` = the average of their (biased)
+    variances, as pycls and detectron2 do. A layer that did not move its statistics (frozen)
+    keeps ``state.batch_stats`` exactly. ``momentum``: the model's BatchNorm momentum (the
+    ``bn_momentum`` of ``jaxcnn.models``). ``step``: a jitted :func:`make_batch_stats_step`
+    (built here when None). Returns a tree like ``state.batch_stats``.
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"precise_batch_stats: num_batches={num_batches!r}; must be an int >= 1")
+    if not state.batch_stats:
+        return state.batch_stats
+    step = jax.jit(make_batch_stats_step(momentum)) if step is None else step
+    total, moved, count = None, None, 0
+    key = jax.random.key(seed)
+    for batch in batches:
+        stats, m = step(state, batch, jax.random.fold_in(key, count))
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        moved = m if moved is None else jax.tree.map(jnp.logical_or, moved, m)
+        count += 1
+        if count == num_batches:
+            break
+    if count == 0:
+        raise ValueError("precise_batch_stats: batches is empty")
+    return jax.tree.map(lambda t, m, old: jnp.where(m, t / count, old), total, moved, state.batch_stats)

@@ -1,0 +1,100 @@
+"""Precise BatchNorm against statistics computed by hand in float64 NumPy over the same batches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcnn import reference
+from jaxcnn.models import CifarCNN
+from jaxcnn.train import TrainState, adam
+from jaxcnn.train.precise_bn import precise_batch_stats
+
+EPS32 = float(np.finfo(np.float32).eps)
+BN_EPSILON = 1e-3  # CifarCNN's (Keras')
+
+
+def _state(momentum: float, seed: int = 0):
+    model = CifarCNN(num_classes=3, widths=(4,), dense_units=4, conv_dropout="none", dense_dropout=0.0,
+                     bn_momentum=momentum)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 3)), train=False)
+    # moving statistics far from the data's, so an estimate that leaned on them would show
+    stats = jax.tree.map(lambda a: jnp.full_like(a, 7.0), variables["batch_stats"])
+    state = TrainState.create(apply_fn=model.apply, variables={**variables, "batch_stats": stats},
+                              tx=adam(1e-3), key=jax.random.key(1))
+    return state
+
+
+def _np_block1(params, images):
+    """float64: the inputs of block1_bn1 and block1_bn2 in train mode (each BN normalises by its
+    batch's own statistics), ``(N, H, W, 4)`` each."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = images.astype(np.float64) / 255.0
+    pad = ((1, 1), (1, 1))
+    a1 = np.maximum(reference.conv2d_forward(x, p["block1_conv1"]["kernel"], p["block1_conv1"]["bias"],
+                                             padding=pad)[0], 0.0)
+    m, v = a1.mean(axis=(0, 1, 2)), a1.var(axis=(0, 1, 2))
+    y = (a1 - m) / np.sqrt(v + BN_EPSILON) * p["block1_bn1"]["scale"] + p["block1_bn1"]["bias"]
+    a2 = np.maximum(reference.conv2d_forward(y, p["block1_conv2"]["kernel"], p["block1_conv2"]["bias"],
+                                             padding=pad)[0], 0.0)
+    return a1, a2
+
+
+@pytest.mark.parametrize("momentum", [0.99, 0.9])
+def test_precise_statistics_are_the_average_of_the_batches_statistics(momentum):
+    state = _state(momentum)
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), "label": np.zeros(6, np.int32)}
+               for _ in range(4)]
+    got = precise_batch_stats(state, iter(batches), momentum=momentum, num_batches=3)  # the first 3 only
+    want = {}
+    for name in ("block1_bn1", "block1_bn2"):
+        means, vars_ = [], []
+        for b in batches[:3]:
+            a = _np_block1(state.params, b["image"])[0 if name.endswith("1") else 1]
+            means.append(a.mean(axis=(0, 1, 2)))
+            vars_.append(a.var(axis=(0, 1, 2)))
+        want[name] = {"mean": np.mean(means, 0), "var": np.mean(vars_, 0)}
+    # float32: the forward (sums of 27 / 36 terms), the variance as E[x^2] - E[x]^2 over 384 values,
+    # and solving new = m old + (1 - m) batch for batch, which scales rounding by (1 + m) / (1 - m)
+    amplify = (1 + momentum) / (1 - momentum)
+    for name, w in want.items():
+        for k in ("mean", "var"):
+            g = np.asarray(got[name][k], np.float64)
+            scale = np.abs(w[k]) + np.abs(w["mean"]) ** (2 if k == "var" else 1) + 1e-3
+            tol = 64 * EPS32 * amplify * scale
+            assert np.all(np.abs(g - w[k]) <= tol), (name, k, np.abs(g - w[k]).max(), tol.min())
+            assert not np.allclose(g, 7.0)
+    # the dense layer's statistics moved too (re-estimated, not the 7s)
+    assert not np.allclose(np.asarray(got["dense_bn"]["mean"]), 7.0)
+
+
+def test_a_layer_whose_statistics_do_not_move_keeps_them_exactly():
+    state = _state(0.99)
+    model = CifarCNN(num_classes=3, widths=(4,), dense_units=4, conv_dropout="none", dense_dropout=0.0)
+
+    def apply_fn(variables, x, *, train, rngs=None, mutable=False):  # dense_bn frozen: its statistics kept
+        out = model.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
+        if mutable:
+            logits, new = out
+            stats = dict(new["batch_stats"])
+            stats["dense_bn"] = variables["batch_stats"]["dense_bn"]
+            return logits, {"batch_stats": stats}
+        return out
+
+    state = state.replace(apply_fn=apply_fn)
+    batch = {"image": np.random.default_rng(1).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)}
+    got = precise_batch_stats(state, [batch], momentum=0.99, num_batches=1)
+    for k in ("mean", "var"):
+        np.testing.assert_array_equal(np.asarray(got["dense_bn"][k]), np.asarray(state.batch_stats["dense_bn"][k]))
+    assert not np.allclose(np.asarray(got["block1_bn1"]["mean"]), 7.0)
+
+
+def test_bad_arguments_are_named():
+    state = _state(0.99)
+    with pytest.raises(ValueError, match=r"num_batches=0; must be an int >= 1"):
+        precise_batch_stats(state, [], momentum=0.99, num_batches=0)
+    with pytest.raises(ValueError, match=r"batches is empty"):
+        precise_batch_stats(state, [], momentum=0.99, num_batches=2)
+    with pytest.raises(ValueError, match=r"momentum=1.0; must be in \[0, 1\)"):
+        precise_batch_stats(state, [], momentum=1.0, num_batches=2)

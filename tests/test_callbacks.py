@@ -29,6 +29,48 @@ def test_early_stopping_fires_patience_epochs_after_the_best():
     assert stopped_at == 9 and es.best_epoch == 4 and es.best == 0.7
 
 
+# The issue's small folder: a good first epoch, a spike while BatchNorm's statistics settle, then learning.
+WARMUP_SCRIPT = [1.17, 2.27, 1.38, 3.80, 6.71, 8.71, 2.0, 1.1, 0.95, 0.87, 0.9, 0.91, 0.92, 0.93, 0.94]
+
+
+def test_early_stopping_does_not_stop_a_warming_up_run_but_keeps_the_best():
+    plain = EarlyStopping(patience=5)
+    for epoch, v in enumerate(WARMUP_SCRIPT, start=1):
+        plain.update(epoch, v)
+        if plain.should_stop:
+            break
+    assert plain.stopped_epoch == 6 and plain.best_epoch == 1  # today's seed recipe: epoch 1's weights
+    warm = EarlyStopping(patience=5, start_from_epoch=6)
+    improved = [warm.update(epoch, v) for epoch, v in enumerate(WARMUP_SCRIPT, start=1) if not warm.should_stop]
+    # epochs 2-6 do not count; 7, 8, 9 do not beat 1.17 ... 8 (1.1) does, 9 and 10 too; 11-15 wait 5
+    assert improved[:8] == [True, False, False, False, False, False, False, True]
+    assert warm.best_epoch == 10 and warm.best == 0.87 and warm.stopped_epoch == 15
+    # within the warm-up, the best is tracked all the same
+    early = EarlyStopping(patience=1, start_from_epoch=3)
+    assert [early.update(e, v) for e, v in enumerate([2.0, 1.0, 3.0], start=1)] == [True, True, False]
+    assert not early.should_stop and early.best_epoch == 2
+    early.update(4, 3.0)
+    assert early.should_stop and early.stopped_epoch == 4
+
+
+def test_plateau_does_not_reduce_during_the_warm_up():
+    plain, warm = ReduceLROnPlateau(patience=2), ReduceLROnPlateau(patience=2, start_from_epoch=4)
+    lrs_plain, lrs_warm, lr_p, lr_w = [], [], 1.0, 1.0
+    for epoch, v in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], start=1):
+        lr_p, lr_w = plain.update(epoch, v, lr_p), warm.update(epoch, v, lr_w)
+        lrs_plain.append(lr_p)
+        lrs_warm.append(lr_w)
+    assert lrs_plain == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert lrs_warm == [1.0, 1.0, 1.0, 1.0, 1.0, 0.5]  # epochs 5 and 6 count
+
+
+def test_start_from_epoch_is_validated():
+    with pytest.raises(ValueError, match=r"EarlyStopping: start_from_epoch=-1; must be an int >= 0"):
+        EarlyStopping(start_from_epoch=-1)
+    with pytest.raises(ValueError, match=r"ReduceLROnPlateau: start_from_epoch=1.5; must be an int >= 0"):
+        ReduceLROnPlateau(start_from_epoch=1.5)
+
+
 def test_early_stopping_min_delta_and_negative_values():
     es = EarlyStopping(patience=2, min_delta=0.1)
     assert es.update(1, -1.0) is True

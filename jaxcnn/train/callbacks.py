@@ -31,12 +31,18 @@ class EarlyStopping:
     ``should_stop`` tells the loop to stop; with ``patience=5`` and the best value at epoch
     ``e``, training stops after epoch ``e + 5``. ``best_epoch`` names the weights to restore
     (the loop keeps them, as ``restore_best_weights=True``).
+
+    ``start_from_epoch`` (Keras' argument of that name): the first epochs are a warm-up in which
+    the run is never stopped; epochs without improvement count from epoch ``start_from_epoch + 1``
+    on. Unlike Keras, the best value is tracked during the warm-up too (the best checkpoint is
+    the best validation loss of the whole run).
     """
 
-    def __init__(self, patience: int = 5, min_delta: float = 0.0):
+    def __init__(self, patience: int = 5, min_delta: float = 0.0, start_from_epoch: int = 0):
         _check("EarlyStopping: patience", patience, minimum=0, integer=True)
         _check("EarlyStopping: min_delta", min_delta, minimum=0.0)
-        self.patience, self.min_delta = patience, float(min_delta)
+        _check("EarlyStopping: start_from_epoch", start_from_epoch, minimum=0, integer=True)
+        self.patience, self.min_delta, self.start_from_epoch = patience, float(min_delta), start_from_epoch
         self.best = math.inf
         self.best_epoch = 0
         self.wait = 0
@@ -50,6 +56,8 @@ class EarlyStopping:
         if value < self.best - self.min_delta:
             self.best, self.best_epoch, self.wait = value, int(epoch), 0
             return True
+        if epoch <= self.start_from_epoch:  # warming up: no epoch counts against the run yet
+            return False
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = int(epoch)
@@ -73,11 +81,12 @@ class ReduceLROnPlateau:
     (Keras' ``ReduceLROnPlateau``: ``min_delta`` absolute, ``cooldown``, ``min_lr``).
 
     With ``patience=3`` and the best value at epoch ``e``, the rate is reduced after epoch
-    ``e + 3`` (and again 3 epochs later if nothing improves).
+    ``e + 3`` (and again 3 epochs later if nothing improves). ``start_from_epoch``: no epoch up
+    to it counts as one without improvement (a warm-up, as for :class:`EarlyStopping`).
     """
 
     def __init__(self, factor: float = 0.5, patience: int = 3, min_delta: float = 1e-4,
-                 cooldown: int = 0, min_lr: float = 0.0):
+                 cooldown: int = 0, min_lr: float = 0.0, start_from_epoch: int = 0):
         _check("ReduceLROnPlateau: factor", factor, minimum=0.0, below=1.0)
         if factor == 0:
             raise ValueError("ReduceLROnPlateau: factor=0; must be in (0, 1)")
@@ -85,6 +94,8 @@ class ReduceLROnPlateau:
         _check("ReduceLROnPlateau: min_delta", min_delta, minimum=0.0)
         _check("ReduceLROnPlateau: cooldown", cooldown, minimum=0, integer=True)
         _check("ReduceLROnPlateau: min_lr", min_lr, minimum=0.0)
+        _check("ReduceLROnPlateau: start_from_epoch", start_from_epoch, minimum=0, integer=True)
+        self.start_from_epoch = start_from_epoch
         self.factor, self.patience, self.min_delta = float(factor), patience, float(min_delta)
         self.cooldown, self.min_lr = cooldown, float(min_lr)
         self.best = math.inf
@@ -101,7 +112,7 @@ class ReduceLROnPlateau:
             self.wait = 0
         if value < self.best - self.min_delta:
             self.best, self.wait = value, 0
-        elif self.cooldown_counter == 0:
+        elif self.cooldown_counter == 0 and epoch > self.start_from_epoch:
             self.wait += 1
             if self.wait >= self.patience and lr > self.min_lr:
                 self.cooldown_counter, self.wait = self.cooldown, 0

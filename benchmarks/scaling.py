@@ -89,14 +89,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The instruction sets a speed table depends on (x86 flags of /proc/cpuinfo).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
 def _cpu() -> str:
+    """The CPU's model name and the instruction sets of ``ISA_FLAGS`` it has, e.g.
+    ``Intel(R) Xeon(R) Processor [avx2 fma avx512f avx512_bf16]``: every table names its CPU kind."""
+    name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    isa = [f for f in ISA_FLAGS if f in flags]
+    return f"{name} [{' '.join(isa) or 'no AVX2'}]"
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,169 @@
+"""What a run's predictions say beyond accuracy: per-class precision / recall / F1, the majority
+baseline, calibration (expected calibration error, a reliability table, a fitted temperature).
+
+Plain NumPy over host arrays (float64 inside), no plotting and no files: the end-of-run report
+and ``jaxcnn.predict`` call these on values they already hold.
+
+    probs = run.predict(images)                       # (N, K) softmax probabilities
+    per_class(confusion_matrix(labels, probs.argmax(-1), K))
+    expected_calibration_error(probs, labels)         # 15 equal-width confidence bins
+    t = fit_temperature(logits_val, labels_val)       # on the validation split, never the test split
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: The bins of :func:`expected_calibration_error` (Guo et al., "On Calibration of Modern Neural
+#: Networks", 2017, use 15).
+ECE_BINS = 15
+
+
+def _labels(labels, n: int, what: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what}: labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
+
+
+def _probs(probs, what: str) -> np.ndarray:
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        raise ValueError(f"{what}: probs must be (N, K) with N >= 1, got shape {probs.shape}")
+    return probs
+
+
+def per_class(confusion, class_names=None) -> dict:
+    """Precision, recall and F1 of each class from a confusion matrix ``[true, predicted]``
+    ``(K, K)``, and their macro averages.
+
+    Returns ``{"classes": {name: {"precision", "recall", "f1", "support"}}, "macro_precision",
+    "macro_recall", "macro_f1"}``. A class never predicted has precision None (0/0), one absent
+    from the split recall None; F1 is None when either is, 0.0 when both are 0. Macro averages
+    are over the classes whose value is defined.
+    """
+    c = np.asarray(confusion, np.int64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"per_class: confusion must be a square (K, K) matrix, got shape {c.shape}")
+    k = c.shape[0]
+    names = [str(i) for i in range(k)] if class_names is None else [str(n) for n in class_names]
+    if len(names) != k:
+        raise ValueError(f"per_class: {len(names)} class_names for a {k}x{k} confusion matrix")
+    tp, predicted, support = np.diag(c), c.sum(axis=0), c.sum(axis=1)
+    classes = {}
+    for i, name in enumerate(names):
+        p = float(tp[i] / predicted[i]) if predicted[i] else None
+        r = float(tp[i] / support[i]) if support[i] else None
+        f = None if p is None or r is None else (0.0 if p + r == 0 else 2 * p * r / (p + r))
+        classes[name] = {"precision": p, "recall": r, "f1": f, "support": int(support[i])}
+
+    def macro(key):
+        vals = [v[key] for v in classes.values() if v[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {"classes": classes, "macro_precision": macro("precision"), "macro_recall": macro("recall"),
+            "macro_f1": macro("f1")}
+
+
+def majority_share(labels, num_classes: int) -> float:
+    """The accuracy of always answering the split's most frequent class."""
+    labels = np.asarray(labels, np.int64)
+    if labels.size == 0:
+        raise ValueError("majority_share: labels is empty")
+    return float(np.bincount(labels, minlength=num_classes).max() / labels.size)
+
+
+def degenerate_warning(labels, predictions, num_classes: int, *, one_class_share: float = 0.9) -> str | None:
+    """A one-line warning when a model's predictions on a split carry no more than the class
+    frequencies: one class for at least ``one_class_share`` of the examples, or an accuracy that
+    does not beat :func:`majority_share`. None when the model learned something."""
+    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+    if labels.shape != predictions.shape or labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"degenerate_warning: labels {labels.shape} and predictions {predictions.shape} "
+                         f"must be the same non-empty (N,) shape")
+    counts = np.bincount(predictions, minlength=num_classes)
+    top, share = int(counts.argmax()), float(counts.max() / predictions.size)
+    accuracy, baseline = float(np.mean(labels == predictions)), majority_share(labels, num_classes)
+    if share >= one_class_share:
+        return (f"the model predicts class {top} for {share:.0%} of the examples (accuracy {accuracy:.3f}, "
+                f"majority share {baseline:.3f}): it has not learned to tell the classes apart")
+    if accuracy <= baseline:
+        return (f"accuracy {accuracy:.3f} does not beat the majority share {baseline:.3f} (always answering the "
+                f"most frequent class)")
+    return None
+
+
+def reliability(probs, labels, bins: int = ECE_BINS) -> dict:
+    """The reliability table of ``probs`` ``(N, K)`` against ``labels`` ``(N,)``: the top-class
+    confidence cut into ``bins`` equal-width bins of (0, 1] (bin ``b`` holds confidences in
+    ``(b/bins, (b+1)/bins]``), each with ``count``, mean ``confidence`` and ``accuracy`` (None
+    when empty). ``{"edges": (bins+1,), "count", "confidence", "accuracy"}`` as lists."""
+    probs = _probs(probs, "reliability")
+    labels = _labels(labels, probs.shape[0], "reliability")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"reliability: bins={bins!r}; must be an int >= 1")
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, weights=conf, minlength=bins)
+    acc_sum = np.bincount(which, weights=correct.astype(np.float64), minlength=bins)
+    return {"edges": [i / bins for i in range(bins + 1)], "count": [int(c) for c in count],
+            "confidence": [float(s / c) if c else None for s, c in zip(conf_sum, count)],
+            "accuracy": [float(s / c) if c else None for s, c in zip(acc_sum, count)]}
+
+
+def expected_calibration_error(probs, labels, bins: int = ECE_BINS) -> float:
+    """ECE: ``sum_b (n_b / N) |accuracy_b - confidence_b|`` over :func:`reliability`'s bins."""
+    table = reliability(probs, labels, bins)
+    n = sum(table["count"])
+    return float(sum(c / n * abs(a - f) for c, a, f in zip(table["count"], table["accuracy"], table["confidence"])
+                     if c))
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` in float64, ``(N, K)``."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def nll(logits, labels, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    labels = _labels(labels, z.shape[0], "nll")
+    m = z.max(axis=-1, keepdims=True)
+    log_norm = (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[:, 0]
+    return float(np.mean(log_norm - z[np.arange(z.shape[0]), labels]))
+
+
+def fit_temperature(logits, labels, *, lo: float = 0.05, hi: float = 20.0, tol: float = 1e-6) -> float:
+    """The temperature ``T`` in ``[lo, hi]`` that minimises :func:`nll` of ``logits / T`` (Guo et
+    al.'s temperature scaling), by golden-section search on ``log T`` (the NLL is unimodal in T).
+
+    Fit it on the validation split, never on the split it is judged on.
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"fit_temperature: logits must be (N, K) with N >= 1, got shape {logits.shape}")
+    labels = _labels(labels, logits.shape[0], "fit_temperature")
+    if not 0 < lo < hi:
+        raise ValueError(f"fit_temperature: need 0 < lo < hi, got lo={lo!r}, hi={hi!r}")
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+    f = lambda u: nll(logits, labels, math.exp(u))  # noqa: E731
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return float(math.exp((a + b) / 2))

@@ -43,6 +43,8 @@ def test_expected_calibration_error_of_hand_made_probabilities():
     assert metrics.expected_calibration_error(probs, labels) == pytest.approx((0.22 + 0.81 + 0.30 + 0.55) / 5)
     # perfectly calibrated: confidence 1 and always right
     assert metrics.expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
+    # a confidence on an edge belongs to the bin it closes: 0.5 of 2 bins is in (0, 0.5]
+    assert metrics.reliability(np.array([[0.5, 0.5]]), np.array([0]), bins=2)["count"] == [1, 0]
     with pytest.raises(ValueError, match=r"reliability: bins=0; must be an int >= 1"):
         metrics.reliability(probs, labels, bins=0)
 
@@ -72,3 +74,6 @@ def test_majority_share_and_the_degenerate_warning():
     spread_labels = np.array([0] * 50 + [0] * 7 + [2] * 18 + [1] * 20 + [2] * 5)
     assert metrics.degenerate_warning(spread_labels, spread, 3) == \
         "accuracy 0.550 does not beat the majority share 0.570 (always answering the most frequent class)"
+    level = spread_labels.copy()
+    level[57:59] = 1  # two more right: 0.57, level with the majority share, is not better
+    assert metrics.degenerate_warning(level, spread, 3).startswith("accuracy 0.570 does not beat the majority")

@@ -530,3 +530,53 @@ def plot_wrong(
     if path is not None:
         save_figure(fig, path, dpi=dpi)
     return fig
+
+
+def plot_reliability(
+    table: Mapping[str, Any],
+    *,
+    after: Optional[Mapping[str, Any]] = None,
+    title: Optional[str] = None,
+    path: Optional[Union[str, os.PathLike]] = None,
+    dpi: int = 100,
+) -> Figure:
+    """A reliability diagram: each confidence bin's accuracy against its mean confidence (the
+    diagonal is perfect calibration), bars as wide as the bin, with the bins' counts below.
+
+    Args:
+      table: ``jaxcnn.metrics.reliability(probs, labels)`` (``edges``, ``count``, ``confidence``,
+        ``accuracy``).
+      after: the same table after temperature scaling, drawn as points over the bars.
+      title: figure title.
+      path: also write a PNG there (``(5, 6)`` inches ``* dpi`` pixels).
+    """
+    fn = "plot_reliability"
+    for name, t in (("table", table), ("after", after)):
+        if t is not None and not all(k in t for k in ("edges", "count", "confidence", "accuracy")):
+            raise ValueError(f"{fn}: {name} must be jaxcnn.metrics.reliability's table "
+                             f"(edges, count, confidence, accuracy)")
+    edges = np.asarray(table["edges"], np.float64)
+    width = np.diff(edges)
+    fig = Figure(figsize=(5, 6), layout="constrained")
+    ax, counts = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    acc = np.array([np.nan if a is None else a for a in table["accuracy"]])
+    ax.bar(edges[:-1], np.nan_to_num(acc), width=width, align="edge", color="tab:blue", alpha=0.7,
+           edgecolor="black", linewidth=0.5, label="accuracy (raw softmax)")
+    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+    if after is not None:
+        conf = np.array([np.nan if c is None else c for c in after["confidence"]])
+        acc_after = np.array([np.nan if a is None else a for a in after["accuracy"]])
+        ax.plot(conf, acc_after, "o", color="tab:orange", label="after temperature scaling")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy in the bin")
+    ax.legend(loc="upper left", fontsize=8)
+    counts.bar(edges[:-1], np.asarray(table["count"]), width=width, align="edge", color="gray", edgecolor="black",
+               linewidth=0.5)
+    counts.set_xlabel("confidence (top-class probability)")
+    counts.set_ylabel("examples")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig

@@ -1,0 +1,114 @@
+"""The end-of-run report: what a finished run's predictions say, written once from values in memory.
+
+Given the run's history and the best weights' predictions on the test split (and on the
+validation split, for the temperature), :func:`write_report` draws into the run's ``plots/``
+
+* ``curves.png`` — loss, accuracy and learning rate per epoch;
+* ``confusion.png`` — the test confusion matrix, with per-class precision / recall / F1 beside it
+  in the summary;
+* ``wrong.png`` — the most confidently wrong test images;
+* ``reliability.png`` — the reliability diagram of the test split, before and after a
+  temperature fitted on the validation split;
+
+and returns what to add to ``summary.json``: ``confusion_matrix``, ``per_class_accuracy``,
+``per_class`` (precision, recall, F1, support), ``macro_f1``, the majority share of the test and
+validation splits, a ``warning`` when the model predicts one class or does not beat the majority
+share (also logged), ``ece`` before and after temperature scaling, and the ``temperature``.
+
+It reads nothing back from disk and scores nothing twice: the caller passes the probabilities
+it computed with the weights the summary reports.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+
+from jaxcnn import metrics, viz
+from jaxcnn.results import CONFUSION_PNG, WRONG_PNG, confusion_matrix, most_confidently_wrong, per_class_accuracy
+from jaxcnn.runfolder import RunFolder
+
+log = logging.getLogger("jaxcnn")
+
+CURVES_PNG = "curves.png"
+RELIABILITY_PNG = "reliability.png"
+#: Every plot the report writes, in ``plots/``.
+REPORT_PLOTS = (CURVES_PNG, CONFUSION_PNG, WRONG_PNG, RELIABILITY_PNG)
+
+
+def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, class_names: Sequence[str],
+                 test_labels, test_logits, test_images, val_labels=None, val_logits=None,
+                 k: int = 16) -> dict:
+    """Write the report's plots into ``folder``'s ``plots/`` and return the summary fields.
+
+    Args:
+      folder: the run folder (its ``plots/`` is created).
+      history: the per-epoch rows (``history.json``).
+      summary: the run's summary so far (``best_epoch``, ``stop_epoch``, ``stopped_early`` mark
+        the curves); not changed.
+      class_names: ``K`` names.
+      test_labels, test_logits: int ``(N,)`` and float ``(N, K)``: the reported weights' logits
+        on the test split.
+      test_images: uint8 ``(N, H, W, C)`` (for the wrong images; only ``k`` are read when it is
+        a callable ``rows -> images``).
+      val_labels, val_logits: the validation split's, to fit the temperature (None: no
+        temperature, ``ece`` only).
+      k: how many wrong images to draw.
+    """
+    names = tuple(str(n) for n in class_names)
+    test_logits = np.asarray(test_logits, np.float64)
+    test_labels = np.asarray(test_labels, np.int64)
+    if test_logits.ndim != 2 or test_logits.shape != (len(test_labels), len(names)):
+        raise ValueError(f"write_report: test_logits has shape {test_logits.shape}; expected "
+                         f"({len(test_labels)}, {len(names)}) for {len(test_labels)} labels and {len(names)} classes")
+    probs = metrics.softmax(test_logits)
+    pred = probs.argmax(-1)
+    confusion = confusion_matrix(test_labels, pred, len(names))
+    accuracy = float(np.trace(confusion) / max(confusion.sum(), 1))
+    prf = metrics.per_class(confusion, names)
+    out = {"confusion_matrix": confusion.tolist(), "per_class_accuracy": per_class_accuracy(confusion, names),
+           "per_class": prf["classes"], "macro_f1": prf["macro_f1"],
+           "test_majority_share": metrics.majority_share(test_labels, len(names))}
+    warning = metrics.degenerate_warning(test_labels, pred, len(names))
+    out["warning"] = None if warning is None else f"test split: {warning}"
+    if warning is not None:
+        log.warning("warning: %s", out["warning"])
+
+    # calibration: ECE of the test split, before and after a temperature fitted on the validation split
+    table = metrics.reliability(probs, test_labels)
+    out["ece"] = metrics.expected_calibration_error(probs, test_labels)
+    after = None
+    if val_logits is not None:
+        val_labels = np.asarray(val_labels, np.int64)
+        out["val_majority_share"] = metrics.majority_share(val_labels, len(names))
+        t = metrics.fit_temperature(val_logits, val_labels)
+        scaled = metrics.softmax(test_logits, t)
+        after = metrics.reliability(scaled, test_labels)
+        out["temperature"] = t
+        out["ece_after_temperature"] = metrics.expected_calibration_error(scaled, test_labels)
+
+    name = folder.path.name
+    viz.plot_curves(list(history), path=folder.plot_path(CURVES_PNG), summary=summary,
+                    title=f"{name}: training curves")
+    viz.plot_confusion(confusion, names, path=folder.plot_path(CONFUSION_PNG),
+                       title=f"{name}: test accuracy {accuracy:.4f} ({len(test_labels)} images, "
+                             f"macro F1 {prf['macro_f1'] if prf['macro_f1'] is not None else float('nan'):.3f}, "
+                             f"majority share {out['test_majority_share']:.3f})")
+    idx = most_confidently_wrong(test_labels, probs, k)
+    images = test_images(idx) if callable(test_images) else np.asarray(test_images)[idx]
+    viz.plot_wrong(images, test_labels[idx], pred[idx], probs[idx, pred[idx]], names,
+                   path=folder.plot_path(WRONG_PNG),
+                   title=f"{name}: the {len(idx)} most confidently wrong of {len(test_labels)} test images")
+    ece_text = f"ECE {out['ece']:.3f}" + ("" if after is None else
+                                          f", {out['ece_after_temperature']:.3f} at T = {out['temperature']:.2f}")
+    viz.plot_reliability(table, after=after, path=folder.plot_path(RELIABILITY_PNG),
+                         title=f"{name}: test calibration ({ece_text})")
+    return out
+
+
+def report_missing(folder: RunFolder) -> list[str]:
+    """The report's plots that ``folder`` lacks (a run stopped between its last epoch and its report)."""
+    return [p for p in REPORT_PLOTS if not folder.plot_path(p).is_file()]

@@ -157,10 +157,16 @@ def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> No
         raise ValueError("--resume and --overwrite exclude each other")
     folder = RunFolder(workdir)
     folder.check_writable()
-    if resume and not folder.is_run() and not folder.has_checkpoints():
+    aside = folder.has_set_aside()  # an interrupted --overwrite: the run that starts deals with it
+    if resume and not folder.is_run() and not folder.has_checkpoints() and not aside:
         raise FileNotFoundError(f"--resume: {workdir} holds no run to resume (no config.json, no checkpoints); "
                                 f"start one without --resume")
-    if folder.has_checkpoints() and not (resume or overwrite):
-        raise FileExistsError(f"{workdir} already holds checkpoints of a run. Continue it with --resume, start "
-                              f"afresh with --overwrite (the old run is deleted once the new one has its first "
-                              f"checkpoint), or pass another --workdir. Nothing was changed.")
+    if (folder.has_checkpoints() or aside) and not (resume or overwrite):
+        raise FileExistsError(f"{workdir} already holds checkpoints of a run{OLD_RUN_ASIDE if aside else ''}. "
+                              f"Continue it with --resume, start afresh with --overwrite (the old run is deleted "
+                              f"once the new one has saved its first checkpoint), or pass another --workdir. "
+                              f"Nothing was changed.")
+
+
+#: What a refusal says of a folder where an interrupted --overwrite left a run set aside.
+OLD_RUN_ASIDE = " (or one that an interrupted --overwrite set aside in .previous/)"

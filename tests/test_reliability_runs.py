@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ from jaxcnn.data import AugmentConfig
 from jaxcnn.experiments import cifar10, finetune
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.runfolder import RunFolder
-from jaxcnn.train import make_eval_step, make_train_step
+from jaxcnn.train import RunInterrupted, make_eval_step, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no_progress"]
@@ -140,6 +141,30 @@ def test_a_finished_run_whose_best_is_lost_is_reported_again_not_nothing_to_do(r
     assert_same_arrays(leaves(run, "best", 1), leaves(run, "latest", 1))  # latest/1 took its place
     assert inference.restore(run).epoch == 1 and RunFolder(run).read_summary()["best_epoch"] == 1
     assert len(RunFolder(run).read_history()) == 2  # nothing trained
+
+
+class SignalsItself:
+    """The smoke train step, which sends SIGINT to this very process before global step ``at``."""
+
+    def __init__(self, at: int):
+        self.inner = jax.jit(make_train_step(augment_fn=AugmentConfig().fn()), donate_argnums=0)
+        self.lower, self.at = self.inner.lower, at
+
+    def __call__(self, state, batch):
+        if int(state.step) == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner(state, batch)
+
+
+def test_a_run_stopped_in_its_first_epoch_has_no_best_to_lose(tmp_path, caplog):
+    """(Not a lost best: a run interrupted before its first epoch ended never had one.)"""
+    config = get_config("smoke", epochs=1)
+    with pytest.raises(RunInterrupted):
+        cifar10.run(config, tmp_path / "run", progress=False, train_step=SignalsItself(3))
+    caplog.clear()
+    _, _, summary = cifar10.run(config, tmp_path / "run", progress=False, resume=True)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"] and summary["best_epoch"] == 1
+    assert inference.restore(tmp_path / "run").epoch == 1
 
 
 # --------------------------------------------------------------------------- ill-formed checkpoint metadata

@@ -442,6 +442,8 @@ def _best_weights(ckpts, target, procs: Processes, history: list, callbacks: Epo
         if found_epoch == wanted or found_epoch > epoch:  # (newer: saved just before a crash; it is retrained)
             return _Best(found_epoch, val.get(found_epoch, callbacks.early.best), found[0]["params"],
                          found[0]["batch_stats"]), False
+    if not wanted:  # stopped in its first epoch: no best yet
+        return None, False
     candidates = sorted({e for e in ckpts.all_epochs("latest") if e in val} | ({found_epoch} if found else set()),
                         key=lambda e: (val[e], e))
     for e in candidates:

@@ -283,6 +283,18 @@ def test_resume_after_a_crash_half_way_through_the_set_aside_keeps_the_old_recor
     assert snapshot(run) == before
 
 
+def test_a_new_run_in_a_folder_with_a_half_set_aside_run_is_refused_and_changes_nothing(run, capsys, monkeypatch):
+    with monkeypatch.context() as mp:
+        _crash_after(mp, 2)
+        with pytest.raises(Crash):
+            RunFolder(run).prepare(RunFolder(run).read_config(), resume=False, overwrite=True)
+    before = snapshot(run)
+    code, _, err = cli(capsys, SMOKE + ["--workdir", str(run)])
+    assert code == 2 and err.startswith(f"error: {run} already holds checkpoints of a run (set aside in .previous/ by "
+                                        f"an interrupted --overwrite). Continue it with --resume")
+    assert snapshot(run) == before
+
+
 class Watcher:
     """The smoke train step, noting before each optimizer step whether ``<run>/.previous`` exists."""
 

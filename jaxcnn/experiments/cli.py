@@ -162,11 +162,7 @@ def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> No
         raise FileNotFoundError(f"--resume: {workdir} holds no run to resume (no config.json, no checkpoints); "
                                 f"start one without --resume")
     if (folder.has_checkpoints() or aside) and not (resume or overwrite):
-        raise FileExistsError(f"{workdir} already holds checkpoints of a run{OLD_RUN_ASIDE if aside else ''}. "
-                              f"Continue it with --resume, start afresh with --overwrite (the old run is deleted "
-                              f"once the new one has saved its first checkpoint), or pass another --workdir. "
-                              f"Nothing was changed.")
-
-
-#: What a refusal says of a folder where an interrupted --overwrite left a run set aside.
-OLD_RUN_ASIDE = " (or one that an interrupted --overwrite set aside in .previous/)"
+        where = " (set aside in .previous/ by an interrupted --overwrite)" if aside else ""
+        raise FileExistsError(f"{workdir} already holds checkpoints of a run{where}. Continue it with --resume, "
+                              f"start afresh with --overwrite (the old run is deleted once the new one has saved its "
+                              f"first checkpoint), or pass another --workdir. Nothing was changed.")

@@ -5,8 +5,9 @@ two Orbax ``CheckpointManager`` sub-directories, kept apart on purpose::
 
     <checkpoints>/latest/<epoch>/         the last ``keep`` epochs (``LatestN``), for --resume
     <checkpoints>/best/<epoch>/           the epoch with the lowest validation loss, for results
-    <checkpoints>/interrupted/<step>/     a run stopped mid-epoch by a signal (optimizer step),
-                                          removed once the epoch it stopped in is saved
+    <checkpoints>/interrupted/<step>/     a run stopped mid-epoch by a signal (optimizer step);
+                                          the folder exists only while it holds one: it is made
+                                          by that save and removed once the epoch is saved
 
 One manager with ``best_fn`` + ``max_to_keep`` would evict the latest steps when they are
 not among the best and break resume (orbax issue 526); two managers cannot. Each
@@ -14,7 +15,8 @@ checkpoint has two items: ``state`` (a pytree of arrays) and ``meta`` (JSON, wit
 of the arrays). Saving is synchronous, so a donated state is never read after the step.
 
 A checkpoint that cannot be read back whole — a truncated or bit-rotten array file, missing
-or garbage metadata, arrays that no longer match their checksum — raises
+or garbage metadata (a ``meta`` without the checksum every save writes), arrays that no longer
+match their checksum — raises
 :class:`DamagedCheckpointError` naming its folder; ``quarantine`` moves it aside (into
 ``<checkpoints>/damaged/``, never deleted) so that a resume can fall back to an older one.
 Temporary folders of a save that was killed are removed when the store opens for writing.
@@ -170,20 +172,27 @@ class Checkpoints:
         self.directory = pathlib.Path(directory).absolute()
         self._read_only = read_only
         self._managers: dict[str, ocp.CheckpointManager] = {}
-        for which, n in ((LATEST, keep), (BEST, 1), (INTERRUPTED, 1)):
-            if read_only and not (self.directory / which).is_dir():
+        self._keep = {LATEST: keep, BEST: 1, INTERRUPTED: 1}
+        for which in WHICH:
+            # interrupted/ is made only when a run is stopped mid-epoch (save_interrupted)
+            if (read_only or which == INTERRUPTED) and not (self.directory / which).is_dir():
                 continue
-            # read_only=True logs warnings; create=False does not write. A read-only store is this
-            # process's alone: in a multi-process run, process 0 restoring for its test results must
-            # not wait at Orbax barriers for processes that are not restoring.
-            local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                                       active_processes={jax.process_index()})
-            options = ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.LatestN(n=n),
-                enable_async_checkpointing=False, create=not read_only, cleanup_tmp_directories=not read_only,
-                **({"multiprocessing_options": local} if read_only else {}))
-            self._managers[which] = ocp.CheckpointManager(self.directory / which, options=options,
-                                                          item_names=("state", "meta"))
+            self._open(which)
+
+    def _open(self, which: str) -> ocp.CheckpointManager:
+        # read_only=True logs warnings; create=False does not write. A read-only store is this
+        # process's alone: in a multi-process run, process 0 restoring for its test results must
+        # not wait at Orbax barriers for processes that are not restoring.
+        local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                   active_processes={jax.process_index()})
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=self._keep[which]),
+            enable_async_checkpointing=False, create=not self._read_only,
+            cleanup_tmp_directories=not self._read_only,
+            **({"multiprocessing_options": local} if self._read_only else {}))
+        self._managers[which] = ocp.CheckpointManager(self.directory / which, options=options,
+                                                      item_names=("state", "meta"))
+        return self._managers[which]
 
     def latest_epoch(self, which: str = LATEST) -> Optional[int]:
         """The newest saved epoch of ``which`` ("latest" or "best"), or None."""
@@ -213,23 +222,43 @@ class Checkpoints:
             mgr.wait_until_finished()
         self.clear(INTERRUPTED)
 
+    def replace_best(self, epoch: int, tree: PyTree, meta: dict) -> None:
+        """Make ``tree`` (epoch ``epoch``, read back from another checkpoint) the best checkpoint, in
+        place of whatever best there is (a lost best replaced by an epoch the run still has)."""
+        if self._read_only:
+            raise RuntimeError(f"Checkpoints: {self.directory} was opened read-only")
+        meta = {**{k: v for k, v in meta.items() if k != "checksum"}, "checksum": tree_checksum(tree)}
+        self.clear(BEST)
+        mgr = self._managers[BEST]
+        mgr.save(int(epoch), args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+                 force=True)
+        mgr.wait_until_finished()
+
     def save_interrupted(self, step: int, tree: PyTree, meta: dict) -> None:
         """Save a mid-epoch ``tree`` (a run stopped by a signal) under its optimizer ``step``."""
         if self._read_only:
             raise RuntimeError(f"Checkpoints: {self.directory} was opened read-only")
         meta = {**meta, "checksum": tree_checksum(tree)}
-        mgr = self._managers[INTERRUPTED]
+        mgr = self._managers.get(INTERRUPTED) or self._open(INTERRUPTED)
         if int(step) not in mgr.all_steps():
             mgr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                          meta=ocp.args.JsonSave(meta)), force=True)
             mgr.wait_until_finished()
 
     def clear(self, which: str) -> None:
-        """Delete every checkpoint of ``which`` (the interrupted one, once its epoch is saved)."""
+        """Delete every checkpoint of ``which`` (the interrupted one, once its epoch is saved; its
+        folder goes with it)."""
         mgr = self._managers.get(check_which(which))
-        if mgr is not None:
-            for step in mgr.all_steps():
-                mgr.delete(step)
+        if mgr is None:
+            return
+        for step in mgr.all_steps():
+            mgr.delete(step)
+        if which == INTERRUPTED:
+            mgr.close()
+            del self._managers[which]
+            if jax.process_index() == 0:
+                with contextlib.suppress(OSError):  # (not empty: something not ours is in it; it stays)
+                    (self.directory / which).rmdir()
 
     def restore(self, which: str = LATEST, epoch: Optional[int] = None, *, target: Optional[PyTree] = None
                 ) -> tuple[PyTree, dict]:
@@ -264,7 +293,9 @@ class Checkpoints:
             raise DamagedCheckpointError(path, _reason(e)) from e
         if not isinstance(meta, dict):
             raise DamagedCheckpointError(path, f"its meta is not a JSON object ({type(meta).__name__})")
-        if "checksum" in meta and tree_checksum(tree) != meta["checksum"]:
+        if not isinstance(meta.get("checksum"), str):  # every save writes it: without it nothing can be checked
+            raise DamagedCheckpointError(path, "its meta has no checksum of the arrays (ill-formed metadata)")
+        if tree_checksum(tree) != meta["checksum"]:
             raise DamagedCheckpointError(path, "its arrays do not match the checksum saved with them "
                                                "(bit rot, or a file overwritten or cut short)")
         return tree, dict(meta)

@@ -14,9 +14,10 @@ it. Nothing else spells a file name of a run folder::
 
 The rules of starting a run live here too (:meth:`RunFolder.prepare`): a folder that holds
 checkpoints is never trained into afresh; a resumed run must have the saved config, except
-for the settings in ``RESUMABLE``; ``overwrite`` sets the old run aside until the new one has
-a checkpoint; one run at a time holds the folder's lock (:meth:`RunFolder.lock`). Records are
-strict JSON, written atomically: a non-finite number is written as ``null``.
+for the settings in ``RESUMABLE``; ``overwrite`` sets the old run aside (:class:`SetAside`,
+``<run>/.previous/``, still on disk) until the new one has saved its first checkpoint; one run
+at a time holds the folder's lock (:meth:`RunFolder.lock`). Records are strict JSON, written
+atomically: a non-finite number is written as ``null``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pathlib
 import shutil
 import socket
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 from jaxcnn.checkpoint import Checkpoints, DamagedCheckpointError, has_checkpoints  # noqa: F401 (for training)
 
@@ -52,7 +53,9 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accu
 #: Everything a run writes here (what ``--overwrite`` sets aside).
 RUN_FILES = (CHECKPOINTS, TENSORBOARD, PLOTS, *RECORDS, FREEZE_SUMMARY)
 LOCK = ".lock"
-PREVIOUS = ".previous"
+PREVIOUS = ".previous"  # an old run set aside by --overwrite (SetAside)
+SETTING_ASIDE = ".previous.partial"
+PUTTING_BACK = ".previous.returning"
 #: config.json entries (dotted paths) that may change between a run and its resume.
 RESUMABLE = frozenset({"fit.epochs", "data.source.data_dir", "experiment.data_dir", "data.source.stream",
                        "experiment.stream"})
@@ -64,6 +67,96 @@ class RunBusyError(RuntimeError):
 
 class NothingToDo(Exception):
     """A resumed run already has the epochs asked for (or stopped early): nothing was trained or written."""
+
+
+def _unchanged(notes: list[str]) -> str:
+    """The end of a refusal: what this start changed before it refused (only ever a run put back)."""
+    return "nothing was changed" if not notes else f"{'; '.join(notes)}; nothing else was changed"
+
+
+class SetAside:
+    """An old run moved out of the way of a new one (``--overwrite``), inside its own folder.
+
+    The entries ``names`` of ``folder`` (the old run's files) go one by one into
+    ``.previous.partial/``, and one rename of that folder to ``.previous/`` ends the set-aside:
+    only after it does the new run write anything. So a process killed at any point leaves one
+    of three states, and :meth:`recover` (at the next start, under the folder's lock) finishes
+    or undoes it without deleting anything of the old run:
+
+    * ``.previous.partial/``: the set-aside was cut short; its entries are moved back;
+    * ``.previous/``: deleted when the new run has a checkpoint (``has_new_run()``: it is the
+      run now), else put back (:meth:`put_back`);
+    * ``.previous.returning/``: a put-back was cut short; it is finished.
+
+    :meth:`put_back` removes the new run's entries first (while ``.previous/`` exists, every
+    one of ``names`` in the folder is the new run's), then renames ``.previous/`` to
+    ``.previous.returning/`` and moves its entries back. A move never replaces an entry: if
+    one is in the way, it raises and both stay.
+    """
+
+    def __init__(self, folder: str | os.PathLike, names, has_new_run):
+        self.folder, self.names, self.has_new_run = pathlib.Path(folder), tuple(names), has_new_run
+
+    def _dir(self, name: str) -> pathlib.Path:
+        return self.folder / name
+
+    def pending(self) -> bool:
+        """True when an old run is set aside here, or half set aside, or half put back."""
+        return any(self._dir(n).is_dir() for n in (SETTING_ASIDE, PREVIOUS, PUTTING_BACK))
+
+    def set_aside(self) -> bool:
+        """Move the old run's entries into ``.previous/`` (see the class); False if it has none."""
+        present = [n for n in self.names if os.path.lexists(self.folder / n)]
+        if not present:
+            return False
+        partial = self._dir(SETTING_ASIDE)
+        partial.mkdir()  # (recover first: a leftover one is refused here, not merged)
+        for name in present:
+            os.rename(self.folder / name, partial / name)
+        os.rename(partial, self._dir(PREVIOUS))  # the set-aside's one moment: from here the new run may write
+        return True
+
+    def discard(self) -> None:
+        """The new run has a checkpoint: delete the old run set aside (if any)."""
+        if self._dir(PREVIOUS).is_dir():
+            shutil.rmtree(self._dir(PREVIOUS))
+
+    def put_back(self) -> bool:
+        """Remove the new run's entries and put the old run back; True if there was one."""
+        aside, back = self._dir(PREVIOUS), self._dir(PUTTING_BACK)
+        if aside.is_dir():
+            for name in self.names:  # the new run's (the old run's are all in .previous/)
+                target = self.folder / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif os.path.lexists(target):
+                    target.unlink()
+            os.rename(aside, back)
+        if not back.is_dir():
+            return False
+        self._move_back(back)
+        return True
+
+    def _move_back(self, source: pathlib.Path) -> None:
+        for entry in sorted(source.iterdir()):
+            target = self.folder / entry.name
+            if os.path.lexists(target):
+                raise FileExistsError(f"{target} is in the way of the old run's {entry}, which an interrupted "
+                                      f"--overwrite had set aside; move one of them out of the way by hand")
+            os.rename(entry, target)
+        source.rmdir()
+
+    def recover(self) -> Optional[str]:
+        """Finish or undo what a killed ``--overwrite`` left (see the class); a note for the user, or None."""
+        note = None
+        if self._dir(SETTING_ASIDE).is_dir():  # the new run never started
+            self._move_back(self._dir(SETTING_ASIDE))
+            note = f"{self.folder}: put back the run that an interrupted --overwrite was setting aside"
+        if self._dir(PREVIOUS).is_dir() and self.has_new_run():  # the new run had its first checkpoint
+            self.discard()
+        elif self.put_back():
+            note = f"{self.folder}: brought back the run that an interrupted --overwrite had set aside"
+        return note
 
 
 def _finite(obj: Any) -> Any:
@@ -242,11 +335,12 @@ class RunFolder:
         """The rules of starting a run here, applied before anything is written (hold the lock).
 
         * a folder with checkpoints is never trained into afresh: ``resume`` continues it,
-          ``overwrite`` sets it aside (``<run>/.previous/``) until the new run has a first
-          checkpoint (``commit``) — a new run that fails before that gets it back (``restore``);
+          ``overwrite`` sets it aside (:class:`SetAside`, ``<run>/.previous/``) until the new run
+          has saved its first checkpoint (``commit``) — a new run that fails before that gets it
+          back (``restore``);
         * ``resume`` needs a run to resume, with the saved config except ``RESUMABLE`` entries;
-        * an ``--overwrite`` that was stopped before its first checkpoint left the old run set
-          aside: it is brought back first.
+        * an ``--overwrite`` that was stopped before its first checkpoint (or while setting the
+          old run aside) left the old run set aside: it is brought back first.
 
         Returns notes for the user (e.g. "starting over").
 
@@ -257,13 +351,8 @@ class RunFolder:
         """
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other")
-        notes = []
-        if (self.path / PREVIOUS).is_dir():
-            if self.has_checkpoints():  # the new run had its first checkpoint: it is the run now
-                shutil.rmtree(self.path / PREVIOUS)
-            else:
-                self.restore()
-                notes.append(f"{self.path}: brought back the run that an interrupted --overwrite had set aside")
+        note = self._set_aside().recover()
+        notes = [note] if note else []
         if resume:
             if not self.is_run() and not self.has_checkpoints():
                 raise FileNotFoundError(f"resume: {self.path} holds no run to resume (no config.json, no "
@@ -273,39 +362,30 @@ class RunFolder:
                 if diff:
                     raise ValueError("resume: the config differs from the run's saved config.json in "
                                      + ", ".join(diff) + "; only " + ", ".join(sorted(RESUMABLE))
-                                     + " may change on resume (nothing was changed)")
+                                     + f" may change on resume ({_unchanged(notes)})")
             if not self.has_checkpoints():
                 notes.append(f"{self.path}: the run was stopped before its first checkpoint; starting it over")
         elif self.has_checkpoints():
             if not overwrite:
                 raise FileExistsError(f"{self.path} already holds checkpoints of a run; continue it with resume "
-                                      f"(--resume), or choose another workdir (nothing was changed)")
-            aside = self.path / PREVIOUS
-            aside.mkdir()
-            for name in RUN_FILES:
-                if (self.path / name).exists():
-                    os.replace(self.path / name, aside / name)
+                                      f"(--resume), or choose another workdir ({_unchanged(notes)})")
+            self._set_aside().set_aside()
         return notes
+
+    def _set_aside(self) -> SetAside:
+        return SetAside(self.path, RUN_FILES, self.has_checkpoints)
+
+    def has_set_aside(self) -> bool:
+        """True when an interrupted ``overwrite`` left a run set aside here (``prepare`` deals with it)."""
+        return self._set_aside().pending()
 
     def commit(self) -> None:
         """The new run has a checkpoint: delete the run an ``overwrite`` set aside (if any)."""
-        shutil.rmtree(self.path / PREVIOUS, ignore_errors=True)
+        self._set_aside().discard()
 
     def restore(self) -> bool:
         """Put back the run an ``overwrite`` set aside, removing what the new run wrote; True if there was one."""
-        aside = self.path / PREVIOUS
-        if not aside.is_dir():
-            return False
-        for name in RUN_FILES:
-            target = self.path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            if (aside / name).exists():
-                os.replace(aside / name, target)
-        aside.rmdir()
-        return True
+        return self._set_aside().put_back()
 
     def write_config(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -107,8 +107,9 @@ def _parse(argv):
                                      "first of it, -2, -3, ... without checkpoints; --resume takes it as is)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a --workdir that holds a run: the old run is deleted once the new one has "
-                        "its first checkpoint (and kept if it fails before)")
+                   help="start afresh in a --workdir that holds a run: the old run is set aside in "
+                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new run has saved its "
+                        "first checkpoint; if the new run stops before that, the old one is put back")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     add_distributed_flags(p)
     return p.parse_args(argv)

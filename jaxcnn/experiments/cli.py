@@ -200,10 +200,12 @@ def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> No
         raise ValueError("--resume and --overwrite exclude each other")
     folder = RunFolder(workdir)
     folder.check_writable()
-    if resume and not folder.is_run() and not folder.has_checkpoints():
+    aside = folder.has_set_aside()  # an interrupted --overwrite: the run that starts deals with it
+    if resume and not folder.is_run() and not folder.has_checkpoints() and not aside:
         raise FileNotFoundError(f"--resume: {workdir} holds no run to resume (no config.json, no checkpoints); "
                                 f"start one without --resume")
-    if folder.has_checkpoints() and not (resume or overwrite):
-        raise FileExistsError(f"{workdir} already holds checkpoints of a run. Continue it with --resume, start "
-                              f"afresh with --overwrite (the old run is deleted once the new one has its first "
-                              f"checkpoint), or pass another --workdir. Nothing was changed.")
+    if (folder.has_checkpoints() or aside) and not (resume or overwrite):
+        where = " (set aside in .previous/ by an interrupted --overwrite)" if aside else ""
+        raise FileExistsError(f"{workdir} already holds checkpoints of a run{where}. Continue it with --resume, "
+                              f"start afresh with --overwrite (the old run is deleted once the new one has saved its "
+                              f"first checkpoint), or pass another --workdir. Nothing was changed.")

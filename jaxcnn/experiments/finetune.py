@@ -26,6 +26,9 @@ no LR drop) and keeps the weights of its lowest validation loss.
 ``summary.json`` with the accuracy of each phase and ``pretrained: true|false``. Each phase ends by
 scoring its best checkpoint on the test split (``jaxcnn.results``: ``plots/confusion.png``,
 ``plots/wrong.png``, per-class accuracy and the confusion matrix in its ``summary.json``).
+``--overwrite`` sets the old run aside whole (both phases and the summary, one unit, in
+``<workdir>/.previous/``) and deletes it once the new phase 1 has ended: a killed run leaves the
+old run or the new one, never phase 1 of one and phase 2 of the other.
 
 ``--dataset folder --data_dir PATH`` fine-tunes on a folder of class subfolders of JPEG / PNG
 images (``jaxcnn.data.folder``), resized to ``--image_size``; split by ``--val_fraction`` /
@@ -44,8 +47,10 @@ Presets (``get_config``); measured results and times: ``experiments/finetune/REA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import pathlib
 import sys
@@ -63,7 +68,7 @@ from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add
                                    run_main)
 from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
-from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
+from jaxcnn.runfolder import NothingToDo, RunFolder, SetAside, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
 
@@ -71,6 +76,8 @@ PRESETS = ("default", "offline", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
 MODELS = ("resnet50", "tiny")
 SUMMARY = "summary.json"  # <workdir>/summary.json: both phases' results (each phase is a run folder)
+PHASES = ("phase1", "phase2")
+log = logging.getLogger("jaxcnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,21 +298,54 @@ NO_WEIGHTS_WARNING = ("WARNING: running WITHOUT pretrained weights (--weights no
                       "not those of fine-tuning a pretrained network.")
 
 
+def set_aside(workdir: pathlib.Path) -> SetAside:
+    """The two-phase run in ``workdir`` as ``--overwrite`` sets it aside: ``phase1/``, ``phase2/`` and
+    ``summary.json``, one unit (``jaxcnn.runfolder.SetAside``); the new run is the run once a phase has
+    a checkpoint."""
+    return SetAside(workdir, (*PHASES, SUMMARY),
+                    lambda: any(RunFolder(workdir / name).has_checkpoints() for name in PHASES))
+
+
 def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
     """The checks of a fine-tuning workdir (its ``phase1/``, ``phase2/``) made before anything loads."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    phases = [RunFolder(workdir / f"phase{k}") for k in (1, 2)]
+    phases = [RunFolder(workdir / name) for name in PHASES]
     for folder in phases:
         folder.check_writable()
-    if resume and not any(f.is_run() or f.has_checkpoints() for f in phases):
+    aside = set_aside(workdir).pending()  # an interrupted --overwrite: ``run`` deals with it
+    if resume and not aside and not any(f.is_run() or f.has_checkpoints() for f in phases):
         raise FileNotFoundError(f"--resume: {workdir} holds no fine-tuning run to resume (no phase1/ or phase2/ "
                                 f"run); start one without --resume")
-    taken = [str(f.path) for f in phases if f.has_checkpoints()]
+    taken = [str(f.path) for f in phases if f.has_checkpoints()] + \
+        [f"{workdir} (a run that an interrupted --overwrite set aside in .previous/)"] * aside
     if taken and not (resume or overwrite):
         raise FileExistsError(f"{' and '.join(taken)} already hold checkpoints. Continue the run with --resume "
                               f"(phase by phase), start afresh with --overwrite, or pass another --workdir. "
                               f"Nothing was changed.")
+
+
+@contextlib.contextmanager
+def _old_run_kept(aside: SetAside, active: bool):
+    """With ``--overwrite`` (``active``): ``done()`` deletes the old run set aside (the new phase 1
+    has ended); a run that ends before, however it ends, deletes it if a new phase has a
+    checkpoint, else puts it back."""
+    kept = {"old": active}
+
+    def done():
+        if kept["old"]:
+            aside.discard()
+            kept["old"] = False
+
+    try:
+        yield done
+    finally:
+        if kept["old"]:
+            if aside.has_new_run():
+                aside.discard()
+            elif aside.put_back():
+                log.warning(f"{aside.folder}: the new run stopped before its first checkpoint; the run it was to "
+                            f"overwrite is back, unchanged")
 
 
 def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, overwrite: bool = False,
@@ -313,9 +353,12 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
     """Both phases; phase 2 starts from phase 1's best checkpoint as read back from disk.
 
     ``resume``: each phase continues from its latest checkpoint; a phase that already ran to
-    its end is not repeated. ``overwrite``: each phase replaces the run in its folder (kept
-    until the new phase has a checkpoint). ``on_phase_start(phase, state)`` sees each phase's
-    initial ``TrainState`` (for tests). Returns the summary also written to ``<workdir>/summary.json``.
+    its end is not repeated. ``overwrite``: the old run (``phase1/``, ``phase2/``, ``summary.json``)
+    is set aside as one unit in ``<workdir>/.previous/`` (still taking its disk space) and deleted
+    once the new phase 1 has ended; if the new run stops before its first checkpoint, the old one
+    is put back. One run at a time holds ``<workdir>``'s lock. ``on_phase_start(phase, state)``
+    sees each phase's initial ``TrainState`` (for tests). Returns the summary also written to
+    ``<workdir>/summary.json``.
     """
     t0 = time.perf_counter()
     workdir = pathlib.Path(workdir)
@@ -331,19 +374,32 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
     elif procs.primary:
         print(NO_WEIGHTS_WARNING, file=sys.stderr)
     mesh = make_mesh() if mesh is None else mesh
-    common = dict(pretrained=pretrained, resume=resume, overwrite=overwrite, progress=progress, mesh=mesh,
-                  on_start=on_phase_start)
+    common = dict(pretrained=pretrained, resume=resume, progress=progress, mesh=mesh, on_start=on_phase_start)
 
-    s1 = run_phase(config, 1, model, variables, dataset, workdir, **common)
-    restored = restore_phase(workdir, 1).variables  # from disk, not the in-memory state
-    s2 = run_phase(config, 2, model, restored, dataset, workdir, **common)
-
-    summary = {"pretrained": pretrained, "weights": str(path) if pretrained else "none",
-               "dataset": dataset.name, "image_size": int(dataset.image_shape[0]), "model": config.model,
-               "num_classes": int(dataset.num_classes), "num_train": len(dataset.train.labels),
-               "phase1": s1, "phase2": s2, "wall_time_s": time.perf_counter() - t0, "device": s2["device"]}
-    if procs.primary:
-        write_json(workdir / SUMMARY, summary)
+    with contextlib.ExitStack() as held:
+        procs.on_primary(lambda: held.enter_context(RunFolder(workdir).lock()) and None)
+        aside = set_aside(workdir)
+        note = procs.on_primary(aside.recover)  # what an --overwrite that was killed left
+        if note and procs.primary:
+            log.warning(note)
+        if overwrite:
+            procs.on_primary(aside.set_aside)
+        old_run_done = held.enter_context(_old_run_kept(aside, overwrite and procs.primary))
+        try:
+            s1 = run_phase(config, 1, model, variables, dataset, workdir, **common)
+        except (ValueError, FileExistsError) as e:  # refused: say that the old run was put back first
+            if note and "nothing was changed" in str(e):
+                raise type(e)(str(e).replace("nothing was changed", f"{note}; nothing else was changed")) from None
+            raise
+        old_run_done()
+        restored = restore_phase(workdir, 1).variables  # from disk, not the in-memory state
+        s2 = run_phase(config, 2, model, restored, dataset, workdir, **common)
+        summary = {"pretrained": pretrained, "weights": str(path) if pretrained else "none",
+                   "dataset": dataset.name, "image_size": int(dataset.image_shape[0]), "model": config.model,
+                   "num_classes": int(dataset.num_classes), "num_train": len(dataset.train.labels),
+                   "phase1": s1, "phase2": s2, "wall_time_s": time.perf_counter() - t0, "device": s2["device"]}
+        if procs.primary:
+            write_json(workdir / SUMMARY, summary)
     return summary
 
 
@@ -369,8 +425,9 @@ def _parse(argv):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --workdir phase by phase (a finished phase is not repeated)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a --workdir that holds a run: each phase's old run is deleted once the "
-                        "new phase has its first checkpoint")
+                   help="start afresh in a --workdir that holds a run: the old run (both phases) is set aside in "
+                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new phase 1 has "
+                        "ended; if the new run stops before its first checkpoint, the old one is put back")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     add_distributed_flags(p)
     return p.parse_args(argv)

@@ -8,10 +8,12 @@ weights are restored, the test set is evaluated once and ``summary.json`` writte
 
 What can go wrong is handled here, and said in one sentence:
 
-* one run at a time trains into a folder (its lock); ``overwrite`` keeps the old run until
-  the new one has a checkpoint;
+* one run at a time trains into a folder (its lock); ``overwrite`` keeps the old run (in
+  ``<run>/.previous/``) until the new one has saved its first checkpoint, then deletes it;
 * ``resume`` falls back past a damaged checkpoint to the newest readable one (the damaged
-  one is moved to ``checkpoints/damaged/``), and says when there is nothing to do;
+  one is moved to ``checkpoints/damaged/``), and says when there is nothing to do; a best
+  checkpoint that is lost is replaced by the best epoch whose checkpoint reads back (said in
+  one line), and the summary names the epoch whose weights it tested;
 * SIGINT / SIGTERM stop the run at the next step with a checkpoint of where it is (mid-epoch:
   ``resume`` continues from that step, bitwise): :class:`RunInterrupted`;
 * a loss that is not finite or above ``FitConfig.max_loss`` stops the run, keeps the last
@@ -21,7 +23,9 @@ What can go wrong is handled here, and said in one sentence:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -78,7 +82,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
       config: the loop's ``FitConfig`` (the learning rate is the optimizer's).
       workdir: the run folder (created). One that holds checkpoints is refused unless
         ``resume`` (continue exactly from its latest checkpoint) or ``overwrite`` (the old run
-        is deleted once the new one has its first checkpoint, and put back if it fails before).
+        is set aside in ``<workdir>/.previous/``, still taking its disk space, and deleted once
+        the new one has saved its first checkpoint; put back if the new one stops before).
       labels: a ``"trainable"``/``"frozen"`` label tree (``jaxcnn.freeze``): frozen parameters
         get no gradient (build ``state.tx`` with ``adam(labels=labels)`` too).
       train_step, eval_step: steps built once by the caller and reused over several ``fit``
@@ -122,11 +127,13 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
             template = sharding.replicate(state, mesh)
             start = _start(ckpts, template, callbacks, procs) if resume else _Start(template)
             trained = start.position == 0 and (start.epoch >= config.epochs or callbacks.should_stop)
-            if trained and procs.on_primary(lambda: bool(run.read_summary())):  # config.json stays as it is
+            # trained, with a summary of the weights it has: nothing to do. (Without a summary, or with
+            # one of a best that was lost: the test evaluation and summary are made again.)
+            if trained and not start.best_replaced and procs.on_primary(lambda: bool(run.read_summary())):
                 raise NothingToDo(f"{run.path} already has {start.epoch} epochs"
                                   + (" (it stopped early)" if callbacks.should_stop else "")
                                   + f", and {config.epochs} were asked for; ask for more epochs to train on")
-            if not trained and procs.primary:  # (trained without a summary: stopped before its test evaluation)
+            if not trained and procs.primary:  # (trained: config.json stays as it is)
                 run.write_config(record)
             state, epoch, history, best, diverged = start.state, start.epoch, start.history, start.best, None
             position, sums, wall = start.position, start.sums, start.wall_s - t_start  # wall + perf_counter()
@@ -155,14 +162,15 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
                            "epoch_time_s": time.perf_counter() - t0}
                     state, best = _end_epoch(epoch, row, state, best, history, callbacks, ckpts,
                                              wall + time.perf_counter(), run if procs.primary else None, tb)
+                    old.checkpointed()  # overwrite: the new run has a checkpoint; the old one goes now
     if procs.share(old.restored):  # diverged before its first checkpoint: the run it was to overwrite is back
         raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run, restored=True), {})
     if best is not None:
-        state = state.replace(params=best[0], batch_stats=best[1])
+        state = state.replace(params=best.params, batch_stats=best.batch_stats)
     test_feed = EvalFeed(dataset.test, config.eval_batch_size, mesh, processes=procs)
     test = evaluate(state, test_feed, eval_step) if best is not None or not diverged else None
     summary = _summary(history, callbacks, test, dataset, epoch, wall + time.perf_counter(), diverged,
-                       num_train=train_feed.num_examples)
+                       num_train=train_feed.num_examples, best_epoch=best.epoch if best is not None else 0)
     if procs.primary:
         run.write_summary(summary)
     if diverged:
@@ -202,15 +210,30 @@ class _NoBoard:
         pass
 
 
-def _end_epoch(epoch: int, row: dict, state: TrainState, best, history: list, callbacks: EpochCallbacks, ckpts,
-               wall_time_s: float, run: Optional[RunFolder], tb) -> tuple[TrainState, Optional[tuple]]:
-    """The end of epoch ``epoch``: its row in the history, the callbacks' decisions (a new best,
-    the next learning rate), its checkpoint, and the records (``run``: process 0's run folder,
-    None on the other processes). Returns the state and the best epoch's weights."""
+@dataclasses.dataclass
+class _Best:
+    """The weights the run reports: of the epochs whose weights it has, the one with the lowest
+    validation loss (the callbacks' best epoch, unless that epoch's checkpoint was lost)."""
+
+    epoch: int
+    val_loss: float
+    params: dict
+    batch_stats: dict
+
+
+def _end_epoch(epoch: int, row: dict, state: TrainState, best: Optional[_Best], history: list,
+               callbacks: EpochCallbacks, ckpts, wall_time_s: float, run: Optional[RunFolder], tb
+               ) -> tuple[TrainState, Optional[_Best]]:
+    """The end of epoch ``epoch``: its row in the history, the callbacks' decisions (early
+    stopping, the next learning rate), its checkpoint (and the best one, when it has the lowest
+    validation loss of the epochs whose weights the run has), and the records (``run``:
+    process 0's run folder, None on the other processes). Returns the state and the best weights."""
     history.append(row)
-    improved, next_lr = callbacks.update(epoch, row["val_loss"], row["lr"])
+    _, next_lr = callbacks.update(epoch, row["val_loss"], row["lr"])
+    # as the callbacks' "improved" (min_delta 0), unless a lost best was replaced by a worse epoch
+    improved = best is None or row["val_loss"] < best.val_loss
     if improved:  # copies: the next train step donates (invalidates) the state's buffers
-        best = jax.tree.map(jnp.copy, (state.params, state.batch_stats))
+        best = _Best(epoch, row["val_loss"], *jax.tree.map(jnp.copy, (state.params, state.batch_stats)))
     if next_lr != row["lr"]:
         state = set_learning_rate(state, next_lr)
     meta = {"epoch": epoch, "history": history, **callbacks.state_dict(), "wall_time_s": wall_time_s}
@@ -340,52 +363,130 @@ class _Start:
     state: TrainState
     epoch: int = 0  # epochs done
     history: list = dataclasses.field(default_factory=list)
-    best: Optional[tuple] = None  # (params, batch_stats) of the best epoch
+    best: Optional[_Best] = None  # the weights the run reports so far
     wall_s: float = 0.0  # wall time the run had before this process
     position: int = 0  # steps done in epoch ``epoch + 1`` (a run stopped mid-epoch)
     sums: Optional[dict] = None  # its running loss / accuracy sums
+    best_replaced: bool = False  # the best checkpoint was lost and another epoch's took its place
 
 
 def _start(ckpts, template: TrainState, callbacks: EpochCallbacks, procs: Optional[Processes] = None) -> _Start:
     """The resume point: the newer of the latest and the interrupted checkpoint that can be read
-    (damaged ones are moved aside, with a warning), and the best epoch's weights."""
+    (damaged ones, ill-formed metadata included, are moved aside, with a warning), and the best
+    weights (``_best_weights``)."""
     procs = Processes() if procs is None else procs
     target = state_to_tree(template)
-    latest = _newest_readable(ckpts, "latest", target, procs)
-    stopped = _newest_readable(ckpts, "interrupted", target, procs)
+    resumable = functools.partial(_resume_meta_problem, callbacks)
+    latest = _newest_readable(ckpts, "latest", target, procs, resumable)
+    stopped = _newest_readable(ckpts, "interrupted", target, procs, resumable)
     if stopped is not None and (latest is None or stopped[1]["epoch"] >= latest[1]["epoch"]):
         latest = stopped
     if latest is None:
         return _Start(template)
     tree, meta = latest
     callbacks.load_state_dict(meta)
-    best = _newest_readable(ckpts, "best", target, procs)
-    if best is None and callbacks.best_epoch:
-        log.warning(f"the best epoch's checkpoint ({callbacks.best_epoch}) is lost; the run reports the best "
-                    f"epoch it reaches from here on")
-    return _Start(state_from_tree(template, tree), int(meta["epoch"]), list(meta["history"]),
-                  None if best is None else (best[0]["params"], best[0]["batch_stats"]),
-                  float(meta["wall_time_s"]), int(meta.get("position", 0)), meta.get("sums"))
+    history = list(meta["history"])
+    best, replaced = _best_weights(ckpts, target, procs, history, callbacks, int(meta["epoch"]))
+    return _Start(state_from_tree(template, tree), int(meta["epoch"]), history, best,
+                  float(meta["wall_time_s"]), int(meta.get("position", 0)), meta.get("sums"), replaced)
 
 
-def _newest_readable(ckpts, which: str, target, procs: Processes) -> Optional[tuple]:
-    """``(tree, meta)`` of the newest checkpoint of ``which`` that reads back whole (on every
-    process), or None. Process 0 moves a damaged one aside; every process then tries the next."""
-    for step in reversed(ckpts.all_epochs(which)):
-        damage = None
-        try:
-            restored = ckpts.restore(which, step, target=target)
-        except DamagedCheckpointError as e:
-            damage = str(e)
-        damaged = [d for d in procs.gather_text(damage or "") if d] if procs.count > 1 else [damage] * bool(damage)
-        if not damaged:
-            return restored
-        moved = procs.on_primary(lambda: str(ckpts.quarantine(which, step)))
-        ckpts.reload()
-        older = [s for s in ckpts.all_epochs(which) if s < step]
+def _resume_meta_problem(callbacks: EpochCallbacks, meta: dict) -> Optional[str]:
+    """What is wrong with a resume point's metadata (a key missing, a value of the wrong kind), or None."""
+    try:
+        int(meta["epoch"]), float(meta["wall_time_s"]), int(meta.get("position", 0))
+        if not isinstance(meta["history"], list) or len(meta["history"]) != int(meta["epoch"]):
+            return "its meta's history does not have a row per epoch"
+        for row in meta["history"]:
+            int(row["epoch"]), float(row["val_loss"])
+        copy.deepcopy(callbacks).load_state_dict(meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"its meta is ill-formed ({type(e).__name__}: {e})"
+    return None
+
+
+def _best_meta_problem(meta: dict) -> Optional[str]:
+    try:
+        int(meta["epoch"])
+    except (KeyError, TypeError, ValueError) as e:
+        return f"its meta is ill-formed ({type(e).__name__}: {e})"
+    return None
+
+
+def _best_weights(ckpts, target, procs: Processes, history: list, callbacks: EpochCallbacks, epoch: int
+                  ) -> tuple[Optional[_Best], bool]:
+    """The best weights at the resume point (epoch ``epoch``), and whether the best checkpoint
+    had to be replaced.
+
+    The best checkpoint is that of the callbacks' best epoch. When it is lost (damaged, moved
+    aside, missing), the epoch with the lowest validation loss among those whose checkpoint
+    reads back (the best one left, the latest ones) takes its place: saved as the best
+    checkpoint, and said in one warning line. From there on a later epoch becomes the best when
+    its validation loss is lower than that epoch's. None: no epoch's weights are left.
+    """
+    val = {int(r["epoch"]): float(r["val_loss"]) for r in history}
+    wanted = callbacks.best_epoch
+    found = _newest_readable(ckpts, "best", target, procs, _best_meta_problem)
+    if found is not None:
+        found_epoch = int(found[1]["epoch"])
+        if found_epoch == wanted or found_epoch > epoch:  # (newer: saved just before a crash; it is retrained)
+            return _Best(found_epoch, val.get(found_epoch, callbacks.early.best), found[0]["params"],
+                         found[0]["batch_stats"]), False
+    if not wanted:  # stopped in its first epoch: no best yet
+        return None, False
+    candidates = sorted({e for e in ckpts.all_epochs("latest") if e in val} | ({found_epoch} if found else set()),
+                        key=lambda e: (val[e], e))
+    for e in candidates:
+        got = found if found is not None and e == found_epoch else \
+            _readable(ckpts, "latest", e, target, procs, functools.partial(_resume_meta_problem, callbacks))
+        if got is None:
+            continue
+        if not (found is not None and e == found_epoch):
+            ckpts.replace_best(e, *got)
         if procs.primary:
-            log.warning(f"{damaged[0]}. Moved it to {moved}; "
-                        + (f"falling back to {which} {older[-1]}" if older else f"no older {which} checkpoint"))
+            log.warning(f"the best epoch's checkpoint (epoch {wanted}) is lost; epoch {e} (val loss {val[e]:.4f}), the "
+                        f"best epoch whose checkpoint reads back, is the run's best in its place")
+        return _Best(e, val[e], got[0]["params"], got[0]["batch_stats"]), True
+    if procs.primary:
+        log.warning(f"the best epoch's checkpoint (epoch {wanted}) is lost and no other epoch's checkpoint reads "
+                    f"back; the run's best is the best epoch it trains from here on")
+    return None, True
+
+
+def _readable(ckpts, which: str, step: int, target, procs: Processes, problem=None,
+              then: Optional[Callable[[], str]] = None) -> Optional[tuple]:
+    """``(tree, meta)`` of checkpoint ``step`` of ``which`` if it reads back whole on every process
+    and ``problem(meta)`` finds nothing wrong; else None, after process 0 moved it aside and
+    said so (``then()``: what happens next, for the warning)."""
+    damage = None
+    try:
+        restored = ckpts.restore(which, step, target=target)
+        reason = problem(restored[1]) if problem is not None else None
+        if reason:
+            damage = str(DamagedCheckpointError(ckpts.directory / which / str(step), reason))
+    except DamagedCheckpointError as e:
+        damage = str(e)
+    damaged = [d for d in procs.gather_text(damage or "") if d] if procs.count > 1 else [damage] * bool(damage)
+    if not damaged:
+        return restored
+    moved = procs.on_primary(lambda: str(ckpts.quarantine(which, step)))
+    ckpts.reload()
+    if procs.primary:
+        log.warning(f"{damaged[0]}. Moved it to {moved}" + (f"; {then()}" if then is not None else ""))
+    return None
+
+
+def _newest_readable(ckpts, which: str, target, procs: Processes, problem=None) -> Optional[tuple]:
+    """``(tree, meta)`` of the newest checkpoint of ``which`` that reads back whole (on every
+    process) with well-formed metadata, or None. Process 0 moves a damaged one aside; every
+    process then tries the next."""
+    for step in reversed(ckpts.all_epochs(which)):
+        def then(step=step):
+            older = [s for s in ckpts.all_epochs(which) if s < step]
+            return f"falling back to {which} {older[-1]}" if older else f"no older {which} checkpoint"
+        restored = _readable(ckpts, which, step, target, procs, problem, then)
+        if restored is not None:
+            return restored
     return None
 
 
@@ -412,14 +513,22 @@ def _stop_on_signals():
 
 
 class _OldRun:
-    restored = False
+    """The run an ``overwrite`` set aside: deleted at the new run's first checkpoint (``checkpointed``)."""
+
+    def __init__(self, run: RunFolder, overwrite: bool):
+        self.run, self.overwrite, self.restored, self.deleted = run, overwrite, False, False
+
+    def checkpointed(self) -> None:
+        if self.overwrite and not self.deleted:
+            self.run.commit()
+            self.deleted = True
 
 
 @contextlib.contextmanager
 def _old_run_kept_until_checkpointed(run: RunFolder, overwrite: bool):
-    """With ``overwrite``: when the run ends, however it ends, the old run set aside is deleted
-    if the new one has a checkpoint, and put back if it has none."""
-    old = _OldRun()
+    """With ``overwrite``: the old run set aside is deleted once the new one has saved its first
+    checkpoint (``old.checkpointed()``); a run that ends before that, however it ends, puts it back."""
+    old = _OldRun(run, overwrite)
     try:
         yield old
     except BaseException:
@@ -463,10 +572,11 @@ def _diverged_message(d: dict, history: list, callbacks: EpochCallbacks, state, 
 
 
 def _summary(history: list[dict], callbacks: EpochCallbacks, test: Optional[dict], dataset, last_epoch: int,
-             wall_time_s: float, diverged: Optional[dict], *, num_train: int) -> dict:
-    best_row = next((r for r in history if r["epoch"] == callbacks.best_epoch), None)
+             wall_time_s: float, diverged: Optional[dict], *, num_train: int, best_epoch: int) -> dict:
+    """``best_epoch``: the epoch whose weights were tested (0: none)."""
+    best_row = next((r for r in history if r["epoch"] == best_epoch), None)
     summary = {
-        "best_epoch": callbacks.best_epoch, "stopped_early": callbacks.should_stop, "stop_epoch": last_epoch,
+        "best_epoch": best_epoch, "stopped_early": callbacks.should_stop, "stop_epoch": last_epoch,
         "best_val_loss": best_row["val_loss"] if best_row else None,
         "best_val_accuracy": best_row["val_accuracy"] if best_row else None,
         "test_loss": test["loss"] if test else None, "test_accuracy": test["accuracy"] if test else None,

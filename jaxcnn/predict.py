@@ -81,7 +81,8 @@ def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG) and folders of them")
     p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
     p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")

@@ -100,7 +100,8 @@ def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (cifar10 for 'default')")
     p.add_argument("--epochs", type=int)

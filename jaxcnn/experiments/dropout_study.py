@@ -265,7 +265,8 @@ def run_study(study: StudyConfig, workdir, *, progress: bool = True, dataset=Non
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.dropout_study", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.dropout_study", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--num_train", type=int)
     p.add_argument("--epochs", type=int)

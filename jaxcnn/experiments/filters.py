@@ -247,7 +247,8 @@ def load_run(run: Path, *, which: str = "best") -> tuple[inference.Restored, Opt
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.filters", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.filters", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--run", type=Path, help="a run folder (a cifar10 run, a fine-tuning phase, a fit() of yours)")
     p.add_argument("--which", choices=("best", "latest"), default="best", help="which checkpoint of --run")
     p.add_argument("--resnet_weights", default="imagenet",

@@ -357,7 +357,8 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
     p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none")

@@ -3,9 +3,11 @@ commands running as written and telling the truth, and one-line errors that name
 
 import argparse
 import importlib
+import json
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,3 +69,140 @@ def test_no_command_takes_an_abbreviated_flag(module_name, monkeypatch, capsys):
             parser.parse_args([abbrev, "1"])
         assert e.value.code == 2, (module_name, abbrev)
         assert f"unrecognized arguments: {abbrev}" in capsys.readouterr().err, (module_name, abbrev)
+
+
+# ---------------------------------------------------------------------------- activations: dead or constant
+
+
+def _maps():
+    """(8, 8, 6) maps: 0, 1 all zero (dead); 2, 3 constant 0.7 and 2.5; 4, 5 varying (a ramp, a spot)."""
+    a = np.zeros((8, 8, 6))
+    a[:, :, 2], a[:, :, 3] = 0.7, 2.5
+    a[:, :, 4] = np.arange(64.0).reshape(8, 8)
+    a[3, 5, 5] = 4.0
+    return a
+
+
+def test_constant_maps_are_counted_and_drawn_apart_from_dead_ones(tmp_path):
+    from jaxcnn import viz
+    from jaxcnn.experiments import filters
+
+    a = _maps()
+    fig = viz.plot_activations(a, path=tmp_path / "acts.png", dpi=60)
+    panels = [np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images]
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == ["0 dead", "1 dead", "2 =0.7", "3 =2.5", "4", "5"]
+    for c in (0, 1):
+        np.testing.assert_array_equal(panels[c], np.zeros((8, 8)))  # the bottom of the colour scale
+    for c in (2, 3):
+        np.testing.assert_array_equal(panels[c], np.full((8, 8), 0.5))  # the middle: not off
+    np.testing.assert_allclose(panels[4], a[:, :, 4] / 63.0)
+    np.testing.assert_array_equal(panels[5], a[:, :, 5] / 4.0)
+
+    # the record counts each kind; a small conv layer whose ReLU(conv + bias) makes all three
+    kernel = np.zeros((3, 3, 3, 6), np.float32)
+    bias = np.array([-1.0, 0.0, 0.7, 2.5, 0.0, 0.0], np.float32)
+    kernel[1, 1, 0, 4], kernel[1, 1, 1, 5] = 1.0, -1.0
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[..., 0] = np.arange(64).reshape(8, 8)
+    image[3, 5, 1] = 255
+    params = {"block1_conv1": {"kernel": kernel, "bias": bias}}
+    acts = filters.first_layer_activations(image, kernel, bias)
+    assert viz.map_kinds(acts) == ["dead", "dead", "constant", "constant", "varying", "dead"]
+    rec = filters.draw_run(params, tmp_path, prefix="t", title="t", image=image, acts=acts, source="test")
+    assert (rec["dead_maps"], rec["constant_maps"]) == (3, 2)
+
+
+# ---------------------------------------------------------------------------- one-line errors up front
+
+
+def _cli(capsys, main, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """A one-epoch smoke run of the CIFAR CNN (its folder)."""
+    from jaxcnn.experiments import cifar10
+    from jaxcnn.experiments.configs import get_config
+
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    cifar10.run(get_config("smoke", epochs=1), workdir, progress=False)
+    return workdir
+
+
+def test_a_learning_rate_that_is_zero_in_float32_is_refused(tmp_path, capsys):
+    from jaxcnn.experiments import cifar10
+    from jaxcnn.train import adam
+
+    with pytest.raises(ValueError, match=r"adam: learning_rate=1e-300 is 0 in float32"):
+        adam(1e-300)
+    with pytest.raises(ValueError, match=r"learning_rate=1e-40 is 9.99995e-41 in float32"):
+        adam(1e-40)  # a float32 subnormal: the step would lose its precision
+    adam(1.2e-38)  # float32's smallest normal number is taken
+    code, out, err = _cli(capsys, cifar10.main, ["--preset", "smoke", "--no_progress", "--learning_rate", "1e-300",
+                                                 "--workdir", str(tmp_path / "run")])
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("error: learning_rate=1e-300 is 0 in float32") and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["cifar10", "finetune", "dropout_study"])
+def test_an_empty_workdir_is_refused(command, tmp_path, monkeypatch, capsys):
+    """``--workdir ""`` once trained silently into the default folder."""
+    module = importlib.import_module(f"jaxcnn.experiments.{command}")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(capsys, module.main, ["--preset", "smoke", "--no_progress", "--workdir", ""])
+    assert code == 2 and out == "" and err == ("error: --workdir '': empty; name a path, or leave the flag out "
+                                               "for its default\n")
+    assert list(tmp_path.iterdir()) == []  # nothing was created
+
+
+def test_predict_checks_out_before_it_classifies(smoke_run, tmp_path, capsys):
+    from jaxcnn import predict
+    from PIL import Image
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    (tmp_path / "notes.txt").write_text("a file")
+    for out, message in ((tmp_path / "notes.txt" / "preds.csv", f"{tmp_path / 'notes.txt'} is a file, not a folder"),
+                         (tmp_path, "is a folder; name a .csv file")):
+        code, stdout, err = _cli(capsys, predict.main, ["--run", str(smoke_run), str(image), "--out", str(out)])
+        assert code == 2 and stdout == "" and len(err.splitlines()) == 1, err  # no image was classified
+        assert err.startswith(f"error: --out {out}") and message in err
+    code, _, err = _cli(capsys, predict.main, ["--run", str(smoke_run), str(image), "--out", ""])
+    assert code == 2 and err.startswith("error: --out '': empty")
+    out = tmp_path / "new" / "preds.csv"  # a missing folder below a writable one is created
+    assert _cli(capsys, predict.main, ["--run", str(smoke_run), str(image), "--out", str(out)])[0] == 0
+    assert out.read_text().startswith("path,label_1,prob_1")
+
+
+def test_filters_on_a_finetune_folder_names_its_phases(tmp_path, capsys):
+    from jaxcnn.experiments import filters
+
+    ft = tmp_path / "ft"
+    for phase in ("phase1", "phase2"):
+        (ft / phase).mkdir(parents=True)
+        (ft / phase / "config.json").write_text("{}")
+    code, out, err = _cli(capsys, filters.main, ["--run", str(ft), "--resnet_weights", "none",
+                                                 "--out", str(tmp_path / "figs")])
+    assert code == 2 and out == "" and err == (f"error: {ft} is a fine-tuning run's folder; pass one of its phases: "
+                                               f"--run {ft / 'phase2'} (or {ft / 'phase1'})\n")
+    assert not (tmp_path / "figs").exists()
+
+
+# ---------------------------------------------------------------------------- no tracked file rewritten
+
+
+def test_filters_draws_into_the_run_by_default_not_into_the_project(smoke_run, tmp_path, monkeypatch, capsys):
+    from jaxcnn.experiments import filters
+
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _cli(capsys, filters.main, ["--run", str(smoke_run), "--resnet_weights", "none"])
+    assert code == 0
+    figures = smoke_run / "plots" / "filters"
+    record = json.loads((figures / "filters.json").read_text())
+    assert sorted(record["cifar_cnn"]["files"]) == sorted(p.name for p in figures.glob("*.png"))
+    assert list(tmp_path.iterdir()) == []  # nothing in the working folder (it was experiments/filters/)
+    assert filters.default_out(None) == pathlib.Path("runs/filters")  # untracked (.gitignore: runs/)

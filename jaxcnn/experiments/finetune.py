@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import pathlib
 import sys
 import time
@@ -60,12 +59,13 @@ from jaxcnn import freeze, inference, results, viz
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, join_processes,
-                                   run_main)
+                                   path_flag, run_main)
 from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
+from jaxcnn.train.state import check_learning_rate
 
 PRESETS = ("default", "offline", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
@@ -119,9 +119,7 @@ class FinetuneConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"FinetuneConfig: {name}={v!r}; must be an int >= 1")
         for name in ("phase1_lr", "phase2_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"FinetuneConfig: {name}={v!r}; must be a finite number > 0")
+            check_learning_rate(getattr(self, name), f"FinetuneConfig: {name}")
         if self.image_size < 32:
             raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
         check_folder_settings(self)
@@ -405,7 +403,8 @@ def _main(args) -> int:
         for flag in ("val_fraction", "test_fraction", "stream"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset}")
-    workdir = pathlib.Path(args.workdir or f"checkpoints/finetune-{config.dataset}-{config.preset}")
+    workdir = path_flag("--workdir", args.workdir) or pathlib.Path(f"checkpoints/finetune-{config.dataset}-"
+                                                                    f"{config.preset}")
     summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     s1, s2 = summary["phase1"], summary["phase2"]
     print(f"\n{summary['dataset']} {summary['image_size']}px, "

@@ -206,3 +206,23 @@ def test_filters_draws_into_the_run_by_default_not_into_the_project(smoke_run, t
     assert sorted(record["cifar_cnn"]["files"]) == sorted(p.name for p in figures.glob("*.png"))
     assert list(tmp_path.iterdir()) == []  # nothing in the working folder (it was experiments/filters/)
     assert filters.default_out(None) == pathlib.Path("runs/filters")  # untracked (.gitignore: runs/)
+
+
+def test_finetune_offline_names_weights_none(tmp_path, monkeypatch, capsys):
+    """The README's fine-tune-your-photos command without network: the error names the way out."""
+    import urllib.error
+
+    from jaxcnn.experiments import finetune
+    from jaxcnn.weights import imagenet
+
+    def offline(url, dest):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(imagenet, "_download", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    (tmp_path / "photos").mkdir()
+    code, out, err = _cli(capsys, finetune.main, ["--dataset", "folder", "--data_dir", str(tmp_path / "photos"),
+                                                  "--workdir", str(tmp_path / "pets"), "--no_progress"])
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: fetch_imagenet_weights: could not")
+    assert "Or fine-tune without pretrained weights: --weights none" in err
+    assert not (tmp_path / "pets").exists()

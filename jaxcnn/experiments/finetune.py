@@ -191,7 +191,8 @@ def weights_path(config: FinetuneConfig) -> Optional[pathlib.Path]:
     try:
         return resolve_weights(None if config.weights == "none" else config.weights, include_top=False)
     except (RuntimeError, FileNotFoundError) as e:
-        raise WeightsUnavailableError(str(e)) from None
+        raise WeightsUnavailableError(f"{e} Or fine-tune without pretrained weights: --weights none (a random "
+                                      f"backbone; what to expect: experiments/finetune/README.md)") from None
 
 
 def initial_variables(config: FinetuneConfig, model: Classifier, image_shape,

@@ -67,7 +67,7 @@ from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
 from jaxcnn.train.state import check_learning_rate
 
-PRESETS = ("default", "offline", "smoke")
+PRESETS = ("default", "offline", "quick", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
 MODELS = ("resnet50", "tiny")
 SUMMARY = "summary.json"  # <workdir>/summary.json: both phases' results (each phase is a run folder)
@@ -146,6 +146,10 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
     elif name == "offline":
         base = FinetuneConfig(preset="offline", dataset="offline", image_size=32, phase1_epochs=4,
                               phase2_epochs=6)
+        base = with_overrides(base, {"eval_batch_size": 250})
+    elif name == "quick":
+        base = FinetuneConfig(preset="quick", dataset="offline", image_size=32, model="tiny", weights="none",
+                              phase1_epochs=3, phase2_epochs=3, phase2_lr=1e-3, phase2_frozen_layers=20)
         base = with_overrides(base, {"eval_batch_size": 250})
     elif name == "smoke":
         base = FinetuneConfig(preset="smoke", dataset="offline", image_size=32, num_train=64, num_val=32,

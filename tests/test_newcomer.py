@@ -328,3 +328,56 @@ def test_no_documented_filters_command_rewrites_tracked_files(monkeypatch):
         tracked = subprocess.run(["git", "ls-files", "--", str(out)], cwd=ROOT, capture_output=True, text=True,
                                  check=True).stdout
         assert tracked == "", (line, out, tracked.splitlines()[:3])
+
+
+def test_the_readme_layers_example_runs_and_fails_as_shown():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(>>> .*?)```", text, re.S).group(1).splitlines()
+    namespace: dict = {}
+    for i, line in enumerate(block):
+        if not line.startswith(">>> "):
+            continue
+        shown = block[i + 1] if i + 1 < len(block) and not block[i + 1].startswith(">>> ") else ""
+        if shown.startswith("ValueError: "):
+            with pytest.raises(ValueError) as e:
+                exec(line[4:], namespace)
+            assert str(e.value) == shown[len("ValueError: "):]
+        else:
+            exec(line[4:], namespace)
+
+
+@pytest.mark.slow  # 105 s on the shared 2-core build machine (load 14)
+def test_the_readme_resnet_snippet_runs_at_tiny_sizes(tmp_path, monkeypatch):
+    """The ResNet50 snippet as written but for its sizes: ResNetTiny for ResNet50 (a weight file of its
+    own for Keras' ImageNet file), 32x32 photos, 20 of its Keras layers frozen, one epoch."""
+    import functools
+
+    import jax
+
+    import jaxcnn.models
+    import jaxcnn.weights
+    from conftest import write_photo_folder
+    from jaxcnn.models import ResNetTiny
+    from test_filters_experiment import write_legacy_h5
+
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- resnet-snippet -->\s*```python\n(.*?)```", text, re.S).group(1)
+    tiny = {"224": "32", "first_n_keras_layers(100,": "first_n_keras_layers(20,",
+            "FitConfig(epochs=20,": "FitConfig(epochs=1, batch_size=8, eval_batch_size=8,"}
+    for old, new in tiny.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    backbone = ResNetTiny(include_top=False)
+    weights = tmp_path / "tiny_notop.h5"
+    write_legacy_h5(weights, jax.jit(lambda k: backbone.init(k, jax.numpy.zeros((1, 32, 32, 3)), train=False))(
+        jax.random.key(5)), backbone.layer_order())
+    monkeypatch.setattr(jaxcnn.models, "ResNet50", ResNetTiny)
+    monkeypatch.setattr(jaxcnn.weights, "resolve_weights", lambda name, include_top: weights)
+    monkeypatch.setattr(jaxcnn.weights, "load_keras_h5",
+                        functools.partial(jaxcnn.weights.load_keras_h5, model=backbone))
+    write_photo_folder(tmp_path / "photos", bad_files=False)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md resnet-snippet", "exec"), namespace)
+    assert namespace["data"].num_classes == 3
+    assert json.loads((tmp_path / "runs" / "ft" / "summary.json").read_text())["stop_epoch"] == 1

@@ -381,3 +381,16 @@ def test_the_readme_resnet_snippet_runs_at_tiny_sizes(tmp_path, monkeypatch):
     exec(compile(code, "README.md resnet-snippet", "exec"), namespace)
     assert namespace["data"].num_classes == 3
     assert json.loads((tmp_path / "runs" / "ft" / "summary.json").read_text())["stop_epoch"] == 1
+
+
+QUICK_MIN_ACCURACY = 0.25  # measured 0.40 (experiments/finetune/README.md)
+
+
+@pytest.mark.slow  # the documented quick look at fine-tuning: a few minutes on 2 cores
+def test_the_quick_finetune_preset_learns(tmp_path, capsys):
+    from jaxcnn.experiments import finetune
+
+    assert finetune.main(["--preset", "quick", "--workdir", str(tmp_path / "ft"), "--no_progress"]) == 0
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["pretrained"] is False and summary["model"] == "small"
+    assert summary["phase2"]["test_accuracy"] >= QUICK_MIN_ACCURACY  # chance: 0.10

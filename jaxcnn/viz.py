@@ -194,8 +194,10 @@ def map_kinds(activations) -> list[str]:
     for this image), ``"constant"`` (one non-zero value everywhere: it carries no spatial pattern,
     but it is not off) or ``"varying"``."""
     a = np.asarray(activations)
-    lo, hi = a.min(axis=(0, 1)), a.max(axis=(0, 1))  # (C,)
-    return ["dead" if l == h == 0 else "constant" if l == h else "varying" for l, h in zip(lo, hi)]
+    if a.ndim != 3 or a.size == 0:
+        raise ValueError(f"map_kinds: activations must be a non-empty (H, W, C) array, got shape {a.shape}")
+    lows, highs = a.min(axis=(0, 1)), a.max(axis=(0, 1))  # (C,)
+    return ["dead" if lo == hi == 0 else "constant" if lo == hi else "varying" for lo, hi in zip(lows, highs)]
 
 
 #: How ``plot_activations`` draws a map that does not vary (colour-scale value; the panel title says which).

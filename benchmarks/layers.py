@@ -31,7 +31,7 @@ def _time(fn, rounds: int) -> list[float]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--cin", type=int, default=16)

@@ -110,7 +110,8 @@ def _cpu() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--batch", type=int, default=64, help="global batch (64)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per round (20)")
     p.add_argument("--rounds", type=int, default=3)

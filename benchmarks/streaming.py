@@ -40,7 +40,8 @@ def write_photos(root: str, n: int, size: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.streaming", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.streaming", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--images", type=int, default=120)
     p.add_argument("--photo_size", type=int, default=320, help="side of the JPEG files (320)")
     p.add_argument("--size", type=int, default=224, help="model input size (224)")

@@ -524,7 +524,8 @@ def _read(proc, name) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--frameworks", default=",".join(FRAMEWORKS),
                    help=f"comma-separated, from {', '.join(FRAMEWORKS)} (default: all; a missing one is skipped)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")

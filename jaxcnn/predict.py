@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxcnn import inference
 from jaxcnn.data.folder import decode_images
-from jaxcnn.experiments.cli import run_main
+from jaxcnn.experiments.cli import check_run_flag, path_flag, run_main
 
 
 def find_images(paths) -> list[str]:
@@ -48,11 +48,18 @@ def find_images(paths) -> list[str]:
     return found
 
 
-def _check_run(run: pathlib.Path) -> None:
-    """A clearer error than a missing config.json for a fine-tuning workdir (it holds phase1/, phase2/)."""
-    if not (run / "config.json").is_file() and (run / "phase2" / "config.json").is_file():
-        raise FileNotFoundError(f"{run} is a fine-tuning run's folder; pass one of its phases: --run {run / 'phase2'} "
-                                f"(or {run / 'phase1'})")
+def check_out(out: pathlib.Path) -> None:
+    """``--out`` can be written: not a folder, and its first existing parent is a folder this process may
+    write into (missing folders below it are created at the end). Checked before any image is read."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a .csv file")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot write into {parent}")
 
 
 def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch_size: int = 64):
@@ -81,7 +88,8 @@ def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG) and folders of them")
     p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
     p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")
@@ -100,10 +108,11 @@ def _main(args) -> int:
     for flag in ("top_k", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag}={getattr(args, flag)}; must be >= 1")
-    if args.out and pathlib.Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a folder; name a .csv file")
+    out = path_flag("--out", args.out)
+    if out is not None:
+        check_out(out)
     run_dir = pathlib.Path(args.run)
-    _check_run(run_dir)
+    check_run_flag(run_dir)
     run = inference.restore(run_dir, which=args.which)
     top_k = min(args.top_k, int(run.config.get("data", {}).get("num_classes") or args.top_k))
     paths = find_images(args.images)
@@ -117,8 +126,7 @@ def _main(args) -> int:
         print(f"{path}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in top))
         rows.append([path] + [v for name, prob in top for v in (name, f"{prob:.6g}")] + [""] * (2 * (top_k - len(top)))
                     + [""])
-    if args.out:
-        out = pathlib.Path(args.out)
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "w", newline="") as f:

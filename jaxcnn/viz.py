@@ -189,6 +189,21 @@ def plot_filters(
     return fig
 
 
+def map_kinds(activations) -> list[str]:
+    """Each feature map of ``activations`` ``(H, W, C)`` as ``"dead"`` (all zero: a ReLU channel off
+    for this image), ``"constant"`` (one non-zero value everywhere: it carries no spatial pattern,
+    but it is not off) or ``"varying"``."""
+    a = np.asarray(activations)
+    if a.ndim != 3 or a.size == 0:
+        raise ValueError(f"map_kinds: activations must be a non-empty (H, W, C) array, got shape {a.shape}")
+    lows, highs = a.min(axis=(0, 1)), a.max(axis=(0, 1))  # (C,)
+    return ["dead" if lo == hi == 0 else "constant" if lo == hi else "varying" for lo, hi in zip(lows, highs)]
+
+
+#: How ``plot_activations`` draws a map that does not vary (colour-scale value; the panel title says which).
+DEAD_SHADE, CONSTANT_SHADE = 0.0, 0.5
+
+
 def plot_activations(
     activations,
     *,
@@ -200,8 +215,11 @@ def plot_activations(
     path: Optional[Union[str, os.PathLike]] = None,
     dpi: int = 100,
 ) -> Figure:
-    """Draw one image's feature maps as a grid of panels, each scaled to its own range
-    (a constant map, e.g. a dead ReLU channel, is drawn at the bottom of the colour scale).
+    """Draw one image's feature maps as a grid of panels, each scaled to its own range.
+
+    A map that does not vary (``map_kinds``) has no range to scale: an all-zero ("dead") map is
+    drawn at the bottom of the colour scale and titled ``"<c> dead"``; a constant non-zero map at
+    the middle, titled ``"<c> =<value>"``, so the two are never confused.
 
     Args:
       activations: ``(H, W, C)`` or ``(1, H, W, C)`` NHWC, e.g. the output of the first conv
@@ -232,9 +250,17 @@ def plot_activations(
         panels.append(img if img.shape[2] == 3 else img[:, :, 0])
         titles.append("input")
     a = a.astype(np.float64)
+    kinds = map_kinds(a[:, :, :n])
     for c in range(n):
-        panels.append(_unit(a[:, :, c], constant=0.0))  # (H, W)
-        titles.append(str(c))
+        if kinds[c] == "dead":
+            panels.append(np.full(a.shape[:2], DEAD_SHADE))
+            titles.append(f"{c} dead")
+        elif kinds[c] == "constant":
+            panels.append(np.full(a.shape[:2], CONSTANT_SHADE))
+            titles.append(f"{c} ={a[0, 0, c]:.2g}")
+        else:
+            panels.append(_unit(a[:, :, c]))  # (H, W)
+            titles.append(str(c))
     fig = _image_grid(fn, panels, titles, ncols=ncols, panel_size=panel_size, title=title, cmap="viridis")
     if path is not None:
         save_figure(fig, path, dpi=dpi)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxcnn import results, viz
 from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, check_workdir,
-                                   join_processes, run_main)
+                                   join_processes, path_flag, run_main)
 from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
@@ -86,7 +86,8 @@ def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (cifar10 for 'default')")
     p.add_argument("--epochs", type=int)
@@ -141,7 +142,7 @@ def _main(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset} (its images are "
                                  f"32x32 and its splits are its own)")
-    workdir = pathlib.Path(args.workdir) if args.workdir else \
+    workdir = path_flag("--workdir", args.workdir) or \
         pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)

@@ -19,6 +19,7 @@ import pathlib
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Optional
 
 from jaxcnn.checkpoint import DamagedCheckpointError
 from jaxcnn.data import DatasetUnavailableError
@@ -209,3 +210,21 @@ def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> No
         raise FileExistsError(f"{workdir} already holds checkpoints of a run{where}. Continue it with --resume, "
                               f"start afresh with --overwrite (the old run is deleted once the new one has saved its "
                               f"first checkpoint), or pass another --workdir. Nothing was changed.")
+
+
+def path_flag(flag: str, value) -> Optional[pathlib.Path]:
+    """A path-valued flag's folder or file, None when the flag was not given. An empty value is refused:
+    it is no path (``--workdir ""`` once trained silently into the default folder)."""
+    if value is None:
+        return None
+    if not str(value).strip():
+        raise ValueError(f"{flag} {str(value)!r}: empty; name a path, or leave the flag out for its default")
+    return pathlib.Path(value)
+
+
+def check_run_flag(run: pathlib.Path) -> None:
+    """A clearer error than a missing config.json for ``--run`` given a fine-tuning workdir (it holds
+    ``phase1/`` and ``phase2/``, each a run folder)."""
+    if not (run / "config.json").is_file() and (run / "phase2" / "config.json").is_file():
+        raise FileNotFoundError(f"{run} is a fine-tuning run's folder; pass one of its phases: --run {run / 'phase2'} "
+                                f"(or {run / 'phase1'})")

@@ -29,13 +29,13 @@ its ``train/``, ``val/``, ``test/`` subfolders: ``jaxcnn.data.folder``)::
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import jax.numpy as jnp
 
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.train.config import FitConfig
+from jaxcnn.train.state import check_learning_rate
 
 PRESETS = ("default", "demo", "smoke")
 DATASETS = ("cifar10", "offline", "folder")
@@ -81,9 +81,7 @@ class ExperimentConfig:
                 raise ValueError(f"{name}={v!r}; must be an int >= 1")
         check_folder_settings(self)
         check_precision(self.precision)
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"learning_rate={lr!r}; must be a finite number > 0")
+        check_learning_rate(self.learning_rate)
         if not isinstance(self.fit, FitConfig):
             raise TypeError(f"fit={self.fit!r}; must be a jaxcnn.train.FitConfig")
 

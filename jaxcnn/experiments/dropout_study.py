@@ -49,7 +49,7 @@ import numpy as np
 
 from jaxcnn import inference, viz
 from jaxcnn.experiments import cifar10
-from jaxcnn.experiments.cli import add_host_memory_flag, prepare_host, run_main
+from jaxcnn.experiments.cli import add_host_memory_flag, path_flag, prepare_host, run_main
 from jaxcnn.experiments.configs import get_config as cifar_config
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.runfolder import RunFolder
@@ -265,14 +265,15 @@ def run_study(study: StudyConfig, workdir, *, progress: bool = True, dataset=Non
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.dropout_study", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.dropout_study", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--num_train", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="default: all four")
-    p.add_argument("--workdir", type=pathlib.Path, help="default: runs/dropout_study-<preset>")
-    p.add_argument("--export", type=pathlib.Path, help="copy records and plots (no checkpoints) to this folder")
+    p.add_argument("--workdir", help="default: runs/dropout_study-<preset>")
+    p.add_argument("--export", help="copy records and plots (no checkpoints) to this folder")
     p.add_argument("--no_progress", action="store_true")
     add_host_memory_flag(p)
     args = p.parse_args(argv)
@@ -283,14 +284,15 @@ def _main(args) -> int:
     prepare_host(args)
     study = get_config(args.preset, num_train=args.num_train, epochs=args.epochs, seed=args.seed,
                        variants=tuple(args.variants) if args.variants else None)
-    workdir = args.workdir or pathlib.Path(f"runs/dropout_study-{study.preset}")
+    workdir = path_flag("--workdir", args.workdir) or pathlib.Path(f"runs/dropout_study-{study.preset}")
+    export_to = path_flag("--export", args.export)
     for v in study.variants:
         RunFolder(workdir / v).check_writable()
     rows = run_study(study, workdir, progress=not args.no_progress)
     print((workdir / "study.md").read_text())
     print(f"records: {workdir}/study.json, study.csv, study.md, plots/val_curves.png")
-    if args.export is not None:
-        export(workdir, args.export, study.variants)
+    if export_to is not None:
+        export(workdir, export_to, study.variants)
         print(f"exported to {args.export}")
     return 0 if rows else 1
 

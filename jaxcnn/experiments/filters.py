@@ -4,16 +4,18 @@ The seed's question 5 ("visualise the filters of the first convolutional layer o
 trained CNN"), for the two models this project trains or ports::
 
     # a trained CIFAR CNN (any run of jaxcnn.experiments.cifar10), offline data:
-    python -m jaxcnn.experiments.cifar10 --dataset offline --workdir runs/cifar10_offline
-    python -m jaxcnn.experiments.filters --run runs/cifar10_offline --out experiments/filters
+    python -m jaxcnn.experiments.cifar10 --dataset offline --preset demo --workdir runs/demo
+    python -m jaxcnn.experiments.filters --run runs/demo --resnet_weights none   # -> runs/demo/plots/filters/
     # any other run folder works too, e.g. a fine-tuning phase (its backbone's conv1_conv):
     python -m jaxcnn.experiments.filters --run runs/ft/phase1 --resnet_weights none --out /tmp/ft_filters
 
     # ResNet50's conv1 (7×7×3×64) from the official Keras ImageNet file (the seed's VGG16
     # example, done with the model we port): needs the file in Keras' cache or a path
-    python -m jaxcnn.experiments.filters --resnet_weights imagenet --out experiments/filters
+    python -m jaxcnn.experiments.filters --resnet_weights imagenet            # -> runs/filters/
 
-Writes into ``--out``:
+Writes into ``--out``, by default the run's ``plots/filters/`` (``runs/filters/`` without
+``--run``); the figures committed in ``experiments/filters/`` are redrawn only when
+``--out experiments/filters`` says so:
 
 * ``cifar_cnn_filters.png`` — ``block1_conv1`` (3×3×3×32), one min/max for the layer
   (the seed's normalisation); ``cifar_cnn_filters_per_filter.png`` — each filter stretched
@@ -21,7 +23,9 @@ Writes into ``--out``:
   (same seed), and ``cifar_cnn_filters_change.png`` — trained minus initial (a short run
   moves 3×3 first-layer filters little: ``filters.json`` records ``|ΔW| / |W0|``);
 * ``cifar_cnn_activations.png`` — one validation image and its 32 first-layer feature
-  maps (ReLU(conv), before BatchNorm; all-zero "dead" maps are dark, counted in the record);
+  maps (ReLU(conv), before BatchNorm); all-zero "dead" maps are dark and titled "dead",
+  constant non-zero maps mid-scale and titled with their value (``dead_maps`` and
+  ``constant_maps`` in the record);
   a run of another model kind writes ``<kind>_filters.png`` etc. (no ``_init``: its
   initial weights are not in its record);
 * ``resnet50_filters.png`` — ``conv1_conv`` (7×7×3×64; kernels see BGR, drawn as RGB);
@@ -45,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn import inference, layers, viz
-from jaxcnn.experiments.cli import run_main
+from jaxcnn.experiments.cli import check_run_flag, path_flag, run_main
 from jaxcnn.runfolder import RunFolder
 
 CIFAR_FIRST_CONV = "block1_conv1"
@@ -149,7 +153,9 @@ def draw_run(params: dict, out: Path, *, prefix: str, title: str, image: Optiona
         rec["relative_change"] = change  # Frobenius norm of (trained - init) / norm of init
         rec["files"] += [f"{prefix}_filters_init.png", f"{prefix}_filters_change.png"]
     if image is not None and acts is not None:
-        rec["dead_maps"] = int(np.sum(acts.max(axis=(0, 1)) <= 0.0))  # channels all zero for this image
+        kinds = viz.map_kinds(acts)
+        rec["dead_maps"] = kinds.count("dead")  # channels all zero for this image
+        rec["constant_maps"] = kinds.count("constant")  # one non-zero value everywhere: no pattern, not off
         viz.plot_activations(acts, image=image, path=out / f"{prefix}_activations.png",
                              title=f"one validation image{f' ({image_label})' if image_label else ''} and its "
                                    f"{acts.shape[-1]} first-layer feature maps (ReLU(conv), each map scaled)")
@@ -247,12 +253,14 @@ def load_run(run: Path, *, which: str = "best") -> tuple[inference.Restored, Opt
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.filters", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.filters", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--run", type=Path, help="a run folder (a cifar10 run, a fine-tuning phase, a fit() of yours)")
     p.add_argument("--which", choices=("best", "latest"), default="best", help="which checkpoint of --run")
     p.add_argument("--resnet_weights", default="imagenet",
                    help="'imagenet' (default), a Keras .h5 path, 'random' (labelled as such) or 'none'")
-    p.add_argument("--out", type=Path, default=Path("experiments/filters"))
+    p.add_argument("--out", help="the folder to draw into (default: <run>/plots/filters/ with --run, else "
+                                 "runs/filters/; the committed figures of experiments/filters/ only when named here)")
     p.add_argument("--normalize", choices=viz.NORMALIZE, default="layer")
     p.add_argument("--image_index", type=int, default=0, help="which validation image to show activations for")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed for --resnet_weights random")
@@ -262,7 +270,16 @@ def main(argv=None) -> int:
     return run_main(lambda: _main(args))
 
 
+def default_out(run: Optional[Path]) -> Path:
+    """Where the figures go without ``--out``: the run's ``plots/filters/``, else ``runs/filters/``
+    (never a tracked folder of the project)."""
+    return RunFolder(run).plot_path("filters") if run is not None else Path("runs") / "filters"
+
+
 def _main(args) -> int:
+    if args.run is not None:
+        check_run_flag(args.run)
+    args.out = path_flag("--out", args.out) or default_out(args.run)
     loaded = load_run(args.run, which=args.which) if args.run is not None else None  # before anything is written
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "filters.json"  # one record per folder; a later call updates its own part

@@ -1,6 +1,7 @@
 """The seed's fine-tuning experiment (question 6): a pretrained ResNet50, a new head, two phases.
 
     python -m jaxcnn.experiments.finetune                                   # tf_flowers 224, ImageNet weights
+    python -m jaxcnn.experiments.finetune --preset quick                    # a few minutes, no download
     python -m jaxcnn.experiments.finetune --preset offline --weights none   # embedded data, no download
     python -m jaxcnn.experiments.finetune --weights ~/resnet50_notop.h5     # a weight file of your own
     python -m jaxcnn.experiments.finetune --dataset folder --data_dir ~/photos   # your photos, a folder per class
@@ -41,6 +42,10 @@ Presets (``get_config``); measured results and times: ``experiments/finetune/REA
   training at 224 runs at a few images/s on a 2-core CPU, so this preset wants a GPU.
 * ``offline``: the embedded offline dataset at 32x32 (2,000 / 500 / 500), batch 32,
   4 + 6 epochs. Needs ``--weights none`` (or a file) where ImageNet weights cannot be had.
+* ``quick``: a quick look at fine-tuning without a download: ResNetSmall (ResNet50's layer names,
+  one block per stage, a quarter of its widths) from random weights, the offline data at 32x32
+  (2,000 / 500 / 500), 2 + 20 epochs, phase 2 trains every layer at Adam 1e-3; a few minutes on
+  a 2-core CPU.
 * ``smoke``: ResNetTiny, 64 images, 2 + 2 epochs; the test suite runs it.
 """
 
@@ -51,7 +56,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import pathlib
 import sys
 import time
@@ -65,16 +69,17 @@ from jaxcnn import freeze, inference, results, viz
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, join_processes,
-                                   run_main)
+                                   path_flag, run_main)
 from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
-from jaxcnn.models.resnet import Classifier, ResNet50, ResNetTiny, with_backbone_variables
+from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, SetAside, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
+from jaxcnn.train.state import check_learning_rate
 
-PRESETS = ("default", "offline", "smoke")
+PRESETS = ("default", "offline", "quick", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
-MODELS = ("resnet50", "tiny")
+MODELS = ("resnet50", "small", "tiny")  # ResNet50, ResNetSmall (the quick preset's), ResNetTiny (tests)
 SUMMARY = "summary.json"  # <workdir>/summary.json: both phases' results (each phase is a run folder)
 PHASES = ("phase1", "phase2")
 log = logging.getLogger("jaxcnn")
@@ -131,15 +136,13 @@ class FinetuneConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"FinetuneConfig: {name}={v!r}; must be an int >= 1")
         for name in ("phase1_lr", "phase2_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"FinetuneConfig: {name}={v!r}; must be a finite number > 0")
+            check_learning_rate(getattr(self, name), f"FinetuneConfig: {name}")
         if self.image_size < 32:
             raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
         check_folder_settings(self)
-        if self.model == "tiny" and self.weights == "imagenet":
-            raise ValueError("FinetuneConfig: weights='imagenet' is a ResNet50 file; with model='tiny' use "
-                             "'none' or a path to a file of the tiny model")
+        if self.model != "resnet50" and self.weights == "imagenet":
+            raise ValueError(f"FinetuneConfig: weights='imagenet' is a ResNet50 file; with model={self.model!r} use "
+                             "'none' or a path to a file of that model")
 
     def settings(self) -> dict:
         """The experiment's own settings (everything but ``fit``), JSON-ready."""
@@ -161,6 +164,12 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
         base = FinetuneConfig(preset="offline", dataset="offline", image_size=32, phase1_epochs=4,
                               phase2_epochs=6)
         base = with_overrides(base, {"eval_batch_size": 250})
+    elif name == "quick":
+        # No pretrained weights: phase 1's head sees random features (chance); phase 2 trains the
+        # whole small backbone at 1e-3 (1e-5 is for adjusting pretrained features), without augmentation.
+        base = FinetuneConfig(preset="quick", dataset="offline", image_size=32, model="small", weights="none",
+                              phase1_epochs=2, phase2_epochs=20, phase2_lr=1e-3, phase2_frozen_layers=0)
+        base = with_overrides(base, {"eval_batch_size": 250, "augment": False})
     elif name == "smoke":
         base = FinetuneConfig(preset="smoke", dataset="offline", image_size=32, num_train=64, num_val=32,
                               num_test=32, model="tiny", weights="none", phase1_epochs=2, phase2_epochs=2,
@@ -182,7 +191,7 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
 
 def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
     """The fine-tuning ``Classifier``: backbone (no top, average pooling) + the seed's head."""
-    make = {"resnet50": ResNet50, "tiny": ResNetTiny}[config.model]
+    make = {"resnet50": ResNet50, "small": ResNetSmall, "tiny": ResNetTiny}[config.model]
     return Classifier(make(include_top=False, pooling="avg", dtype=PRECISIONS[config.precision]),
                       num_classes=int(num_classes),
                       dropout_rate=float(config.dropout), hidden=int(config.hidden))
@@ -205,7 +214,8 @@ def weights_path(config: FinetuneConfig) -> Optional[pathlib.Path]:
     try:
         return resolve_weights(None if config.weights == "none" else config.weights, include_top=False)
     except (RuntimeError, FileNotFoundError) as e:
-        raise WeightsUnavailableError(str(e)) from None
+        raise WeightsUnavailableError(f"{e} Or fine-tune without pretrained weights: --weights none (a random "
+                                      f"backbone; what to expect: experiments/finetune/README.md)") from None
 
 
 def initial_variables(config: FinetuneConfig, model: Classifier, image_shape,
@@ -404,7 +414,8 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
     p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none")
@@ -414,7 +425,7 @@ def _parse(argv):
     p.add_argument("--phase2_frozen_layers", type=int, help="Keras base_model.layers[:n] frozen in phase 2 (100)")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--model", choices=MODELS, help="resnet50 (default) or tiny (tests)")
+    p.add_argument("--model", choices=MODELS, help="resnet50 (default), small (the quick preset's) or tiny (tests)")
     p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
                                       "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
                                       "class subfolders of JPEG / PNG images (required)")
@@ -452,7 +463,8 @@ def _main(args) -> int:
         for flag in ("val_fraction", "test_fraction", "stream"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset}")
-    workdir = pathlib.Path(args.workdir or f"checkpoints/finetune-{config.dataset}-{config.preset}")
+    workdir = path_flag("--workdir", args.workdir) or pathlib.Path(f"checkpoints/finetune-{config.dataset}-"
+                                                                    f"{config.preset}")
     summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     s1, s2 = summary["phase1"], summary["phase2"]
     print(f"\n{summary['dataset']} {summary['image_size']}px, "

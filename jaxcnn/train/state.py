@@ -65,6 +65,20 @@ class TrainState(flax.struct.PyTreeNode):
         return out
 
 
+#: The smallest learning rate taken: float32's smallest normal number (1.2e-38). The steps compute in
+#: float32, where a smaller rate is 0 (1e-300 trained nothing) or loses its precision.
+MIN_LEARNING_RATE = float(np.finfo(np.float32).tiny)
+
+
+def check_learning_rate(value, name: str = "learning_rate") -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number >= ``MIN_LEARNING_RATE``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={value!r}; must be a finite number > 0")
+    if value < MIN_LEARNING_RATE:
+        raise ValueError(f"{name}={value!r} is {float(np.float32(value)):g} in float32, where the step computes; "
+                         f"must be >= {MIN_LEARNING_RATE:.3g} (float32's smallest normal number)")
+
+
 def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None) -> optax.GradientTransformation:
     """Adam whose learning rate lives in the optimizer state (``optax.inject_hyperparams``),
     so callbacks set it between epochs (``set_learning_rate``) and checkpoints keep it.
@@ -72,9 +86,7 @@ def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None) -> opt
     ``labels`` (a ``"trainable"``/``"frozen"`` tree, see ``jaxcnn.freeze``) masks frozen
     parameters with ``jaxcnn.freeze.masked``.
     """
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) \
-            or not math.isfinite(learning_rate) or learning_rate <= 0:
-        raise ValueError(f"adam: learning_rate={learning_rate!r}; must be a finite number > 0")
+    check_learning_rate(learning_rate, "adam: learning_rate")
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(learning_rate))
     return tx if labels is None else freeze.masked(tx, labels)
 

@@ -5,7 +5,6 @@ run assembled from the processes' shares): same seed, same global batch, so the 
 the same order, and the same trajectory up to the order of the gradient reductions.
 """
 
-import json
 import os
 import pathlib
 import signal

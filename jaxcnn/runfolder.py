@@ -61,6 +61,35 @@ RESUMABLE = frozenset({"fit.epochs", "data.source.data_dir", "experiment.data_di
                        "experiment.stream"})
 
 
+#: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 1 is the
+#: same layout without the field (runs recorded before 2026-11-29): it is read as format 2.
+FORMAT_VERSION = 2
+
+
+class UnsupportedRunFormat(ValueError):
+    """A run folder whose ``config.json`` this jaxcnn cannot read (the message says what to do)."""
+
+
+def migrate_config(config: dict, path) -> dict:
+    """``config`` in the format this jaxcnn reads (:data:`FORMAT_VERSION`), from any format it can
+    migrate; :class:`UnsupportedRunFormat` naming ``path`` otherwise."""
+    if not isinstance(config, dict):
+        raise UnsupportedRunFormat(f"{path} is not a run's config (a JSON object)")
+    version = config.get("format_version")
+    if version == FORMAT_VERSION:
+        return config
+    if version is None and {"model", "data", "fit"} <= set(config):  # format 1: the same, unversioned
+        return {"format_version": FORMAT_VERSION, **config}
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UnsupportedRunFormat(f"{path} is in run format {version}, newer than this jaxcnn reads "
+                                   f"({FORMAT_VERSION}): upgrade jaxcnn to use this run")
+    raise UnsupportedRunFormat(f"{path} is in a run format this jaxcnn cannot read ("
+                               + (f"format {version!r}" if version is not None else
+                                  "no format_version and no model / data / fit sections: an early jaxcnn's")
+                               + f"; it reads format {FORMAT_VERSION} and migrates format 1). Its records can still "
+                               f"be read as JSON; to use the run, train it again with this jaxcnn")
+
+
 class RunBusyError(RuntimeError):
     """Another process is training into the run folder (it holds its lock)."""
 
@@ -258,8 +287,10 @@ class RunFolder:
             raise ValueError(f"{path} is not valid JSON ({e})") from None
 
     def read_config(self) -> dict:
-        """The run's ``config.json``; raises FileNotFoundError naming the file when there is none."""
-        return self._read_json(CONFIG, "a training run folder")
+        """The run's ``config.json`` in today's format (:func:`migrate_config`); raises
+        FileNotFoundError naming the file when there is none, :class:`UnsupportedRunFormat` when
+        it is in a format this jaxcnn cannot read."""
+        return migrate_config(self._read_json(CONFIG, "a training run folder"), self.path / CONFIG)
 
     def read_history(self) -> list[dict]:
         """The per-epoch rows of ``history.json`` (FileNotFoundError when the run has none yet)."""
@@ -388,6 +419,10 @@ class RunFolder:
         return self._set_aside().put_back()
 
     def write_config(self, config: dict) -> None:
+        """Write ``config.json`` (``config`` must carry ``format_version``: ``jaxcnn.train.run_config`` sets it)."""
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"write_config: config has format_version={config.get('format_version')!r}; "
+                             f"this jaxcnn writes {FORMAT_VERSION}")
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / CONFIG, config)
 

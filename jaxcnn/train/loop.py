@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from jaxcnn.models.spec import model_spec, module_of
 from jaxcnn.preprocess import get_preprocess
-from jaxcnn.runfolder import HISTORY_FIELDS, DamagedCheckpointError, NothingToDo, RunFolder
+from jaxcnn.runfolder import FORMAT_VERSION, HISTORY_FIELDS, DamagedCheckpointError, NothingToDo, RunFolder
 from jaxcnn.train import sharding
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
@@ -332,6 +332,7 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
     model = module_of(state.apply_fn) if model is None else model
     sizes = {k: len(getattr(dataset, k)) for k in ("train", "val", "test")}  # every process holds whole splits
     return {
+        "format_version": FORMAT_VERSION,
         "model": None if model is None else model_spec(model),
         "data": {"name": dataset.name, "source": dataset.source, "image_shape": list(dataset.image_shape),
                  "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),

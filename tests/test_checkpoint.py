@@ -109,13 +109,13 @@ def test_records_are_strict_json(tmp_path):
 def test_restore_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         inference.restore(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "no_such_model"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": 2, "model": {"kind": "no_such_model"}}))
     with pytest.raises(ValueError, match="kind='no_such_model'"):
         inference.restore(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model": None}))
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": 2, "model": None}))
     with pytest.raises(ValueError, match="no model spec; pass the module"):
         inference.restore(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "cifar_cnn"}}))
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": 2, "model": {"kind": "cifar_cnn"}}))
     with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
         inference.restore(tmp_path)
     with pytest.raises(ValueError, match="which='newest'"):

@@ -54,8 +54,8 @@ RUN_FILES = (CHECKPOINTS, TENSORBOARD, PLOTS, *RECORDS, FREEZE_SUMMARY)
 LOCK = ".lock"
 PREVIOUS = ".previous"
 #: config.json entries (dotted paths) that may change between a run and its resume.
-RESUMABLE = frozenset({"fit.epochs", "data.source.data_dir", "experiment.data_dir", "data.source.stream",
-                       "experiment.stream"})
+RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "experiment.data_dir",
+                       "data.source.stream", "experiment.stream"})
 
 
 class RunBusyError(RuntimeError):

@@ -53,6 +53,9 @@ def test_max_loss_is_a_flag_and_the_message_says_which_loss_crossed_what(tmp_pat
     assert err.startswith(f"error: the training loss diverged in epoch 1 at step 1 of 8: {loss:.4g} is above "
                           f"max_loss 2; try a lower learning rate than 0.001.")
     assert RunFolder(workdir).read_config()["fit"]["max_loss"] == 2.0
+    code, _, err = cli(capsys, SMOKE + ["--workdir", str(workdir), "--resume", "--epochs", "1", "--max_loss", "none"])
+    assert code == 0 and "starting it over" in err  # the limit may change on resume
+    assert RunFolder(workdir).read_config()["fit"]["max_loss"] is None
 
 
 def test_max_loss_none_turns_the_limit_off(tmp_path, capsys, monkeypatch):

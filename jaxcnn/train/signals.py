@@ -9,9 +9,9 @@ active (a command's whole body; ``fit`` on its own when called from a script):
   the code checks ``stop`` where it can stop safely (the training loop after each step, the
   report between its parts). Outside it (loading data) there is nothing to save, and
   :class:`RunInterrupted` is raised at once;
-* **later** signals are ignored: the run is already stopping. (A second Ctrl-C that raised in
-  the middle of a checkpoint save, or in the interpreter's shutdown with Orbax's threads
-  still running, crashed the process with SIGSEGV instead of exiting with 130.)
+* **later** signals are ignored: the run is already stopping. (A second Ctrl-C that raised
+  KeyboardInterrupt in the middle of a checkpoint save, or in JAX's atexit clean-up, gave
+  tracebacks, a lost checkpoint of the step, and on some machines SIGSEGV instead of 130.)
 
 The handler is the state: nested uses find the one installed (``signal.getsignal``), so a
 command and the ``fit`` it calls share one first signal. Signal handlers can only be set in

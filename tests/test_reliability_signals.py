@@ -21,6 +21,7 @@ import pytest
 
 from jaxcnn.checkpoint import Checkpoints
 from jaxcnn.experiments import cifar10, dropout_study, finetune
+from jaxcnn.experiments.cli import disk_error
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import make_eval_step
@@ -194,6 +195,19 @@ def test_a_full_disk_while_writing_records_is_one_line(tmp_path, capsys, monkeyp
     assert code == 2
     assert err == (f"error: cannot write in {workdir}: No space left on device (ENOSPC). Free some space or "
                    f"choose another folder; a run stopped by this continues with --resume\n")
+
+
+def test_a_full_disk_is_named_from_anywhere_in_the_error_chain(tmp_path):
+    # Orbax: a Python write (no file name) failing while handling tensorstore's error (which names it)
+    tensorstore = ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{tmp_path}/best/1.orbax-checkpoint-tmp/'
+                             f'state.orbax-checkpoint-tmp/_sharding": Failed to write 27050 bytes to file 15: No space '
+                             f"left on device [os_error_code='28']")
+    python = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    python.__context__ = tensorstore
+    assert disk_error(python) == (f"cannot write in {tmp_path / 'best'}: No space left on device (ENOSPC). Free "
+                                  f"some space or choose another folder; a run stopped by this continues with --resume")
+    assert disk_error(OSError(errno.EROFS, "x", "/a/b")).startswith("cannot write in /a: Read-only file system (EROFS)")
+    assert disk_error(ValueError("os_error_code='13'")) is None and disk_error(OSError(errno.EACCES, "x")) is None
 
 
 def test_a_full_disk_in_a_real_checkpoint_save_is_one_line(tmp_path):

@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Optional
 
@@ -150,21 +151,38 @@ class _Stderr(logging.Handler):
 
 
 def _no_thread_tracebacks(record: logging.LogRecord) -> bool:
-    """Orbax logs the traceback of a failed writer thread (absl ``logging.exception``, ~100 lines)
-    and then raises the same error in the main thread, where the command says it in one line."""
+    """Orbax logs the traceback of each failed writer thread (absl ``logging.exception``, asyncio's
+    "Task exception was never retrieved"; 115 lines for a full disk) and raises the error in the
+    main thread, where the command says it in one line."""
     return record.exc_info is None or bool(os.environ.get("JAXCNN_TRACEBACK"))
 
 
+def _unraisable(previous):
+    def hook(unraisable):
+        # tensorstore completing a write after Orbax closed its event loop (another write failed)
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed" \
+                and not os.environ.get("JAXCNN_TRACEBACK"):
+            return
+        previous(unraisable)
+
+    hook.jaxcnn = True
+    return hook
+
+
 def setup_logging() -> None:
-    """jaxcnn's notes and warnings as plain lines on stderr; no thread tracebacks from absl (Orbax)."""
+    """jaxcnn's notes and warnings as plain lines on stderr; no thread tracebacks from Orbax."""
     logger = logging.getLogger("jaxcnn")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
         logger.setLevel(logging.INFO)
         logger.propagate = False
-    absl = logging.getLogger("absl")
-    if _no_thread_tracebacks not in absl.filters:
-        absl.addFilter(_no_thread_tracebacks)
+    for name in ("absl", "asyncio"):
+        if _no_thread_tracebacks not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_no_thread_tracebacks)
+    if not getattr(sys.unraisablehook, "jaxcnn", False):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
+    if not os.environ.get("JAXCNN_TRACEBACK"):  # the writes Orbax had not started when another one failed
+        warnings.filterwarnings("ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning)
 
 
 #: What a full or read-only disk is called (the errno, its name) by the OS and by tensorstore (Orbax).
@@ -175,24 +193,24 @@ def disk_error(e: BaseException) -> Optional[str]:
     """One line for an error (or its cause) that is a full or read-only disk: the folder and the
     cause; None for any other error. Orbax's writes fail in tensorstore, whose error is a
     ValueError naming the file and ``[os_error_code='28']``."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        code, path = None, None
+    chain = []
+    while e is not None and all(e is not c for c in chain):  # the error, its cause, its cause's ...
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    code, path = None, None
+    for e in chain:  # (a Python write names no file: the path may come from an error further down)
         if isinstance(e, OSError) and e.errno in DISK_ERRORS:
-            code, path = e.errno, e.filename
+            code, path = code or e.errno, path or e.filename
         else:
             m = re.search(r"os_error_code='(\d+)'", str(e))
             if m and int(m.group(1)) in DISK_ERRORS:
-                code = int(m.group(1))
                 files = re.findall(r'"(/[^"]+)"', str(e))
-                path = files[-1] if files else None
-        if code is not None:
-            where = _folder_of(path) if path else "a folder of the run"
-            return (f"cannot write in {where}: {os.strerror(code)} ({DISK_ERRORS[code]}). Free some space or "
-                    f"choose another folder; a run stopped by this continues with --resume")
-        e = e.__cause__ or e.__context__
-    return None
+                code, path = code or int(m.group(1)), path or (files[-1] if files else None)
+    if code is None:
+        return None
+    where = _folder_of(path) if path else "the run's folder"
+    return (f"cannot write in {where}: {os.strerror(code)} ({DISK_ERRORS[code]}). Free some space or "
+            f"choose another folder; a run stopped by this continues with --resume")
 
 
 def _folder_of(path) -> str:

@@ -120,6 +120,19 @@ def test_a_second_ctrl_c_does_not_break_the_stop(tmp_path, capsys, monkeypatch, 
     assert [r["epoch"] for r in RunFolder(workdir).read_history()] == [1, 2]
 
 
+def test_a_signal_while_the_data_loads_stops_at_once_and_says_so(tmp_path, capsys, monkeypatch):
+    def load_data(config):
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("went on loading after the signal")
+
+    monkeypatch.setattr(cifar10, "load_data", load_data)
+    workdir = tmp_path / "run"
+    code, out, err = cli(capsys, SMOKE + ["--workdir", str(workdir)])
+    assert code == 130 and out == ""
+    assert err == "stopped by SIGINT (outside training: there was nothing to save)\n"
+    assert not workdir.exists()
+
+
 def _spawn(args, **kw):
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kw)

@@ -36,7 +36,7 @@ from jaxcnn.runfolder import NothingToDo, RunBusyError, RunFolder
 from jaxcnn.train import RunInterrupted, TrainingDiverged
 from jaxcnn.train.distributed import DistributedError, Processes, initialize
 from jaxcnn.train.cpu import backend_started, keep_host_memory, use_cpu_devices
-from jaxcnn.train.signals import catching_signals, ignore_signals, signal_name
+from jaxcnn.train.signals import SignalStop, catching_signals, ignore_signals, signal_name
 
 #: Errors a user's input or machine causes: one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, RunBusyError,
@@ -242,7 +242,7 @@ def _run(body: Callable[[], int], user_errors: tuple) -> int:
     except NothingToDo as e:
         print(f"nothing to do: {e}")
         return 0
-    except RunInterrupted as e:
+    except (RunInterrupted, SignalStop) as e:
         print(str(e), file=sys.stderr)
         return 128 + int(e.signum)
     except TrainingDiverged as e:

@@ -8,7 +8,7 @@ active (a command's whole body; ``fit`` on its own when called from a script):
   :func:`signals_deferred` (training, checkpoint saves, the end-of-run report) that is all:
   the code checks ``stop`` where it can stop safely (the training loop after each step, the
   report between its parts). Outside it (loading data) there is nothing to save, and
-  :class:`RunInterrupted` is raised at once;
+  :class:`SignalStop` is raised at once;
 * **later** signals are ignored: the run is already stopping. (A second Ctrl-C that raised
   KeyboardInterrupt in the middle of a checkpoint save, or in JAX's atexit clean-up, gave
   tracebacks, a lost checkpoint of the step, and on some machines SIGSEGV instead of 130.)
@@ -36,6 +36,15 @@ class RunInterrupted(RuntimeError):
         self.signum = signum
 
 
+class SignalStop(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside training: raised at once by the handler. A KeyboardInterrupt (a
+    BaseException), so that no ``except Exception`` on the way turns it into another error."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
@@ -52,8 +61,7 @@ class _Catcher:
             return  # already stopping
         self.stop["signal"] = signum
         if not self.deferring:
-            raise RunInterrupted(f"stopped by {signal_name(signum)} (outside training: there was nothing to save)",
-                                 signum)
+            raise SignalStop(f"stopped by {signal_name(signum)} (outside training: there was nothing to save)", signum)
 
 
 def _installed() -> Optional[_Catcher]:

@@ -34,6 +34,7 @@ from jaxcnn.data import DatasetUnavailableError
 from jaxcnn.experiments.configs import PRECISIONS
 from jaxcnn.runfolder import NothingToDo, RunBusyError, RunFolder
 from jaxcnn.train import RunInterrupted, TrainingDiverged
+from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import DistributedError, Processes, initialize
 from jaxcnn.train.cpu import backend_started, keep_host_memory, use_cpu_devices
 from jaxcnn.train.signals import SignalStop, catching_signals, ignore_signals, signal_name
@@ -64,7 +65,8 @@ def add_folder_flags(p) -> None:
 def add_max_loss_flag(p) -> None:
     """``--max_loss`` (read with :func:`max_loss_setting`)."""
     p.add_argument("--max_loss", metavar="LOSS|none",
-                   help="a training step's loss above this stops the run as diverged, exit 1 (default 1000; "
+                   help=f"a training step's loss above this stops the run as diverged, exit 1 (default "
+                        f"{FitConfig().max_loss:g}; "
                         "the loss of a uniform guess over K classes is ln K, 2.3 for 10); none: no limit. A loss "
                         "that is not finite, training or validation, always stops it")
 

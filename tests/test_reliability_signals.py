@@ -7,9 +7,8 @@ Everything runs the ``smoke`` preset (256 offline images, 8 steps per epoch); th
 """
 
 import errno
-import json
 import os
-import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +192,24 @@ def test_sigterm_during_the_end_of_run_report_stops_it_and_resume_completes_it(t
     assert sorted(p.name for p in (workdir / "plots").iterdir()) == ["confusion.png", "curves.png", "wrong.png"]
     code, out, _ = cli(capsys, SMOKE + ["--workdir", str(workdir), "--resume", "--epochs", "1"])
     assert code == 0 and out.startswith("nothing to do:")  # now it is complete
+
+
+def test_finetune_resume_completes_a_phase_whose_report_is_missing(tmp_path, capsys):
+    ft = ["--preset", "smoke", "--no_progress", "--phase1_epochs", "1", "--phase2_epochs", "1",
+          "--workdir", str(tmp_path)]
+    assert finetune.main(ft) == 0
+    # what a signal in phase 2's end-of-run report leaves: no plots, no per-class results, no top summary
+    p2 = RunFolder(tmp_path / "phase2")
+    shutil.rmtree(p2.plots_dir)
+    p2.write_summary({k: v for k, v in p2.read_summary().items() if k not in ("per_class_accuracy",
+                                                                                "confusion_matrix")})
+    (tmp_path / "summary.json").unlink()
+    capsys.readouterr()
+    code, out, err = cli(capsys, ft + ["--resume"], main=finetune.main)
+    assert code == 0 and "phase 1: already complete" in out and "phase 2: already complete" not in out
+    assert err.endswith(f"{p2.path}: the run has its epochs but not its end-of-run report; writing it\n")
+    assert sorted(p.name for p in p2.plots_dir.iterdir()) == ["confusion.png", "curves.png", "wrong.png"]
+    assert "per_class_accuracy" in strict_json(tmp_path / "summary.json")["phase2"]
 
 
 # --------------------------------------------------------------------------- a full disk

@@ -24,8 +24,23 @@ from jaxcnn import inference, viz
 from jaxcnn.data.core import Dataset
 from jaxcnn.runfolder import RunFolder
 
+CURVES_PNG = "curves.png"  # (jaxcnn.viz.plot_curves)
 CONFUSION_PNG = "confusion.png"
 WRONG_PNG = "wrong.png"
+
+
+def report_missing(workdir: Union[str, os.PathLike]) -> list[str]:
+    """What of the end-of-run report (``plots/curves.png`` and :func:`write_test_results`' plots and
+    per-class results) a run folder with a test-scored ``summary.json`` lacks; ``[]`` when it is
+    complete, or when there is no test score to report on (no summary yet, or a run that
+    diverged before its first good epoch)."""
+    folder = RunFolder(workdir)
+    summary = folder.read_summary()
+    if summary.get("test_accuracy") is None:
+        return []
+    missing = [f"plots/{name}" for name in (CURVES_PNG, CONFUSION_PNG, WRONG_PNG)
+               if not folder.plot_path(name).is_file()]
+    return missing + [f"summary.json's {k}" for k in ("per_class_accuracy", "confusion_matrix") if k not in summary]
 
 
 def confusion_matrix(true, pred, num_classes: int) -> np.ndarray:

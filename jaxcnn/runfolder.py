@@ -57,8 +57,8 @@ PREVIOUS = ".previous"  # an old run set aside by --overwrite (SetAside)
 SETTING_ASIDE = ".previous.partial"
 PUTTING_BACK = ".previous.returning"
 #: config.json entries (dotted paths) that may change between a run and its resume.
-RESUMABLE = frozenset({"fit.epochs", "data.source.data_dir", "experiment.data_dir", "data.source.stream",
-                       "experiment.stream"})
+RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "experiment.data_dir",
+                       "data.source.stream", "experiment.stream"})
 
 
 #: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 1 is the

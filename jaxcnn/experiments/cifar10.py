@@ -22,21 +22,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import argparse
+import dataclasses
 import pathlib
-import sys
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from jaxcnn import results, viz
-from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, check_workdir,
-                                   join_processes, path_flag, run_main)
+from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_max_loss_flag, add_precision_flag,
+                                   check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
+                                   report_to_complete, run_main, write_report)
 from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
 from jaxcnn.models.cifar_cnn import CifarCNN
-from jaxcnn.runfolder import RunFolder
+from jaxcnn.runfolder import NothingToDo, RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import load_in_turn
+from jaxcnn.train.signals import signals_deferred
 
 
 def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
@@ -94,6 +95,7 @@ def _parse(argv):
     p.add_argument("--batch_size", type=int)
     p.add_argument("--learning_rate", type=float)
     p.add_argument("--seed", type=int)
+    add_max_loss_flag(p)
     p.add_argument("--data_dir", help="cifar10: tfds data directory (CIFAR-10 without network: "
                                       "<data_dir>/downloads/manual/cifar-10-binary.tar.gz); folder: the folder of "
                                       "class subfolders of JPEG / PNG images (required)")
@@ -128,6 +130,9 @@ def _main(args) -> int:
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
                         image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                         stream=args.stream, precision=args.precision)
+    given, max_loss = max_loss_setting(args.max_loss)
+    if given:
+        config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):
@@ -146,13 +151,17 @@ def _main(args) -> int:
         pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)
-    _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.no_progress, dataset=dataset, mesh=make_mesh())
-    if not procs.primary:  # process 0 writes the plots and tells the result
-        procs.barrier("done")  # every process leaves together (JAX's shutdown barrier has a deadline)
-        return 0
-    viz.plot_curves(workdir)  # writes the run's plots/curves.png (a bare Figure: nothing to close)
-    summary = results.write_test_results(workdir, dataset)  # confusion matrix, most confidently wrong images
+    with signals_deferred() as stop:  # from here a signal stops the run where it can be continued
+        try:
+            run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                dataset=dataset, mesh=make_mesh())
+        except NothingToDo:
+            if not report_to_complete(workdir, procs):
+                raise
+        if not procs.primary:  # process 0 writes the plots and tells the result
+            procs.barrier("done")  # every process leaves together (JAX's shutdown barrier has a deadline)
+            return 0
+        summary = write_report(workdir, dataset, stop)  # plots, per-class results and confusion matrix
     folder = RunFolder(workdir)
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "
           f"with the best weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "
@@ -166,4 +175,4 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

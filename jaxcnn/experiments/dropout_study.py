@@ -40,7 +40,6 @@ import json
 import pathlib
 import platform
 import shutil
-import sys
 import time
 from typing import Any, Optional
 
@@ -49,7 +48,8 @@ import numpy as np
 
 from jaxcnn import inference, viz
 from jaxcnn.experiments import cifar10
-from jaxcnn.experiments.cli import add_host_memory_flag, path_flag, prepare_host, run_main
+from jaxcnn.experiments.cli import (add_host_memory_flag, add_max_loss_flag, exit_process, max_loss_setting,
+                                   path_flag, prepare_host, run_main)
 from jaxcnn.experiments.configs import get_config as cifar_config
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.runfolder import RunFolder
@@ -86,6 +86,7 @@ class StudyConfig:
     eval_batch_size: int = 500
     learning_rate: float = 1e-3
     seed: int = 0
+    max_loss: Optional[float] = 1e3  # FitConfig.max_loss (None: no limit)
     variants: tuple = tuple(VARIANTS)
 
 
@@ -109,13 +110,14 @@ def get_config(preset: str = "default", **overrides) -> StudyConfig:
 def experiment_config(study: StudyConfig, variant: str):
     """The ``jaxcnn.experiments.cifar10`` config of one variant: identical for all but the dropout fields."""
     never = study.epochs + 1  # patience longer than the run: no early stop, no LR reduction
-    return cifar_config(
+    config = cifar_config(
         "demo", dataset=study.dataset, num_train=study.num_train, num_val=study.num_val, num_test=study.num_test,
         widths=tuple(study.widths), dense_units=study.dense_units, epochs=study.epochs,
         batch_size=study.batch_size, eval_batch_size=study.eval_batch_size, learning_rate=study.learning_rate,
         seed=study.seed, augment=False, early_stopping_patience=never, plateau_patience=never,
         **VARIANTS[variant],
     )
+    return dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=study.max_loss))
 
 
 def train_accuracy_inference(workdir: pathlib.Path, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -271,6 +273,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--num_train", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
+    add_max_loss_flag(p)
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="default: all four")
     p.add_argument("--workdir", help="default: runs/dropout_study-<preset>")
     p.add_argument("--export", help="copy records and plots (no checkpoints) to this folder")
@@ -284,6 +287,9 @@ def _main(args) -> int:
     prepare_host(args)
     study = get_config(args.preset, num_train=args.num_train, epochs=args.epochs, seed=args.seed,
                        variants=tuple(args.variants) if args.variants else None)
+    given, max_loss = max_loss_setting(args.max_loss)
+    if given:
+        study = dataclasses.replace(study, max_loss=max_loss)
     workdir = path_flag("--workdir", args.workdir) or pathlib.Path(f"runs/dropout_study-{study.preset}")
     export_to = path_flag("--export", args.export)
     for v in study.variants:
@@ -298,4 +304,4 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -65,16 +65,18 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcnn import freeze, inference, results, viz
+from jaxcnn import freeze, inference
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
-from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_precision_flag, join_processes,
-                                   path_flag, run_main)
+from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_max_loss_flag, add_precision_flag,
+                                   exit_process, join_processes, max_loss_setting, path_flag, report_to_complete,
+                                   run_main, write_report)
 from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import NothingToDo, RunFolder, SetAside, write_json
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
+from jaxcnn.train.signals import signals_deferred
 from jaxcnn.train.state import check_learning_rate
 
 PRESETS = ("default", "offline", "quick", "smoke")
@@ -282,17 +284,20 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
     experiment = {"name": "finetune", **config.settings(), "phase": phase, "freeze_rule": rule.description,
                   "pretrained": pretrained, "trainable_params": trainable, "non_trainable_params": non_trainable,
                   "initial_weights_checksum": tree_checksum(variables)}
-    try:
-        _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
-                            resume=resume and (run.is_run() or run.has_checkpoints()), overwrite=overwrite,
-                            model=model, experiment=experiment)
-        if Processes().primary:  # once the phase ran: a refused start leaves no freeze summary
+    procs = Processes()
+    with signals_deferred() as stop:  # a signal stops the phase where it can be continued
+        try:
+            _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
+                                resume=resume and (run.is_run() or run.has_checkpoints()), overwrite=overwrite,
+                                model=model, experiment=experiment)
+            report = True
+        except NothingToDo:  # its folder stays as it is (unless its end-of-run report is missing)
+            summary, report = run.read_summary(), report_to_complete(run.path, procs)
+            if not report:
+                print(f"phase {phase}: already complete in {run.path}; not repeated")
+        if report and procs.primary:  # once the phase ran: a refused start leaves no freeze summary
             run.freeze_summary_path.write_text(table + "\n")
-            viz.plot_curves(run.path)
-            summary = results.write_test_results(run.path, dataset)  # confusion matrix, most confidently wrong
-    except NothingToDo:  # its folder stays as it is
-        print(f"phase {phase}: already complete in {run.path}; not repeated")
-        summary = run.read_summary()
+            summary = write_report(run.path, dataset, stop)  # plots, per-class results, confusion matrix
     print(f"phase {phase}: test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}), best "
           f"val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}, "
           f"{summary['wall_time_s']:.0f} s")
@@ -425,6 +430,7 @@ def _parse(argv):
     p.add_argument("--phase2_frozen_layers", type=int, help="Keras base_model.layers[:n] frozen in phase 2 (100)")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--seed", type=int)
+    add_max_loss_flag(p)
     p.add_argument("--model", choices=MODELS, help="resnet50 (default), small (the quick preset's) or tiny (tests)")
     p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
                                       "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
@@ -457,6 +463,9 @@ def _main(args) -> int:
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
                         augment=False if args.no_augment else None, val_fraction=args.val_fraction,
                         test_fraction=args.test_fraction, stream=args.stream, precision=args.precision)
+    given, max_loss = max_loss_setting(args.max_loss)
+    if given:
+        config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
     if config.dataset == "offline" and args.data_dir is not None:
         raise ValueError("--data_dir applies to --dataset tf_flowers or folder, not to the embedded offline data")
     if config.dataset != "folder":
@@ -477,4 +486,4 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -38,8 +38,10 @@ class FitConfig:
       early_stopping_patience: epochs without a better validation loss before stopping (>= 0).
       plateau_factor, plateau_patience, plateau_min_delta, min_lr: reduce-LR-on-plateau.
       keep_checkpoints: how many latest epochs to keep on disk (the best is kept apart).
-      max_loss: a mean training or validation loss above this, or not finite, stops the run as
-        diverged (the softmax cross-entropy of a uniform guess is ln K: 2.3 for 10 classes).
+      max_loss: a training step's loss above this, or not finite, stops the run as diverged (the
+        softmax cross-entropy of a uniform guess is ln K: 2.3 for 10 classes); None: no limit
+        (a loss that is not finite still stops it). The validation loss stops it only when it is
+        not finite: a finite spike (BatchNorm statistics still settling) is not divergence.
     """
 
     epochs: int = 50
@@ -54,7 +56,7 @@ class FitConfig:
     plateau_min_delta: float = 1e-4
     min_lr: float = 0.0
     keep_checkpoints: int = 3
-    max_loss: float = 1e3
+    max_loss: Optional[float] = 1e3
 
     def __post_init__(self):
         name = type(self).__name__
@@ -68,9 +70,9 @@ class FitConfig:
                 raise ValueError(f"{name}: {field}={v!r}; must be an int >= 0")
         if not (isinstance(self.plateau_factor, (int, float)) and 0 < self.plateau_factor < 1):
             raise ValueError(f"{name}: plateau_factor={self.plateau_factor!r}; must be in (0, 1)")
-        if isinstance(self.max_loss, bool) or not isinstance(self.max_loss, (int, float)) or \
-                not math.isfinite(self.max_loss) or self.max_loss <= 0:
-            raise ValueError(f"{name}: max_loss={self.max_loss!r}; must be a finite number > 0")
+        if self.max_loss is not None and (isinstance(self.max_loss, bool) or not isinstance(self.max_loss, (int, float))
+                                          or not math.isfinite(self.max_loss) or self.max_loss <= 0):
+            raise ValueError(f"{name}: max_loss={self.max_loss!r}; must be a finite number > 0, or None (no limit)")
         for field in ("plateau_min_delta", "min_lr"):
             v = getattr(self, field)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:

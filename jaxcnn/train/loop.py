@@ -15,9 +15,12 @@ What can go wrong is handled here, and said in one sentence:
   checkpoint that is lost is replaced by the best epoch whose checkpoint reads back (said in
   one line), and the summary names the epoch whose weights it tested;
 * SIGINT / SIGTERM stop the run at the next step with a checkpoint of where it is (mid-epoch:
-  ``resume`` continues from that step, bitwise): :class:`RunInterrupted`;
-* a loss that is not finite or above ``FitConfig.max_loss`` stops the run, keeps the last
-  good checkpoints and writes the summary: :class:`TrainingDiverged`.
+  ``resume`` continues from that step, bitwise): :class:`RunInterrupted`; further signals are
+  ignored while it stops (``jaxcnn.train.signals``);
+* a training loss that is not finite or above ``FitConfig.max_loss`` (at any step), or a
+  validation loss that is not finite, stops the run, keeps the last good checkpoints and writes
+  the summary: :class:`TrainingDiverged`. (A finite validation spike is not divergence: early
+  on, BatchNorm's running statistics may not yet fit the weights.)
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import functools
 import logging
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -47,22 +49,19 @@ from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
+from jaxcnn.train.signals import RunInterrupted, signal_name, signals_deferred
 from jaxcnn.train.state import TrainState, get_learning_rate, set_learning_rate, state_from_tree, state_to_tree
 from jaxcnn.train.steps import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxcnn")
 
 
-class RunInterrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped the run; a checkpoint of where it stopped was saved first."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
+__all__ = ["RunInterrupted", "TrainingDiverged", "fit", "run_config", "train_epoch"]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss went non-finite or above ``FitConfig.max_loss``; ``summary`` is what was written."""
+    """The training loss went non-finite or above ``FitConfig.max_loss``, or the validation loss
+    non-finite; ``summary`` is what was written."""
 
     def __init__(self, message: str, summary: dict):
         super().__init__(message)
@@ -119,7 +118,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
     callbacks = EpochCallbacks.from_config(config)
     with contextlib.ExitStack() as held:
         procs.on_primary(lambda: held.enter_context(run.lock()) and None)
-        stop = held.enter_context(_stop_on_signals())
+        stop = held.enter_context(signals_deferred())
         old = held.enter_context(_old_run_kept_until_checkpointed(run, overwrite and procs.primary))
         for note in procs.on_primary(lambda: run.prepare(record, resume=resume, overwrite=overwrite)):
             log.warning(note)
@@ -163,6 +162,9 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
                     state, best = _end_epoch(epoch, row, state, best, history, callbacks, ckpts,
                                              wall + time.perf_counter(), run if procs.primary else None, tb)
                     old.checkpointed()  # overwrite: the new run has a checkpoint; the old one goes now
+        if not diverged and _signal_between_epochs(stop, procs) is not None:  # (in the last epoch's end)
+            signum = stop["signal"] or signal.SIGTERM  # resume then runs the test evaluation
+            raise RunInterrupted(_interrupted_message(signum, run, epoch, None, None), signum)
     if procs.share(old.restored):  # diverged before its first checkpoint: the run it was to overwrite is back
         raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run, restored=True), {})
     if best is not None:
@@ -249,7 +251,7 @@ def _end_epoch(epoch: int, row: dict, state: TrainState, best: Optional[_Best], 
 @dataclasses.dataclass
 class EpochResult:
     """What ``train_epoch`` did: the state, the epoch's training row (when it ran to the end),
-    the steps done, and why it stopped early (a signal, or the step whose loss diverged)."""
+    the steps done, and why it stopped early (a signal, or the step whose loss diverged, and that loss)."""
 
     state: TrainState
     row: dict
@@ -257,6 +259,7 @@ class EpochResult:
     steps_done: int
     stopped_by: Optional[int] = None
     bad_step: Optional[int] = None
+    bad_loss: Optional[float] = None
 
 
 def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch: int, epochs: int, *,
@@ -274,11 +277,11 @@ def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch:
     waited = feed.source.wait_s
     lr = get_learning_rate(state.opt_state)
     steps = feed.steps_per_epoch
-    accumulate = _accumulator(math.inf) if accumulate is None else accumulate
+    accumulate = _accumulator(None) if accumulate is None else accumulate
     sums = sums or {}
     totals = {"loss": jnp.float32(sums.get("loss", 0.0)), "accuracy": jnp.float32(sums.get("accuracy", 0.0)),
-              "bad": jnp.int32(-1)}
-    done, stopped_by, bad = start, None, None
+              "bad": jnp.int32(-1), "bad_loss": jnp.float32(0.0)}
+    done, stopped_by, bad, bad_loss = start, None, None, None
     with tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{epochs}", unit="batch", disable=not progress,
               dynamic_ncols=True) as bar:
         for i, batch in enumerate(feed.epoch(epoch, start=start), start=start):
@@ -288,7 +291,7 @@ def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch:
             if done % 20 == 0 or done == steps:  # reading the sums waits for the device
                 m = jax.device_get(totals)
                 if int(m["bad"]) >= 0:
-                    bad = int(m["bad"])
+                    bad, bad_loss = int(m["bad"]), float(m["bad_loss"])
                     break
                 bar.set_postfix(loss=f"{m['loss'] / done:.4f}", acc=f"{m['accuracy'] / done:.4f}",
                                 img_s=f"{(done - start) * feed.batch_size / (time.perf_counter() - t0):.0f}")
@@ -304,19 +307,21 @@ def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch:
            "images_per_s": (done - start) * feed.batch_size / max(time.perf_counter() - t0, 1e-9)}
     if feed.source.streamed:  # batches read from disk: the share of the epoch spent waiting for them
         row["data_wait_fraction"] = (feed.source.wait_s - waited) / max(time.perf_counter() - t0, 1e-9)
-    return EpochResult(state, row, host, done, stopped_by, bad)
+    return EpochResult(state, row, host, done, stopped_by, bad, bad_loss)
 
 
-def _accumulator(max_loss: float) -> Callable:
+def _accumulator(max_loss: Optional[float]) -> Callable:
     """A jitted ``(totals, metrics, i) -> totals``: running sums, and the first step ``i`` whose
-    loss is not finite or above ``max_loss`` (-1 while there is none)."""
+    loss is not finite or above ``max_loss`` (None: no limit) with that loss (-1 while there is none)."""
+    limit = math.inf if max_loss is None else max_loss
 
     @jax.jit
     def acc(totals, metrics, i):
-        bad = ~jnp.isfinite(metrics["loss"]) | (metrics["loss"] > max_loss)
-        first = jnp.where((totals["bad"] < 0) & bad, jnp.int32(i), totals["bad"])
+        bad = ~jnp.isfinite(metrics["loss"]) | (metrics["loss"] > limit)
+        now = (totals["bad"] < 0) & bad
         return {"loss": totals["loss"] + metrics["loss"], "accuracy": totals["accuracy"] + metrics["accuracy"],
-                "bad": first}
+                "bad": jnp.where(now, jnp.int32(i), totals["bad"]),
+                "bad_loss": jnp.where(now, metrics["loss"].astype(jnp.float32), totals["bad_loss"])}
 
     return acc
 
@@ -491,28 +496,6 @@ def _newest_readable(ckpts, which: str, target, procs: Processes, problem=None) 
     return None
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """``{"signal": None}``, set to the signal's number when SIGINT or SIGTERM arrives (the loop
-    then stops at the next step); a second SIGINT interrupts at once. Main thread only."""
-    stop = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 class _OldRun:
     """The run an ``overwrite`` set aside: deleted at the new run's first checkpoint (``checkpointed``)."""
 
@@ -545,30 +528,39 @@ def _old_run_kept_until_checkpointed(run: RunFolder, overwrite: bool):
 
 
 def _interrupted_message(signum: int, run: RunFolder, epoch: int, step: Optional[int], steps: Optional[int]) -> str:
+    if step is None and epoch == 0:
+        return (f"stopped by {signal_name(signum)} before the first epoch ended; no checkpoint was saved. "
+                f"Start it again with --resume (--workdir {run.path})")
     where = (f"in epoch {epoch} at step {step} of {steps}; saved a checkpoint of that step"
              if step is not None else f"after epoch {epoch}, whose checkpoint is saved")
-    return (f"stopped by {signal.Signals(signum).name} {where}. Continue it with --resume "
+    return (f"stopped by {signal_name(signum)} {where}. Continue it with --resume "
             f"(--workdir {run.path}): it picks up exactly there")
 
 
-def _divergence(out: EpochResult, val: Optional[dict], epoch: int, steps: int, max_loss: float) -> Optional[dict]:
+def _divergence(out: EpochResult, val: Optional[dict], epoch: int, steps: int,
+                max_loss: Optional[float]) -> Optional[dict]:
+    """Where the run diverged: a training step's loss not finite or above ``max_loss``, or a
+    validation loss not finite; None when it did not."""
     if out.bad_step is not None:
-        return {"epoch": epoch, "step": out.bad_step + 1, "steps_per_epoch": steps, "where": "training"}
-    if not (math.isfinite(val["loss"]) and val["loss"] <= max_loss):
+        return {"epoch": epoch, "step": out.bad_step + 1, "steps_per_epoch": steps, "where": "training",
+                "loss": out.bad_loss, "max_loss": max_loss}
+    if not math.isfinite(val["loss"]):
         return {"epoch": epoch, "where": "validation", "loss": val["loss"]}
     return None
 
 
 def _diverged_message(d: dict, history: list, callbacks: EpochCallbacks, state, run: RunFolder,
                       restored: bool = False) -> str:
-    at = f"at step {d['step']} of {d['steps_per_epoch']}" if d["where"] == "training" else \
-        f"(validation loss {d['loss']})"
+    loss = d.get("loss")
+    what = (f"{loss:.4g} is above max_loss {d['max_loss']:g}" if loss is not None and math.isfinite(loss)
+            else f"{loss} is not finite")
+    at = f" at step {d['step']} of {d['steps_per_epoch']}" if d["where"] == "training" else ""
     lr = float(f"{get_learning_rate(state.opt_state):.7g}")
     kept = (f"The run it was to overwrite in {run.path} is back, unchanged." if restored else
             f"Kept: checkpoints up to epoch {history[-1]['epoch']} (latest) and the best, epoch "
             f"{callbacks.best_epoch}; {run.path / 'summary.json'} says so." if history else
             "No checkpoint was written (it diverged in its first epoch).")
-    return (f"the {d['where']} loss diverged (not finite, or above max_loss) in epoch {d['epoch']} {at}; "
+    return (f"the {d['where']} loss diverged in epoch {d['epoch']}{at}: {what}; "
             f"try a lower learning rate than {lr:g}. {kept}")
 
 

@@ -1,0 +1,66 @@
+"""Holding a float32 result to a float64 oracle, at a tolerance that does not depend on the CPU.
+
+A float32 sum of ``K`` terms differs from the exact sum by the roundings of its partial sums, and
+which partial sums a library forms (one after the other, in blocks, in a tree, eight or sixteen
+lanes at a time, with or without FMA) changes from one CPU and one library to the next. Whatever
+the order, each rounding is at most ``eps / 2`` of a partial sum, and rounding errors of different
+additions behave as independent (Higham & Mary, "A new approach to probabilistic rounding error
+analysis", 2019): the error grows as ``sqrt(K) * eps * |partial sums|``, with a constant of at most
+about 1/3 for the least accurate order in use (one addition after another). The partial sums
+of ``K`` terms stay within
+
+    scale = ||terms||_2 + |sum|
+
+(random signs: a random walk of size ``||terms||_2``; terms of one sign: at most the sum), so
+
+    tolerance = C * eps32 * sqrt(K) * scale,        C = 4
+
+is about twelve standard deviations of one-after-the-other summation and holds on any CPU; it is no
+number tuned on one machine. A wrong term, a missing row or a wrong sign moves a result by a term's
+size, ``||terms||_2 / sqrt(K)`` or more, hundreds of times the tolerance at the tested sizes.
+
+For a bilinear operation ``f(a, b)`` (a matrix product, a convolution, its gradients) the terms of
+each output are products ``a_i * b_j``, so ``||terms||_2 = sqrt(f(a**2, b**2))``: the callers
+compute it with the same float64 oracle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
+C = 4.0
+
+
+def float32_sum_tolerance(n_terms, scale, c: float = C, eps: float = EPS32):
+    """The tolerance for a float32 sum of ``n_terms`` terms whose partial sums stay within
+    ``scale`` (an array, elementwise, or a number): ``c * eps * sqrt(n_terms) * scale``."""
+    return c * eps * np.sqrt(n_terms) * np.asarray(scale, np.float64)
+
+
+def assert_close_to_float64(actual, oracle64, n_terms, term_norm=None, *, c: float = C, eps: float = EPS32,
+                            what: str = "result"):
+    """Asserts ``|actual - oracle64| <= c * eps * sqrt(n_terms) * (term_norm + |oracle64|)`` everywhere.
+
+    ``oracle64`` must be float64 (the exact result for the same float32 inputs, up to float64
+    rounding); ``term_norm`` is the 2-norm of each output's terms (elementwise, broadcastable), or
+    ``None`` where all terms have one sign (then ``|oracle64|`` bounds the partial sums alone).
+    The message names how many elements are off, the worst error and the tolerance there.
+    Returns the largest ratio of error to tolerance (how close the result came to failing)."""
+    oracle64 = np.asarray(oracle64)
+    assert oracle64.dtype == np.float64, f"the oracle of {what} is {oracle64.dtype}, not float64"
+    actual = np.asarray(actual, np.float64)
+    assert actual.shape == oracle64.shape, f"{what}: shape {actual.shape}, oracle {oracle64.shape}"
+    scale = np.abs(oracle64) + (0.0 if term_norm is None else np.asarray(term_norm, np.float64))
+    tol = np.broadcast_to(float32_sum_tolerance(n_terms, scale, c, eps), oracle64.shape)
+    err = np.abs(actual - oracle64)
+    bad = ~(err <= tol)  # NaN counts as off
+    if bad.any():
+        worst = np.unravel_index(np.nanargmax(np.where(bad, err - tol, -np.inf)), err.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.size} elements off the float64 oracle; worst at {tuple(map(int, worst))}: "
+            f"{actual[worst]:.9g} against {oracle64[worst]:.9g}, error {err[worst]:.3g} > allowed {tol[worst]:.3g} "
+            f"({c:g} * eps * sqrt({n_terms}) * scale {scale[worst]:.3g})")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(tol > 0, err / tol, 0.0)
+    return float(ratio.max()) if ratio.size else 0.0

@@ -292,9 +292,13 @@ def test_float64_paths_are_float64():
 
 
 def test_every_layer_differentiates_under_jit():
-    # Regression: a traced init value once made lax.reduce_window non-differentiable under jit.
+    """Regression: a traced init value once made lax.reduce_window non-differentiable under jit.
+    The gradient of sum(f(x)**2), jitted and eager, against a float64 oracle: the convolution's from
+    the reference, the pools' from the same layer in float64, and each dropout's from its mask
+    (``f(x) = m * x``, so the gradient is ``2 m**2 x`` with ``m = f(ones)``)."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
     w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 4)), jnp.float32)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
     key = jax.random.key(0)
     fns = {
         "conv2d": lambda v: layers.conv2d(v, w, stride=2),
@@ -305,7 +309,19 @@ def test_every_layer_differentiates_under_jit():
         "spatial_dropout2d": lambda v: layers.spatial_dropout2d(v, 0.5, key=key, train=True),
         "dropblock": lambda v: layers.dropblock(v, 0.3, block_size=3, key=key, train=True),
     }
+    pads = resolve_padding("SAME", (8, 8), (3, 3), (2, 2))
+    y64, _ = reference.conv2d_forward_by_taps(x64, w64, None, (2, 2), pads)
+    oracles = {"conv2d": (reference.conv2d_backward_by_taps(2 * y64, (x64, w64, None, (2, 2), pads, (1, 1)))[0],
+                          (27, 36))}  # y sums 3*3*3 terms, its input gradient at most 3*3*4
+    with jax.enable_x64(True):
+        for name, window in (("max_pool2d", 1), ("avg_pool2d", 9), ("global_max_pool2d", 1)):
+            grad64 = jax.grad(lambda v: jnp.sum(fns[name](v) ** 2))(jnp.asarray(x64))
+            assert grad64.dtype == jnp.float64
+            oracles[name] = (np.asarray(grad64), (window, window))
+    for name in ("dropout", "spatial_dropout2d", "dropblock"):
+        m = np.asarray(fns[name](jnp.ones_like(x)), np.float64)
+        oracles[name] = (2 * m**2 * x64, (1,))
     for name, f in fns.items():
-        g_jit = jax.jit(jax.grad(lambda v: jnp.sum(f(v) ** 2)))(x)
-        g_eager = jax.grad(lambda v: jnp.sum(f(v) ** 2))(x)
-        np.testing.assert_allclose(np.asarray(g_jit), np.asarray(g_eager), rtol=1e-5, atol=1e-6, err_msg=name)
+        oracle, n_terms = oracles[name]
+        for how, grad in (("jit", jax.jit(jax.grad(lambda v: jnp.sum(f(v) ** 2)))), ("eager", jax.grad(lambda v: jnp.sum(f(v) ** 2)))):
+            assert_close_to_float64(grad(x), oracle, n_terms, np.abs(oracle).max(), what=f"{name}, {how}")

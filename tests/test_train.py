@@ -9,6 +9,7 @@ import pytest
 
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.data import Split
+from float64_oracle import assert_close_to_float64, float32_sum_tolerance
 from jaxcnn.train import (EvalFeed, TrainState, adam, evaluate, get_learning_rate, make_eval_step, make_mesh,
                           make_train_step, set_learning_rate, step_keys)
 
@@ -67,21 +68,56 @@ def _batch(n=8, seed=0, size=8):
             "label": jnp.asarray(rng.integers(0, 3, n).astype(np.int32))}
 
 
-def test_train_step_uses_fold_in_seed_step_keys_and_updates_batch_stats():
-    """Loss of step s == the model applied with dropout key split(fold_in(key, s))[0]."""
+# The tiny CNN's float32 forward pass as a chain of sums (float64_oracle): per block, two 3x3
+# convolutions (3*3*C_in terms) each followed by BatchNorm's batch statistics (N*H*W terms, batch 8,
+# 8x8 then 4x4 pixels); the dense layer (2*2*8), its BatchNorm (8), the logits (8), the softmax (3)
+# and the mean over the batch (8).
+TINY_CNN_SUMS = (27, 512, 36, 512, 36, 128, 72, 128, 32, 8, 8, 3, 8)
+
+
+def _float64_dropout_masks(monkeypatch):
+    """With x64 on, ``jax.random.bernoulli(key, 0.75)`` draws float64 uniforms: other masks than the
+    float32 step's. Drawing them from a float32 ``p`` keeps the very masks of the float32 step."""
+    from jaxcnn import layers
+
+    monkeypatch.setattr(layers, "bernoulli", lambda key, p, shape: jax.random.bernoulli(
+        key, jnp.float32(p), (int(np.prod(shape)),)).reshape(shape))
+
+
+def test_train_step_uses_fold_in_seed_step_keys_and_updates_batch_stats(monkeypatch):
+    """Loss of step s == the model applied with dropout key split(fold_in(key, s))[0]: the float32
+    step against the same model in float64 with that key (float64 oracle, the same dropout masks);
+    another key's masks move the loss by far more than the tolerance."""
     model, state = _tiny_cnn_state()
     batch = _batch()
+    labels = np.asarray(batch["label"])
     step = jax.jit(make_train_step())
+    _float64_dropout_masks(monkeypatch)
+
+    @jax.jit
+    def forward64(variables, x, key):  # -> (logits, updated batch_stats), in float64 (under x64)
+        logits, upd = model.clone(dtype=jnp.float64).apply(variables, x, train=True, rngs={"dropout": key},
+                                                           mutable=["batch_stats"])
+        return logits, upd["batch_stats"]
+
+    def oracle(key):  # (loss, batch_stats) in float64; the logits leave the model as float32 (1e-7 of them)
+        with jax.enable_x64(True):
+            variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                                     {"params": state.params, "batch_stats": state.batch_stats})
+            logits, stats = forward64(variables, jnp.asarray(batch["image"], jnp.float64) / 255.0, key)
+            z = np.asarray(logits, np.float64)
+            z = z - z.max(-1, keepdims=True)
+            return np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(len(z)), labels]), jax.tree.map(np.asarray, stats)
+
     for s in range(3):
-        dropout_key, _ = step_keys(state.key, jnp.asarray(s))
-        x = batch["image"].astype(jnp.float32) / 255.0
-        logits, upd = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=True,
-                                  rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-        expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        dropout_key, other_key = step_keys(state.key, jnp.asarray(s))
+        loss, stats = oracle(dropout_key)
+        other_loss, _ = oracle(other_key)
         state, metrics = step(state, batch)
-        np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-6)
-        jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7),
-                     state.batch_stats, upd["batch_stats"])
+        assert_close_to_float64(float(metrics["loss"]), loss, TINY_CNN_SUMS, what=f"step {s}'s loss")
+        assert abs(other_loss - loss) > 100 * float32_sum_tolerance(TINY_CNN_SUMS, loss)  # the key counts
+        jax.tree.map(lambda a, e: assert_close_to_float64(a, e, TINY_CNN_SUMS, np.abs(e).max(), what="batch_stats"),
+                     state.batch_stats, stats)
     assert int(state.step) == 3
 
 

@@ -86,23 +86,3 @@ def fan_ins(params) -> tuple:
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return tuple(int(np.prod(np.shape(v)[:-1])) for path, v in leaves if getattr(path[-1], "key", None) == "kernel")
 
-
-def keras_float64(build, weights, x, **call_kwargs):
-    """The output of a Keras model in float64: ``build()`` under Keras' "float64" dtype policy with
-    JAX's x64 on, given ``weights`` (``model.get_weights()`` of the float32 reference), called on
-    ``x`` as float64. The float64 oracle where Keras is the stated reference (DESIGN.md)."""
-    import jax
-    import keras
-
-    with jax.enable_x64(True):
-        policy = keras.config.dtype_policy()
-        keras.config.set_dtype_policy("float64")
-        try:
-            model = build()
-        finally:
-            keras.config.set_dtype_policy(policy)
-        model.set_weights([np.asarray(w, np.float64) for w in weights])
-        assert all(w.dtype == "float64" for w in model.weights), "the Keras model did not build in float64"
-        out = np.asarray(model(np.asarray(x, np.float64), **call_kwargs))
-    assert out.dtype == np.float64
-    return out

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from float64_oracle import assert_close_to_float64, fan_ins
 from jaxcnn import freeze
 from jaxcnn.models.resnet import KERAS_LAYER_ORDER, Classifier, ResNet50, ResNetTiny
 
@@ -74,8 +75,19 @@ def test_gradient_wrt_trainable_equals_full_gradient_restricted(tiny_vars):
     part = jax.jit(jax.grad(lambda t: loss(freeze.combine(t, frozen))))(trainable)
     want, _ = freeze.partition(full, labels)
     assert jax.tree.structure(part) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(part), jax.tree.leaves(want)):  # same math, other op order
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+    # each against the float64 gradient (the same network in float64): same math, other op order
+    model64 = Classifier(ResNetTiny(include_top=False, pooling="avg", dtype=jnp.float64), num_classes=3)
+    with jax.enable_x64(True):
+        to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        grad64 = jax.jit(jax.grad(lambda p: jnp.sum(model64.apply({"params": p, "batch_stats": to64(v["batch_stats"])},
+                                                                  jnp.asarray(x, jnp.float64), train=False) ** 2)))
+        oracle, _ = freeze.partition(jax.tree.map(np.asarray, grad64(to64(v["params"]))), labels)
+    # forward and backward through the network: its chain of sums twice, and the batch of 2
+    sums = 2 * fan_ins(v["params"]) + (2,)
+    for got in (part, want):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(oracle)):
+            assert b.dtype == np.float64
+            assert_close_to_float64(a, b, sums, np.abs(b).max(), what="gradient")
 
 
 def test_rules_and_bad_input(resnet50_abstract):

@@ -28,6 +28,16 @@ def _explicit(padding, hw, k, stride, dilation):
     return resolve_padding(padding, hw, k_eff, stride)
 
 
+def _assert_conv_matches_loops(got, x, wt, b, stride, pads, dilation):
+    """A float32 convolution against the reference loops in float64, at the tolerance of a sum of
+    ``kh * kw * C_in`` products and the bias (``float64_oracle``)."""
+    x, wt, b = (np.asarray(a, np.float64) for a in (x, wt, b))
+    ref, _ = reference.conv2d_forward(x, wt, b, stride, pads, dilation)
+    sq, _ = reference.conv2d_forward(x**2, wt**2, b**2, stride, pads, dilation)  # each output's sum of squared terms
+    assert got.dtype == jnp.float32
+    assert_close_to_float64(got, ref, wt.shape[0] * wt.shape[1] * wt.shape[2] + 1, np.sqrt(sq), what="conv2d")
+
+
 CONV_GRID = [
     # (h, w, cin, cout, kernel, stride, padding, dilation)
     (5, 5, 1, 1, (3, 3), (1, 1), "VALID", (1, 1)),
@@ -48,10 +58,7 @@ CONV_GRID = [
 def test_conv2d_matches_reference_float32(h, w, cin, cout, k, stride, padding, dilation):
     x, wt, b = _conv_case(0, 2, h, w, cin, cout, k, np.float32)
     got = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b), stride=stride, padding=padding, dilation=dilation)
-    pads = _explicit(padding, (h, w), k, stride, dilation)
-    ref, _ = reference.conv2d_forward(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64), stride, pads, dilation)
-    assert got.dtype == jnp.float32 and got.shape == ref.shape
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    _assert_conv_matches_loops(got, x, wt, b, stride, _explicit(padding, (h, w), k, stride, dilation), dilation)
 
 
 @pytest.mark.parametrize("h,w,cin,cout,k,stride,padding,dilation", CONV_GRID)
@@ -88,8 +95,7 @@ def test_conv2d_property_matches_reference(h, w, cin, cout, k, stride, dilation,
     x, wt, b = _conv_case(seed, 1, h, w, cin, cout, (k, k), np.float32)
     got = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b), stride=stride, padding=padding, dilation=dilation)
     pads = _explicit(padding, (h, w), (k, k), stride, (dilation, dilation))
-    ref, _ = reference.conv2d_forward(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64), stride, pads, (dilation, dilation))
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    _assert_conv_matches_loops(got, x, wt, b, stride, pads, (dilation, dilation))
 
 
 def test_conv2d_same_matches_lax_same():
@@ -171,7 +177,7 @@ def test_conv2d_under_jit_and_bfloat16():
     x, wt, b = _conv_case(5, 2, 8, 8, 3, 4, (3, 3), np.float32)
     f = jax.jit(lambda x_, w_, b_: layers.conv2d(x_, w_, b_, stride=1, padding="SAME"))
     ref, _ = reference.conv2d_forward(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64), (1, 1), ((1, 1), (1, 1)))
-    np.testing.assert_allclose(np.asarray(f(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b))), ref, rtol=1e-5, atol=1e-5)
+    _assert_conv_matches_loops(f(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b)), x, wt, b, (1, 1), ((1, 1), (1, 1)), (1, 1))
     xb, wb, bb = (jnp.asarray(a, jnp.bfloat16) for a in (x, wt, b))
     yb = f(xb, wb, bb)
     assert yb.dtype == jnp.bfloat16

@@ -266,12 +266,14 @@ def test_pools_property_match_reference(h, w, window, stride, padding, seed):
 
 def test_global_pools():
     x = np.random.default_rng(0).standard_normal((3, 5, 4, 6)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(layers.global_avg_pool2d(jnp.asarray(x))), x.mean(axis=(1, 2)), rtol=1e-6)
+    x64 = x.astype(np.float64)
+    # the float64 mean of 5 * 4 terms x / 20, whose 2-norm is sqrt(sum x**2) / 20
+    mean, norm = x64.mean(axis=(1, 2)), np.sqrt((x64**2).sum(axis=(1, 2))) / 20
+    assert_close_to_float64(layers.global_avg_pool2d(jnp.asarray(x)), mean, 20, norm, what="global average")
     np.testing.assert_array_equal(np.asarray(layers.global_max_pool2d(jnp.asarray(x))), x.max(axis=(1, 2)))
     # Global average pooling is the VALID average pool with the whole map as its window.
-    np.testing.assert_allclose(
-        np.asarray(layers.avg_pool2d(jnp.asarray(x), (5, 4)))[:, 0, 0, :], x.mean(axis=(1, 2)), rtol=1e-6
-    )
+    assert_close_to_float64(np.asarray(layers.avg_pool2d(jnp.asarray(x), (5, 4)))[:, 0, 0, :], mean, 20, norm,
+                            what="average pool")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])

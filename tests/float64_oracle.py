@@ -86,3 +86,12 @@ def fan_ins(params) -> tuple:
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return tuple(int(np.prod(np.shape(v)[:-1])) for path, v in leaves if getattr(path[-1], "key", None) == "kernel")
 
+
+
+def two_float32_networks_tolerance(sums, scale, c: float = C, eps: float = EPS32):
+    """The tolerance between two float32 implementations of one network where the reference is
+    float32 by design (Keras, the stated reference of the ports: DESIGN.md). Each layer's sums round
+    independently of the other layers' and of the other implementation's, so all of them add up like
+    the terms of one sum of ``2 * sum(sums)`` terms (``sums``: every layer's sum size, e.g.
+    :func:`fan_ins`): ``c * eps * sqrt(2 * sum(sums)) * scale``, with ``scale`` the output's."""
+    return float32_sum_tolerance(2 * int(np.sum(sums)), scale, c, eps)

@@ -87,8 +87,6 @@ def fan_ins(params) -> tuple:
     """The size of every weight's sum in a network: ``prod(kernel.shape[:-1])`` for each ``kernel``
     leaf of ``params`` (convolutions ``kh * kw * C_in``, dense layers their inputs), to pass as
     ``n_terms`` for the whole network as a chain of sums."""
-    import jax
-
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return tuple(int(np.prod(np.shape(v)[:-1])) for path, v in leaves if getattr(path[-1], "key", None) == "kernel")
 

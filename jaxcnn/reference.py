@@ -5,6 +5,9 @@ the seed answers questions 1–3 — so that they are easy to check by eye. They
 test :mod:`jaxcnn.layers` (values and gradients) and to benchmark against; nothing in
 the library calls them. The seed's Keras CIFAR CNN (question 4) is here too
 (:func:`seed_keras_cifar_cnn`), the reference for ``CifarCNN`` in tests and benchmarks.
+For the models' shapes, where the loops would take minutes, the convolution comes vectorised
+too (:func:`conv2d_forward_by_taps`, :func:`conv2d_backward_by_taps`, tested against the loops):
+in float64 these are the oracles the tests hold float32 results to.
 
 Layouts are those of :mod:`jaxcnn.layers`: ``X`` is ``(N, H, W, C_in)`` and ``W`` is
 ``(kh, kw, C_in, C_out)``. Paddings here are always explicit per-side pairs
@@ -85,6 +88,67 @@ def conv2d_backward(dout: np.ndarray, cache):
                     region = X_pad[n, h0 : h0 + keh : dh, w0 : w0 + kew : dw, :]
                     dW[:, :, :, c_out] += g * region
                     dX_pad[n, h0 : h0 + keh : dh, w0 : w0 + kew : dw, :] += g * W[:, :, :, c_out]
+    dX = dX_pad[:, pt : pt + H, pl : pl + Wd, :]
+    db = None if b is None else dout.sum(axis=(0, 1, 2))
+    return dX, dW, db
+
+
+def _tap_slices(X_pad, out_hw, i, j, stride, dilation):
+    """The input pixels kernel tap ``(i, j)`` meets, one per output pixel: ``(N, H_out, W_out, C_in)``."""
+    (H_out, W_out), (sh, sw), (dh, dw) = out_hw, stride, dilation
+    return X_pad[:, i * dh : i * dh + (H_out - 1) * sh + 1 : sh, j * dw : j * dw + (W_out - 1) * sw + 1 : sw, :]
+
+
+def conv2d_forward_by_taps(
+    X: np.ndarray,
+    W: np.ndarray,
+    b: Optional[np.ndarray] = None,
+    stride: Tuple[int, int] = (1, 1),
+    padding: Pads = ((0, 0), (0, 0)),
+    dilation: Tuple[int, int] = (1, 1),
+):
+    """The convolution of :func:`conv2d_forward`, vectorised for the shapes where the loops take
+    minutes: one matrix product per kernel tap ``(i, j)``, the input pixels that tap meets
+    ``(N * H_out * W_out, C_in)`` times ``W[i, j]``. In float64 it is the float64 oracle of the
+    tests at the models' shapes; it equals the loops up to float64 rounding (tested).
+
+    Returns ``(out, cache)`` like :func:`conv2d_forward`.
+    """
+    N, H, Wd, C_in = X.shape
+    kh, kw, _, C_out = W.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    (pt, pb), (pl, pr) = padding
+    X_pad = np.pad(X, ((0, 0), (pt, pb), (pl, pr), (0, 0)), mode="constant")
+    H_out = _out_size(H, (kh - 1) * dh + 1, sh, pt, pb)
+    W_out = _out_size(Wd, (kw - 1) * dw + 1, sw, pl, pr)
+    out = np.zeros((N * H_out * W_out, C_out), dtype=np.result_type(X, W))
+    for i in range(kh):
+        for j in range(kw):
+            out += _tap_slices(X_pad, (H_out, W_out), i, j, stride, dilation).reshape(-1, C_in) @ W[i, j]
+    out = out.reshape(N, H_out, W_out, C_out)
+    if b is not None:
+        out = out + b
+    return out, (X, W, b, stride, padding, dilation)
+
+
+def conv2d_backward_by_taps(dout: np.ndarray, cache):
+    """:func:`conv2d_backward`, vectorised like :func:`conv2d_forward_by_taps`: for each kernel tap
+    ``(i, j)``, ``dW[i, j]`` is the tap's input pixels transposed times ``dout`` (a sum over the
+    batch and the output pixels) and the tap sends ``dout @ W[i, j]^T`` back to those pixels."""
+    X, W, b, stride, ((pt, pb), (pl, pr)), dilation = cache
+    N, H, Wd, C_in = X.shape
+    kh, kw, _, C_out = W.shape
+    _, H_out, W_out, _ = dout.shape
+    X_pad = np.pad(X, ((0, 0), (pt, pb), (pl, pr), (0, 0)), mode="constant")
+    dX_pad = np.zeros(X_pad.shape, dtype=np.result_type(dout, W))
+    dW = np.zeros(W.shape, dtype=np.result_type(dout, X))
+    g = dout.reshape(-1, C_out)
+    for i in range(kh):
+        for j in range(kw):
+            dW[i, j] = _tap_slices(X_pad, (H_out, W_out), i, j, stride, dilation).reshape(-1, C_in).T @ g
+            # a view into dX_pad: taps that meet the same pixel add up there
+            _tap_slices(dX_pad, (H_out, W_out), i, j, stride, dilation)[...] += (g @ W[i, j].T).reshape(
+                N, H_out, W_out, C_in)
     dX = dX_pad[:, pt : pt + H, pl : pl + Wd, :]
     db = None if b is None else dout.sum(axis=(0, 1, 2))
     return dX, dW, db

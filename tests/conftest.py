@@ -9,6 +9,9 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# NumPy's BLAS (OpenBLAS) on one thread: the float64 oracles' matrix products are small, the suite
+# runs one worker per core, and OpenBLAS threads spinning on a busy core made an oracle 5x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # The tests compare against NumPy and Keras at 1e-4 to 1e-6 and resume runs bit for bit. On a
 # GPU, float32 convolutions and matmuls default to TF32 (measured on an H100: ResNet50's logits
 # differ from Keras' by up to 2.6e-4 of their scale, the CIFAR CNN's by 1.2e-4) and XLA may pick

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcnn.data import augment
 from jaxcnn.data.augment import affine_transform, random_augment
+from float64_oracle import EPS32, float32_sum_tolerance
 
 
 def _images(n=3, h=8, w=8, c=3, seed=0, dtype=np.float32):
@@ -16,6 +18,32 @@ def _images(n=3, h=8, w=8, c=3, seed=0, dtype=np.float32):
 
 def _np(x):
     return np.asarray(x.astype(jnp.float32))
+
+
+def _bilinear_tolerance(x):
+    """float32 bilinear resampling against float64: the source coordinates (sums of up to ``H + W``
+    pixels, rotated by float32 cos / sin) are good to a few eps of ``H + W`` pixels, and a
+    coordinate error of ``d`` pixels moves a value by at most ``d`` times the image's range."""
+    h, w = x.shape[-3:-1] if x.ndim == 4 else x.shape[:2]
+    return float(float32_sum_tolerance(4, np.ptp(np.asarray(x, np.float64)) * (h + w)))
+
+
+def _np_affine(x, angle_deg, shift_x, shift_y, flip):
+    """One image ``(H, W, C)``, float64, bilinear: the content turned by ``angle_deg`` counter-clockwise
+    about the centre, then moved by ``(shift_x, shift_y)`` pixels (right, down), then mirrored if
+    ``flip``; pixels from outside take the nearest edge pixel (Keras' fill_mode="nearest")."""
+    h, w = x.shape[:2]
+    yo, xo = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    xo = (w - 1) - xo if flip else xo
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    dx, dy = xo - shift_x - cx, yo - shift_y - cy
+    t = np.deg2rad(float(angle_deg))
+    sx, sy = np.cos(t) * dx - np.sin(t) * dy + cx, np.sin(t) * dx + np.cos(t) * dy + cy  # where it came from
+    y0, x0 = np.floor(sy), np.floor(sx)
+    wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
+    at = lambda r, c: x[np.clip(r, 0, h - 1).astype(int), np.clip(c, 0, w - 1).astype(int)]  # noqa: E731
+    return ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x0 + 1))
+            + wy * ((1 - wx) * at(y0 + 1, x0) + wx * at(y0 + 1, x0 + 1)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -41,7 +69,7 @@ def test_right_angle_rotation_equals_rot90(size, angle, k, interpolation):
     # Convention: angle > 0 turns the content counter-clockwise as displayed, as np.rot90.
     x = _images(h=size, w=size)
     out = affine_transform(jnp.asarray(x), angle, 0.0, 0.0, False, interpolation=interpolation)
-    np.testing.assert_allclose(np.asarray(out), np.rot90(x, k=k, axes=(1, 2)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), np.rot90(x, k=k, axes=(1, 2)), rtol=0, atol=_bilinear_tolerance(x))
 
 
 @pytest.mark.parametrize("sx, sy", [(3, 0), (-2, 0), (0, 2), (0, -3), (2, -1)])
@@ -87,13 +115,16 @@ def test_per_example_parameters_match_one_at_a_time():
                                            (-11.0, 1.5, -2.25), (30.0, -3.2, 2.9)])
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras calls scipy.ndimage.interpolation
 def test_bilinear_matches_keras_apply_affine_transform(theta, tx, ty):
+    """Keras (scipy.ndimage) on the float64 image is the float64 oracle; so is _np_affine, checked here."""
     image_lib = pytest.importorskip("keras.src.legacy.preprocessing.image")
     x = _images(n=1, h=12, w=12, c=2, seed=3)[0]
-    ref = image_lib.apply_affine_transform(x, theta=theta, tx=tx, ty=ty, row_axis=0, col_axis=1,
+    ref = image_lib.apply_affine_transform(x.astype(np.float64), theta=theta, tx=tx, ty=ty, row_axis=0, col_axis=1,
                                            channel_axis=2, fill_mode="nearest", order=1)
+    assert ref.dtype == np.float64
+    np.testing.assert_allclose(_np_affine(x.astype(np.float64), theta, -tx, -ty, False), ref, rtol=0, atol=1e-12)
     # Keras' tx/ty give the output->input offset along columns/rows: the content moves by -tx, -ty.
     out = affine_transform(jnp.asarray(x[None]), theta, -tx, -ty, False, interpolation="bilinear")
-    np.testing.assert_allclose(np.asarray(out[0]), ref, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(out[0]), ref, rtol=0, atol=_bilinear_tolerance(x))
 
 
 def test_random_augment_same_key_same_batch_other_key_different():
@@ -108,16 +139,25 @@ def test_random_augment_same_key_same_batch_other_key_different():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
-def test_random_augment_stays_in_range_and_jits(dtype, interpolation):
+def test_random_augment_stays_in_range_and_jits(dtype, interpolation, monkeypatch):
     x = (jnp.asarray(_images(n=8, h=12, w=12)) * 4.0 - 1.0).astype(dtype)   # values in [-1, 3]
     fn = functools.partial(random_augment, rotation=30.0, width_shift=0.2, height_shift=0.2,
                            interpolation=interpolation)
+    drawn = []  # the parameters random_augment draws, seen on their way to affine_transform (eagerly)
+    monkeypatch.setattr(augment, "affine_transform",
+                        lambda images, *params, **kw: drawn.append(params) or affine_transform(images, *params, **kw))
     eager = fn(jax.random.key(5), x)
     jitted = jax.jit(fn)(jax.random.key(5), x)
     assert eager.dtype == dtype and eager.shape == x.shape
-    # jit may fuse the bilinear weights differently (float rounding); nearest copies values.
-    tol = 0.0 if interpolation == "nearest" else (1e-5 if dtype == jnp.float32 else 2e-2)
-    np.testing.assert_allclose(_np(eager), _np(jitted), rtol=0, atol=tol)
+    if interpolation == "nearest":  # copies input values: the same ones, jitted or not
+        np.testing.assert_array_equal(_np(eager), _np(jitted))
+    else:  # each against float64 (the same key draws the same parameters, jitted or not)
+        x64 = np.asarray(x.astype(jnp.float32), np.float64)
+        want = np.stack([_np_affine(x64[i], *(np.asarray(p)[i] for p in drawn[0])) for i in range(x.shape[0])])
+        # bfloat16 output: one rounding to 8 bits of mantissa on top of float32's error
+        tol = _bilinear_tolerance(x64) + (0.0 if dtype == jnp.float32 else 2.0**-8 * np.abs(x64).max())
+        for got in (eager, jitted):
+            np.testing.assert_allclose(_np(got), want, rtol=0, atol=tol)
     assert _np(eager).min() >= _np(x).min() and _np(eager).max() <= _np(x).max()
     if interpolation == "nearest":  # every output value is an input value of the same image
         for i in range(x.shape[0]):

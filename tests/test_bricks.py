@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from float64_oracle import assert_close_to_float64
 from jaxcnn import layers
 from jaxcnn.models import BatchNorm, CifarCNN, ResNetTiny
 from jaxcnn.models.bricks import glorot_uniform
@@ -37,13 +38,19 @@ def test_batchnorm_has_keras_defaults_and_formula():
                     "bias": rng.normal(0, 1, 5).astype(np.float32)},
          "batch_stats": {"mean": rng.normal(2, 1, 5).astype(np.float32),
                          "var": rng.uniform(0.001, 0.01, 5).astype(np.float32)}}  # small: epsilon matters
-    p, s = v["params"], v["batch_stats"]
-    want = (x - s["mean"]) / np.sqrt(s["var"] + 1e-3) * p["scale"] + p["bias"]  # Keras' inference formula
-    np.testing.assert_allclose(np.asarray(bn.apply(v, x)), want, rtol=1e-5, atol=1e-5)
+    p, s = jax.tree.map(lambda a: np.asarray(a, np.float64), (v["params"], v["batch_stats"]))  # float64 oracles
+    x64 = x.astype(np.float64)
+    want = (x64 - s["mean"]) / np.sqrt(s["var"] + 1e-3) * p["scale"] + p["bias"]  # Keras' inference formula
+    # a few roundings of each value, whose terms are up to |x - mean| / sqrt(var + eps) * |scale| and |bias|
+    terms = np.abs(x64 - s["mean"]) / np.sqrt(s["var"] + 1e-3) * p["scale"] + np.abs(p["bias"])
+    assert_close_to_float64(bn.apply(v, x), want, 4, terms, what="inference")
     # training: the moving statistics move by (1 - momentum) toward the batch's (biased) ones
     _, upd = BatchNorm(use_running_average=False).apply(v, x, mutable=["batch_stats"])
-    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.99 * s["mean"] + 0.01 * x.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.99 * s["var"] + 0.01 * x.var(0), rtol=1e-4)
+    assert_close_to_float64(upd["batch_stats"]["mean"], 0.99 * s["mean"] + 0.01 * x64.mean(0), (4, 2),
+                            np.abs(s["mean"]) + 0.01 * np.abs(x64).mean(0), what="moving mean")
+    # the batch variance: a mean of 4 squares of differences from the mean, which is itself a sum of 4
+    assert_close_to_float64(upd["batch_stats"]["var"], 0.99 * s["var"] + 0.01 * x64.var(0), (4, 4, 2),
+                            s["var"] + 0.01 * (x64**2).mean(0), what="moving variance")
 
 
 @pytest.mark.parametrize("make, field, default", [

@@ -10,6 +10,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+from float64_oracle import assert_close_to_float64
 from jaxcnn import viz
 from jaxcnn.experiments import cifar10, filters
 from jaxcnn.experiments.configs import get_config
@@ -111,8 +112,13 @@ def test_first_layer_activations_match_numpy():
     for i in range(6):
         for j in range(5):
             want[i, j] = np.einsum("hwc,hwco->o", x[i:i + 3, j:j + 3], kernel) + bias
-    np.testing.assert_allclose(filters.first_layer_activations(image, kernel, bias), np.maximum(want, 0),
-                               rtol=1e-5, atol=1e-5)
+    # float64 oracle; each value a sum of 3 * 3 * 3 products and the bias
+    sq = np.zeros((6, 5, 4))
+    for i in range(6):
+        for j in range(5):
+            sq[i, j] = np.einsum("hwc,hwco->o", x[i:i + 3, j:j + 3] ** 2, kernel.astype(np.float64) ** 2) + bias**2
+    assert_close_to_float64(filters.first_layer_activations(image, kernel, bias), np.maximum(want, 0), 28, np.sqrt(sq),
+                            what="activations")
 
 
 def write_legacy_h5(path, variables, order):

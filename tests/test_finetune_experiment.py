@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from float64_oracle import assert_close_to_float64, fan_ins
 from jaxcnn import inference
 from jaxcnn.experiments import filters, finetune
 from jaxcnn.models import Classifier, ResNetTiny, model_spec
@@ -265,12 +266,17 @@ def test_classifier_hidden_head_matches_numpy():
     assert sorted(p) == ["backbone", "head", "head_hidden"]
     assert p["head_hidden"]["kernel"].shape == (32, 7) and p["head"]["kernel"].shape == (7, 12)
     backbone_vars = {"params": p["backbone"], "batch_stats": variables["batch_stats"]["backbone"]}
-    feats = np.asarray(jax.jit(lambda v: model.backbone.apply(v, x, train=False))(backbone_vars), np.float64)  # (3, 32)
-    h = np.maximum(feats @ np.asarray(p["head_hidden"]["kernel"]) + np.asarray(p["head_hidden"]["bias"]), 0.0)
+    with jax.enable_x64(True):  # the features in float64: the backbone in float64 (float64 oracle)
+        backbone64 = model.backbone.clone(dtype=jnp.float64)
+        feats = np.asarray(jax.jit(lambda v: backbone64.apply(v, jnp.asarray(x, jnp.float64), train=False))(
+            jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), backbone_vars)))  # (3, 32)
+    assert feats.dtype == np.float64
+    h = np.maximum(feats @ np.asarray(p["head_hidden"]["kernel"], np.float64) + np.asarray(p["head_hidden"]["bias"], np.float64), 0.0)
     w2, b2 = np.asarray(p["head"]["kernel"], np.float64), np.asarray(p["head"]["bias"], np.float64)
     want = h @ w2 + b2
     got = jax.jit(lambda v: model.apply(v, x, train=False))(variables)  # inference: dropout is the identity
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # the backbone's and the head's sums as a chain, at the logits' scale
+    assert_close_to_float64(got, want, fan_ins(p), np.abs(want).max(), what="logits")
     # Training (every BN frozen, so the features are the same): dropout acts on the 7 hidden
     # units, each zeroed or scaled by 1 / (1 - 0.5). W2 (7, 12) has full column rank, so the
     # head's input can be solved for and checked unit by unit.

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from float64_oracle import assert_close_to_float64, fan_ins
 from jaxcnn import inference
 from jaxcnn.data import load_dataset
 from jaxcnn.experiments import cifar10, finetune
@@ -134,8 +135,10 @@ def test_predict_compiles_once_per_model_and_shape(runs):
     assert inference._forward._cache_size() == compiled
     logits = run.predict(images, batch_size=16, return_logits=True)
     np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits)), first, rtol=1e-5, atol=1e-7)
-    want = run.model.apply(run.variables, images / 255.0, train=False)
-    np.testing.assert_allclose(logits, np.asarray(want), rtol=1e-5, atol=1e-5)
+    with jax.enable_x64(True):  # the float64 oracle: the run's model in float64 (logits leave it as float32)
+        want = np.asarray(run.model.clone(dtype=jnp.float64).apply(
+            jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), run.variables), images / 255.0, train=False), np.float64)
+    assert_close_to_float64(logits, want, fan_ins(run.variables["params"]), np.abs(want).max(), what="logits")
 
 
 @pytest.mark.parametrize("model", [

@@ -419,10 +419,12 @@ class RunFolder:
         return self._set_aside().put_back()
 
     def write_config(self, config: dict) -> None:
-        """Write ``config.json`` (``config`` must carry ``format_version``: ``jaxcnn.train.run_config`` sets it)."""
-        if config.get("format_version") != FORMAT_VERSION:
+        """Write ``config.json`` in this jaxcnn's format (``format_version`` is set when ``config``
+        has none; ``jaxcnn.train.run_config`` sets it)."""
+        if config.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             raise ValueError(f"write_config: config has format_version={config.get('format_version')!r}; "
                              f"this jaxcnn writes {FORMAT_VERSION}")
+        config = {"format_version": FORMAT_VERSION, **config}
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / CONFIG, config)
 

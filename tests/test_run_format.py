@@ -36,8 +36,10 @@ def test_formats_it_cannot_read_are_refused_naming_the_way_out(tmp_path):
         migrate_config(flat, "x/config.json")
     with pytest.raises(UnsupportedRunFormat, match=r"run format 3, newer than this jaxcnn reads \(2\): upgrade"):
         migrate_config({"format_version": 3, "model": {}, "data": {}, "fit": {}}, "x/config.json")
-    with pytest.raises(ValueError, match=r"write_config: config has format_version=None; this jaxcnn writes 2"):
-        RunFolder(tmp_path / "r").write_config({"model": {}, "data": {}, "fit": {}})
+    with pytest.raises(ValueError, match=r"write_config: config has format_version=1; this jaxcnn writes 2"):
+        RunFolder(tmp_path / "r").write_config({"format_version": 1, "model": {}, "data": {}, "fit": {}})
+    RunFolder(tmp_path / "r").write_config({"model": {}, "data": {}, "fit": {}})  # stamped with today's format
+    assert RunFolder(tmp_path / "r").read_config()["format_version"] == 2
 
 
 def test_a_command_on_an_unreadable_run_says_so_in_one_line(tmp_path):

@@ -118,18 +118,20 @@ class ResidentRows:
         self._replicated = sharding.replicated(mesh)
 
         @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
-        def take(arrays, rows, extra):  # rows: (B,) the batch's rows of the split
-            return {**jax.tree.map(lambda a: a[rows], arrays), **extra}
+        def take(arrays, plan, extra, i):  # plan: (k, B) the batches' rows of the split; batch i of them
+            rows = plan[i]  # (B,)
+            return {**jax.tree.map(lambda a: a[rows], arrays), **jax.tree.map(lambda e: e[i], extra)}
 
         self._take = take
 
-    def batches(self, row_sets, extras=None) -> Iterator[dict]:
-        """``row_sets[i]``: the split rows of global batch ``i`` ``(B,)``; ``extras[i]``: more
-        per-position arrays ``(B,)`` (the evaluation mask), the same on every process."""
+    def batches(self, plan: np.ndarray, extras: Optional[dict] = None) -> Iterator[dict]:
+        """``plan``: ``(k, B)`` the split rows of ``k`` global batches; ``extras``: more per-position
+        arrays ``(k, B)`` (the evaluation mask), the same on every process. The plan goes to the
+        devices once; each batch is then one jitted gather there."""
         put = functools.partial(sharding.put, sharding=self._replicated)
-        for i, rows in enumerate(row_sets):
-            extra = {} if extras is None else jax.tree.map(put, extras[i])
-            yield self._take(self._arrays, put(rows), extra)
+        plan, extra = put(np.asarray(plan)), jax.tree.map(put, extras or {})
+        for i in range(plan.shape[0]):
+            yield self._take(self._arrays, plan, extra, i)
 
 
 class StreamedRows:
@@ -148,15 +150,16 @@ class StreamedRows:
         return {"image": self.split.read(rows[mine]), "label": self.split.labels[rows[mine]],
                 **{k: v[mine] for k, v in extra.items()}}
 
-    def batches(self, row_sets, extras=None) -> Iterator[dict]:
+    def batches(self, plan: np.ndarray, extras: Optional[dict] = None) -> Iterator[dict]:
         """As :meth:`ResidentRows.batches`."""
-        row_sets = list(row_sets)
-        extras = extras or [{}] * len(row_sets)
+        plan, extras = np.asarray(plan), extras or {}
+        k = plan.shape[0]
+        extra = lambda i: {name: a[i] for name, a in extras.items()}  # noqa: E731
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(self._read, r, e) for r, e in zip(row_sets[:self.prefetch], extras)]
-            for i in range(len(row_sets)):
-                if i + self.prefetch < len(row_sets):
-                    pending.append(pool.submit(self._read, row_sets[i + self.prefetch], extras[i + self.prefetch]))
+            pending = [pool.submit(self._read, plan[i], extra(i)) for i in range(min(self.prefetch, k))]
+            for i in range(k):
+                if i + self.prefetch < k:
+                    pending.append(pool.submit(self._read, plan[i + self.prefetch], extra(i + self.prefetch)))
                 t = time.perf_counter()
                 local = pending[i].result()
                 self.wait_s += time.perf_counter() - t
@@ -233,7 +236,7 @@ class EvalFeed:
         self.source = batch_source(split, mesh, batch_size, prefetch=prefetch)
 
     def batches(self) -> Iterator[dict]:
-        yield from self.source.batches(self._rows, [{"mask": m} for m in self._mask])
+        yield from self.source.batches(self._rows, {"mask": self._mask})
 
 
 def evaluate(state: TrainState, feed: EvalFeed, eval_step: Callable) -> dict:

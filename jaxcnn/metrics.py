@@ -35,6 +35,37 @@ def _probs(probs, what: str) -> np.ndarray:
     return probs
 
 
+def confusion_matrix(true, pred, num_classes: int) -> np.ndarray:
+    """int64 ``(K, K)`` counts: ``[i, j]`` = examples of true class ``i`` predicted as ``j``."""
+    true, pred = np.asarray(true, np.int64), np.asarray(pred, np.int64)
+    if true.shape != pred.shape or true.ndim != 1:
+        raise ValueError(f"confusion_matrix: true {true.shape} and pred {pred.shape} must be the same (N,) shape")
+    for name, a in (("true", true), ("pred", pred)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            raise ValueError(f"confusion_matrix: {name} has labels outside [0, {num_classes})")
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (true, pred), 1)
+    return counts
+
+
+def per_class_accuracy(confusion: np.ndarray, class_names) -> dict:
+    """``{class name: correct / examples of that class}`` (None for a class the split lacks)."""
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1)
+    return {str(name): (float(confusion[k, k] / totals[k]) if totals[k] else None)
+            for k, name in enumerate(class_names)}
+
+
+def most_confidently_wrong(true, probs, k: int) -> np.ndarray:
+    """Indices of up to ``k`` wrongly predicted examples, highest predicted probability first
+    (ties: the lower index first)."""
+    probs = np.asarray(probs)
+    pred, conf = probs.argmax(-1), probs.max(-1)
+    wrong = np.flatnonzero(pred != np.asarray(true))
+    order = np.argsort(-conf[wrong], kind="stable")
+    return wrong[order[:k]]
+
+
 def per_class(confusion, class_names=None) -> dict:
     """Precision, recall and F1 of each class from a confusion matrix ``[true, predicted]``
     ``(K, K)``, and their macro averages.

@@ -27,12 +27,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxcnn import metrics, viz
-from jaxcnn.results import CONFUSION_PNG, WRONG_PNG, confusion_matrix, most_confidently_wrong, per_class_accuracy
+from jaxcnn.metrics import confusion_matrix, most_confidently_wrong, per_class_accuracy
 from jaxcnn.runfolder import RunFolder
 
 log = logging.getLogger("jaxcnn")
 
 CURVES_PNG = "curves.png"
+CONFUSION_PNG = "confusion.png"
+WRONG_PNG = "wrong.png"
 RELIABILITY_PNG = "reliability.png"
 #: Every plot the report writes, in ``plots/``.
 REPORT_PLOTS = (CURVES_PNG, CONFUSION_PNG, WRONG_PNG, RELIABILITY_PNG)
@@ -107,7 +109,3 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
                          title=f"{name}: test calibration ({ece_text})")
     return out
 
-
-def report_missing(folder: RunFolder) -> list[str]:
-    """The report's plots that ``folder`` lacks (a run stopped between its last epoch and its report)."""
-    return [p for p in REPORT_PLOTS if not folder.plot_path(p).is_file()]

@@ -31,6 +31,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no_progress"]
 
 
+def no_report_warning(err: str) -> str:
+    """``err`` without the end-of-run report's warning that a smoke run answers one class (true of
+    these one- to three-epoch runs on random-looking data, and not what these tests are about)."""
+    return "".join(ln for ln in err.splitlines(True) if not ln.startswith("warning: test split: "))
+
+
 def snapshot(folder: pathlib.Path, skip=(".lock",)) -> dict:
     """Every file under ``folder`` and its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
@@ -250,6 +256,7 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint(run, finished, capsy
     DAMAGE[damage](run / "checkpoints" / "latest" / "2")
     code, _, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "3"])
     assert code == 0, err
+    err = no_report_warning(err)
     assert err.startswith(f"checkpoint {run.absolute()}/checkpoints/latest/2 is damaged: ")
     assert err.rstrip().endswith("falling back to latest 1") and len(err.splitlines()) == 1
     assert (run / "checkpoints" / "damaged" / "latest-2").is_dir()  # kept, out of the way
@@ -264,7 +271,8 @@ def test_a_damaged_checkpoint_costs_one_line_of_output_in_a_fresh_process(run):
                           ["--workdir", str(run), "--resume", "--epochs", "3"], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(done.stderr.splitlines()) == 1 and "/checkpoints/latest/2 is damaged: " in done.stderr
+    lines = no_report_warning(done.stderr).splitlines()
+    assert len(lines) == 1 and "/checkpoints/latest/2 is damaged: " in lines[0]
 
 
 def test_restore_and_filters_name_a_damaged_checkpoint_and_what_is_wrong(run, capsys):

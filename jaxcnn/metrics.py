@@ -72,8 +72,10 @@ def per_class(confusion, class_names=None) -> dict:
 
     Returns ``{"classes": {name: {"precision", "recall", "f1", "support"}}, "macro_precision",
     "macro_recall", "macro_f1"}``. A class never predicted has precision None (0/0), one absent
-    from the split recall None; F1 is None when either is, 0.0 when both are 0. Macro averages
-    are over the classes whose value is defined.
+    from the split recall None; F1 = 2 TP / (predicted + support), so a class of the split that is
+    never predicted has F1 0 (a model that answers one class gets a macro F1 near 0), and only a
+    class neither present nor predicted has F1 None. Macro averages are over the classes whose
+    value is defined.
     """
     c = np.asarray(confusion, np.int64)
     if c.ndim != 2 or c.shape[0] != c.shape[1]:
@@ -87,7 +89,7 @@ def per_class(confusion, class_names=None) -> dict:
     for i, name in enumerate(names):
         p = float(tp[i] / predicted[i]) if predicted[i] else None
         r = float(tp[i] / support[i]) if support[i] else None
-        f = None if p is None or r is None else (0.0 if p + r == 0 else 2 * p * r / (p + r))
+        f = float(2 * tp[i] / (predicted[i] + support[i])) if predicted[i] + support[i] else None
         classes[name] = {"precision": p, "recall": r, "f1": f, "support": int(support[i])}
 
     def macro(key):

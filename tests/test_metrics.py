@@ -20,10 +20,13 @@ def test_per_class_precision_recall_f1_by_hand():
     assert out["macro_precision"] == pytest.approx((3 / 5 + 2 / 3) / 2)
     assert out["macro_recall"] == pytest.approx((3 / 4 + 1 / 2) / 2)
     assert out["macro_f1"] == pytest.approx((2 * 0.6 * 0.75 / 1.35 + 4 / 7) / 2)
-    # a class predicted but never right: precision 0, recall 0, F1 0
+    # a class of the split never predicted, and one predicted but absent: F1 0 each (2 TP / (predicted + support))
     z = metrics.per_class(np.array([[0, 2], [0, 0]]))["classes"]
-    assert z["0"] == {"precision": None, "recall": 0.0, "f1": None, "support": 2}
-    assert z["1"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+    assert z["0"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert z["1"] == {"precision": 0.0, "recall": None, "f1": 0.0, "support": 0}
+    # a model that answers one class of ten: macro F1 = F1 of that class / 10
+    one = metrics.per_class(np.hstack([np.zeros((10, 9), int), np.full((10, 1), 10)]))
+    assert one["macro_f1"] == pytest.approx((2 * 10 / (100 + 10)) / 10)
     with pytest.raises(ValueError, match=r"per_class: 2 class_names for a 3x3 confusion matrix"):
         metrics.per_class(c, ["a", "b"])
 

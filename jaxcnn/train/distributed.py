@@ -191,7 +191,7 @@ def _read_line(conn: socket.socket, deadline: float) -> str:
 
 _joined = False  # this process was joined to others by initialize()
 _ending = threading.Event()  # this process is ending on an error of its own: the watcher stands back
-_FAILED, _ACK = "jaxcnn/failed/", "jaxcnn/ack/"
+_FAILED, _ACK, _LEAVING = "jaxcnn/failed/", "jaxcnn/ack/", "jaxcnn/leaving/"
 
 
 def _client():
@@ -227,6 +227,25 @@ def end_all(code: int, why: str, *, wait_s: float = 10.0) -> None:
             time.sleep(0.1)
     except Exception:  # the coordinator is gone already: nobody left to tell
         pass
+    _leave(code)
+
+
+def _leave(code: int, wait_s: float = 5.0) -> None:
+    """Exit with ``code``; process 0, which hosts JAX's coordination service, last: a process whose
+    coordinator vanishes under it is aborted by JAX (a C++ stack trace instead of our line)."""
+    try:
+        client, me, count = _client(), jax.process_index(), jax.process_count()
+        if me != 0:
+            client.key_value_set(f"{_LEAVING}{me}", "1")
+        else:
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if len(client.key_value_dir_get(_LEAVING)) >= count - 1:
+                    time.sleep(0.3)  # their exit itself
+                    break
+                time.sleep(0.05)
+    except Exception:
+        pass
     _exit(code)
 
 
@@ -261,7 +280,7 @@ def _watch_for_failures(poll_s: float = 0.3) -> None:
         except Exception:
             pass
         print(f"error: process {i} failed, so process {index} stops too: {why}", file=sys.stderr)
-        _exit(int(code) if code.isdigit() else 1)
+        _leave(int(code) if code.isdigit() else 1)
 
 
 class Processes:

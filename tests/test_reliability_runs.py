@@ -27,23 +27,12 @@ from jaxcnn.experiments import cifar10, finetune
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import RunInterrupted, make_eval_step, make_train_step
+from test_reliability import cli, no_report_warning, snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no_progress"]
 STEPS = 8  # optimizer steps per smoke epoch
 OFFSET = 0.1  # what worse_each_step adds to the loss per optimizer step the weights have taken
-
-
-def snapshot(folder: pathlib.Path, skip=(".lock",)) -> dict:
-    """Every file under ``folder`` and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in skip}
-
-
-def cli(capsys, argv, main=cifar10.main):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def worse_each_step():
@@ -186,7 +175,7 @@ def test_ill_formed_checkpoint_metadata_is_damage_and_resume_falls_back(run, fin
     damage(run / "checkpoints" / "latest" / "2")
     code, _, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "2"])
     assert code == 0, err
-    err = "".join(ln for ln in err.splitlines(True) if not ln.startswith("warning: test split: "))  # (a smoke run)
+    err = no_report_warning(err)
     assert err.startswith(f"checkpoint {run.absolute()}/checkpoints/latest/2 is damaged: {reason}")
     assert err.rstrip().endswith("falling back to latest 1") and len(err.splitlines()) == 1
     assert (run / "checkpoints" / "damaged" / "latest-2").is_dir()

@@ -177,7 +177,8 @@ def fit_temperature(logits, labels, *, lo: float = 0.05, hi: float = 20.0, tol: 
     """The temperature ``T`` in ``[lo, hi]`` that minimises :func:`nll` of ``logits / T`` (Guo et
     al.'s temperature scaling), by golden-section search on ``log T`` (the NLL is unimodal in T).
 
-    Fit it on the validation split, never on the split it is judged on.
+    Fit it on the validation split, never on the split it is judged on. A model at chance wants
+    ``T -> inf`` (the uniform answer): the search then returns ``hi``.
     """
     logits = np.asarray(logits, np.float64)
     if logits.ndim != 2 or logits.shape[0] == 0:

@@ -85,7 +85,10 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
     test_images, test_logits = logits(dataset.test)
     _, val_logits = logits(dataset.val) if len(dataset.val) else (None, None)
     summary = folder.read_summary()
-    history = folder.read_history() if folder.is_run() and (folder.path / "history.json").is_file() else []
+    try:
+        history = folder.read_history()
+    except FileNotFoundError:  # (a run folder made by hand, without a history: curves with nothing to draw)
+        history = []
     summary.update(report.write_report(folder, history=history, summary=summary, class_names=names,
                                        test_labels=dataset.test.labels, test_logits=test_logits,
                                        test_images=test_images, k=k,

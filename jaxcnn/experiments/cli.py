@@ -29,7 +29,6 @@ import warnings
 from collections.abc import Callable
 from typing import Optional
 
-from jaxcnn import results, viz
 from jaxcnn.checkpoint import DamagedCheckpointError
 from jaxcnn.data import DatasetUnavailableError
 from jaxcnn.experiments.configs import PRECISIONS
@@ -39,7 +38,7 @@ from jaxcnn.train import distributed
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import DistributedError, Processes, initialize
 from jaxcnn.train.cpu import backend_started, keep_host_memory, use_cpu_devices
-from jaxcnn.train.signals import SignalStop, catching_signals, ignore_signals, signal_name
+from jaxcnn.train.signals import SignalStop, catching_signals, ignore_signals
 
 #: Errors a user's input or machine causes: one line, exit 2.
 USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError, RunBusyError,
@@ -305,34 +304,6 @@ def _run(body: Callable[[], int], user_errors: tuple) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return 2
-
-
-def write_report(workdir: pathlib.Path, dataset, stop: dict) -> dict:
-    """The end-of-run report of a trained run: ``plots/curves.png``, then the test results
-    (``jaxcnn.results.write_test_results``); returns the summary. ``stop``: the command's
-    ``signals_deferred()``, checked before each part (RunInterrupted: ``--resume`` completes it)."""
-    def check():
-        if stop["signal"] is not None:
-            raise RunInterrupted(f"stopped by {signal_name(stop['signal'])} after the last epoch, while writing the "
-                                 f"end-of-run report (test results, plots). Complete it with --resume "
-                                 f"(--workdir {workdir})", stop["signal"])
-
-    check()
-    viz.plot_curves(workdir)  # (a bare Figure: nothing to close)
-    check()
-    summary = results.write_test_results(workdir, dataset)  # confusion matrix, most confidently wrong images
-    check()
-    return summary
-
-
-def report_to_complete(workdir: pathlib.Path, procs: Processes) -> bool:
-    """Whether a run that ``fit`` found complete (NothingToDo) lacks its end-of-run report (a
-    signal or a crash came after the last epoch); says so. Decided by process 0."""
-    missing = procs.share(results.report_missing(workdir) if procs.primary else [])
-    if missing:
-        logging.getLogger("jaxcnn").warning(f"{workdir}: the run has its epochs but not its end-of-run report; "
-                                            f"writing it")
-    return bool(missing)
 
 
 def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:

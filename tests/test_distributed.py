@@ -259,16 +259,19 @@ def test_a_batch_that_does_not_divide_over_the_devices_names_sizes_that_work(tmp
         "error: batch_size=30 must be a positive multiple of the number of devices (4); 28 or 32 would work"
 
 
-def test_only_process_0_writes_records(tmp_path, monkeypatch):
+def test_only_process_0_writes_records(tmp_path):
     """Any other process writes nothing but its part of the Orbax checkpoints."""
     from jaxcnn.experiments import cifar10
     from jaxcnn.experiments.configs import get_config
-    from jaxcnn.train import distributed, loop
+    from jaxcnn.train import distributed, fit
 
     class NotPrimary(distributed.Processes):
         def __init__(self):
             self.index, self.count = 1, 1  # alone, but not process 0
 
-    monkeypatch.setattr(loop, "Processes", NotPrimary)
-    cifar10.run(get_config("smoke", epochs=1), tmp_path / "run", progress=False)
+    config = get_config("smoke", epochs=1)
+    dataset = cifar10.load_data(config)
+    model = cifar10.build_model(config, dataset.num_classes)
+    fit(cifar10.create_state(config, model, dataset.image_shape), dataset, config.fit, tmp_path / "run",
+        processes=NotPrimary(), model=model, progress=False)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]

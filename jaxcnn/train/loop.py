@@ -196,6 +196,8 @@ def _write_summary_and_report(session: RunSession, state: TrainState, dataset, s
     end-of-run report (``jaxcnn.report``) and the summary with its fields. A signal that came
     meanwhile stops it between plots (RunInterrupted: resume completes the report)."""
     run = session.run
+    if not session.procs.primary:  # (a process other than 0 writes nothing)
+        return summary
     if out.best is None and out.diverged:  # no good epoch: nothing to test
         run.write_summary(summary)
         return summary

@@ -37,7 +37,7 @@ from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import NothingToDo, RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import load_in_turn
-from jaxcnn.train.signals import signals_deferred
+from jaxcnn.signals import signals_deferred
 
 
 def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:

@@ -16,7 +16,7 @@ What can go wrong is handled here, and said in one sentence:
   one line), and the summary names the epoch whose weights it tested;
 * SIGINT / SIGTERM stop the run at the next step with a checkpoint of where it is (mid-epoch:
   ``resume`` continues from that step, bitwise): :class:`RunInterrupted`; further signals are
-  ignored while it stops (``jaxcnn.train.signals``);
+  ignored while it stops (``jaxcnn.signals``);
 * a training loss that is not finite or above ``FitConfig.max_loss`` (at any step), or a
   validation loss that is not finite, stops the run, keeps the last good checkpoints and writes
   the summary: :class:`TrainingDiverged`. (A finite validation spike is not divergence: early
@@ -49,7 +49,8 @@ from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
-from jaxcnn.train.signals import RunInterrupted, signal_name, signals_deferred
+from jaxcnn.errors import RunInterrupted, TrainingDiverged
+from jaxcnn.signals import signal_name, signals_deferred
 from jaxcnn.train.state import TrainState, get_learning_rate, set_learning_rate, state_from_tree, state_to_tree
 from jaxcnn.train.steps import make_eval_step, make_train_step
 
@@ -57,15 +58,6 @@ log = logging.getLogger("jaxcnn")
 
 
 __all__ = ["RunInterrupted", "TrainingDiverged", "fit", "run_config", "train_epoch"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss went non-finite or above ``FitConfig.max_loss``, or the validation loss
-    non-finite; ``summary`` is what was written."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
 
 
 def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,

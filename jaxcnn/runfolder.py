@@ -21,9 +21,9 @@ The rules of starting a run live here too (:meth:`RunFolder.prepare`): a folder 
 checkpoints is never trained into afresh; a resumed run must have the saved config, except
 for the settings in ``RESUMABLE``; ``overwrite`` sets the old run aside (:class:`SetAside`,
 ``<run>/.previous/``, still on disk) until the new one has saved its first checkpoint; one run
-at a time holds the folder's lock (:meth:`RunFolder.lock`). A command checks the same rules before
-it loads anything (:meth:`RunFolder.check_start`, :meth:`FinetuneFolder.check_start`). Records are strict JSON, written
-atomically: a non-finite number is written as ``null``.
+at a time holds the folder's lock (:meth:`RunFolder.lock`). A command checks the same rules
+before it loads anything (:meth:`RunFolder.check_start`, :meth:`FinetuneFolder.check_start`).
+Records are strict JSON, written atomically: a non-finite number is written as ``null``.
 """
 
 from __future__ import annotations

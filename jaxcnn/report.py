@@ -22,7 +22,8 @@ it computed with the weights the summary reports.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -40,9 +41,20 @@ RELIABILITY_PNG = "reliability.png"
 REPORT_PLOTS = (CURVES_PNG, CONFUSION_PNG, WRONG_PNG, RELIABILITY_PNG)
 
 
+def report_missing(folder: RunFolder) -> list[str]:
+    """What of the end-of-run report a run folder with a test-scored ``summary.json`` lacks (its
+    plots, its per-class results); ``[]`` when it is complete, or when there is no test score to
+    report on (no summary yet, or a run that diverged before its first good epoch)."""
+    summary = folder.read_summary()
+    if summary.get("test_accuracy") is None:
+        return []
+    missing = [f"plots/{name}" for name in REPORT_PLOTS if not folder.plot_path(name).is_file()]
+    return missing + [f"summary.json's {k}" for k in ("per_class_accuracy", "confusion_matrix") if k not in summary]
+
+
 def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, class_names: Sequence[str],
                  test_labels, test_logits, test_images, val_labels=None, val_logits=None,
-                 k: int = 16) -> dict:
+                 k: int = 16, check: Optional[Callable[[], None]] = None) -> dict:
     """Write the report's plots into ``folder``'s ``plots/`` and return the summary fields.
 
     Args:
@@ -58,7 +70,9 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
       val_labels, val_logits: the validation split's, to fit the temperature (None: no
         temperature, ``ece`` only).
       k: how many wrong images to draw.
+      check: called before each plot (``fit`` raises ``RunInterrupted`` from it when a signal came).
     """
+    check = check or (lambda: None)
     names = tuple(str(n) for n in class_names)
     test_logits = np.asarray(test_logits, np.float64)
     test_labels = np.asarray(test_labels, np.int64)
@@ -92,20 +106,25 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
         out["ece_after_temperature"] = metrics.expected_calibration_error(scaled, test_labels)
 
     name = folder.path.name
+    check()
     viz.plot_curves(list(history), path=folder.plot_path(CURVES_PNG), summary=summary,
                     title=f"{name}: training curves")
+    check()
     viz.plot_confusion(confusion, names, path=folder.plot_path(CONFUSION_PNG),
                        title=f"{name}: test accuracy {accuracy:.4f} ({len(test_labels)} images, "
                              f"macro F1 {prf['macro_f1'] if prf['macro_f1'] is not None else float('nan'):.3f}, "
                              f"majority share {out['test_majority_share']:.3f})")
+    check()
     idx = most_confidently_wrong(test_labels, probs, k)
     images = test_images(idx) if callable(test_images) else np.asarray(test_images)[idx]
     viz.plot_wrong(images, test_labels[idx], pred[idx], probs[idx, pred[idx]], names,
                    path=folder.plot_path(WRONG_PNG),
                    title=f"{name}: the {len(idx)} most confidently wrong of {len(test_labels)} test images")
+    check()
     ece_text = f"ECE {out['ece']:.3f}" + ("" if after is None else
                                           f", {out['ece_after_temperature']:.3f} at T = {out['temperature']:.2f}")
     viz.plot_reliability(table, after=after, path=folder.plot_path(RELIABILITY_PNG),
                          title=f"{name}: test calibration ({ece_text})")
+    check()
     return out
 

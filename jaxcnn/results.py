@@ -8,9 +8,11 @@ test images the model got most confidently wrong.
     dataset = load_dataset(**RunFolder("runs/a").read_config()["data"]["source"])
     results.write_test_results("runs/a", dataset)   # plots/confusion.png, plots/wrong.png, summary.json
 
-The ``cifar10`` and ``finetune`` commands call :func:`write_test_results` at the end of every
-run (each fine-tuning phase). It scores the run's **best** checkpoint, as ``fit`` does for the
-summary's ``test_accuracy``, so the confusion matrix's trace over its sum is that accuracy.
+``fit`` writes this report itself at the end of every run, from the scores it computed in
+memory (``jaxcnn.report``). :func:`write_test_results` makes it again from the folder alone: it
+restores the run's **best** checkpoint in this process and scores it on a dataset you give (the
+run's own, to check a run or complete an old one; the confusion matrix's trace over its sum is
+then the summary's ``test_accuracy``).
 """
 
 from __future__ import annotations
@@ -23,22 +25,8 @@ import numpy as np
 from jaxcnn import inference, report
 from jaxcnn.data.core import Dataset
 from jaxcnn.metrics import confusion_matrix, most_confidently_wrong, per_class_accuracy  # noqa: F401 (re-exported)
-from jaxcnn.report import CONFUSION_PNG, CURVES_PNG, WRONG_PNG
+from jaxcnn.report import report_missing  # noqa: F401 (re-exported)
 from jaxcnn.runfolder import RunFolder
-
-
-def report_missing(workdir: Union[str, os.PathLike]) -> list[str]:
-    """What of the end-of-run report (``plots/curves.png`` and :func:`write_test_results`' plots and
-    per-class results) a run folder with a test-scored ``summary.json`` lacks; ``[]`` when it is
-    complete, or when there is no test score to report on (no summary yet, or a run that
-    diverged before its first good epoch)."""
-    folder = RunFolder(workdir)
-    summary = folder.read_summary()
-    if summary.get("test_accuracy") is None:
-        return []
-    missing = [f"plots/{name}" for name in (CURVES_PNG, CONFUSION_PNG, WRONG_PNG)
-               if not folder.plot_path(name).is_file()]
-    return missing + [f"summary.json's {k}" for k in ("per_class_accuracy", "confusion_matrix") if k not in summary]
 
 
 def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: int = 16, *,

@@ -8,13 +8,15 @@ know the size in advance.
 * :func:`plot_filters` — a conv kernel ``(kh, kw, C_in, C_out)`` HWIO as a grid of
   ``C_out`` panels: RGB when ``C_in == 3``, the channel mean in grey otherwise.
 * :func:`plot_activations` — one image's feature maps ``(H, W, C)`` as a grid.
-* :func:`plot_curves` — a run's history and summary (read through ``jaxcnn.runfolder``):
-  loss, accuracy, learning rate per epoch, best / early-stopping epoch marked.
-  ``plot_curves(workdir)`` writes the run's ``plots/curves.png``.
+* :func:`plot_curves` — a run's history and summary: loss, accuracy, learning rate per epoch,
+  best / early-stopping epoch marked (the end-of-run report, ``jaxcnn.report``, draws it
+  into a run's ``plots/curves.png``).
 * :func:`plot_histories` — several runs' curves on one figure (the dropout study).
 * :func:`plot_confusion` — a confusion matrix of counts, annotated (rows true, columns predicted).
 * :func:`plot_wrong` — a grid of misclassified images with their true and predicted labels.
 * :func:`count_image_panels` — how many axes of a figure show an image.
+
+It knows nothing of run folders (it imports nothing from jaxcnn): callers pass values.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from jaxcnn.runfolder import RunFolder
-
 __all__ = [
     "plot_filters",
     "plot_activations",
@@ -39,7 +39,6 @@ __all__ = [
     "plot_histories",
     "plot_confusion",
     "plot_wrong",
-    "load_run_record",
     "count_image_panels",
     "save_figure",
 ]
@@ -270,13 +269,6 @@ def plot_activations(
 # ---------------------------------------------------------------------------- curves
 
 
-def load_run_record(workdir: Union[str, os.PathLike]) -> tuple[list[dict], dict]:
-    """``(history, summary)`` of a run folder (``jaxcnn.runfolder.RunFolder``): the per-epoch
-    rows (required) and the summary (``{}`` when the run has not written it yet)."""
-    run = RunFolder(workdir)
-    return run.read_history(), run.read_summary()
-
-
 def _check_history(fn: str, history) -> list[dict]:
     if isinstance(history, (str, bytes)) or not isinstance(history, Sequence) or not history:
         raise ValueError(f"{fn}: history must be a non-empty list of per-epoch dicts, got {type(history).__name__}")
@@ -296,7 +288,7 @@ def _column(history: list[dict], key: str) -> Optional[np.ndarray]:
 
 
 def plot_curves(
-    run,
+    history: History,
     path: Optional[Union[str, os.PathLike]] = None,
     *,
     summary: Optional[Mapping[str, Any]] = None,
@@ -306,14 +298,12 @@ def plot_curves(
     """Training curves of one run: loss, accuracy and learning rate per epoch.
 
     Args:
-      run: a run folder (reads its history and, if present, its summary) or the
-        history itself (a list of dicts with ``epoch`` and any of ``train_loss``,
-        ``val_loss``, ``train_accuracy``, ``val_accuracy``, ``lr``).
-      path: where to write the PNG. Default: the run's ``plots/curves.png`` when ``run`` is a
-        folder; nothing is written when ``run`` is a history and ``path`` is None.
-      summary: the run's summary (default: read from the folder); ``best_epoch`` is marked
-        with a dashed line, and ``stop_epoch`` with a dotted one when ``stopped_early``.
-      title: figure title (default: the folder name and the dataset from the summary).
+      history: the run's per-epoch rows (``history.json``: dicts with ``epoch`` and any of
+        ``train_loss``, ``val_loss``, ``train_accuracy``, ``val_accuracy``, ``lr``).
+      path: where to write the PNG (None: nothing is written).
+      summary: the run's summary, if any: ``best_epoch`` is marked with a dashed line, and
+        ``stop_epoch`` with a dotted one when ``stopped_early``.
+      title: figure title.
       dpi: the PNG is ``(9, 7.5)`` inches ``* dpi`` pixels.
 
     Three stacked panels share the epoch axis: loss (train, val), accuracy (train, val),
@@ -323,18 +313,7 @@ def plot_curves(
     Returns:
       The figure.
     """
-    fn = "plot_curves"
-    if isinstance(run, (str, os.PathLike)):
-        folder = RunFolder(run)
-        history, file_summary = folder.read_history(), folder.read_summary()
-        summary = file_summary if summary is None else summary
-        if path is None:
-            path = folder.plot_path("curves.png")
-        if title is None:
-            title = folder.path.name + (f" ({summary['dataset']})" if summary.get("dataset") else "")
-    else:
-        history = run
-    history = _check_history(fn, history)
+    history = _check_history("plot_curves", history)
     summary = dict(summary or {})
     epochs = np.array([float(r["epoch"]) for r in history])
 

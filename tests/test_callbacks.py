@@ -1,5 +1,6 @@
 """Early stopping and reduce-LR-on-plateau on scripted loss sequences, alone and inside ``fit``."""
 
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,7 @@ import pytest
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.data import Dataset, Split
 from jaxcnn.models.cifar_cnn import CifarCNN
-from jaxcnn.train import (EarlyStopping, FitConfig, ReduceLROnPlateau, TrainState, adam, fit, make_eval_step,
+from jaxcnn.train import (EarlyStopping, FitConfig, ReduceLROnPlateau, Steps, TrainState, adam, fit, make_eval_step,
                           state_from_tree, state_to_tree)
 
 # val loss per epoch: best at epoch 4, then five epochs without improvement.
@@ -166,7 +167,8 @@ def test_fit_stops_on_script_restores_best_weights_and_keeps_latest_and_best_apa
     state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3), key=jax.random.key(1))
     config = FitConfig(epochs=len(SCRIPT), batch_size=16, eval_batch_size=8, augment=None)
     initial_kernel = np.array(state.params["logits"]["kernel"])  # fit donates the state it is given
-    final, history, summary = fit(state, _tiny_dataset(), config, tmp_path, eval_step=scripted_eval, progress=False)
+    final, history, summary = fit(state, _tiny_dataset(), config, tmp_path, progress=False,
+                                  steps=dataclasses.replace(Steps.build(config), eval=scripted_eval))
 
     assert [r["epoch"] for r in history] == list(range(1, 10))
     assert [r["val_loss"] for r in history] == pytest.approx(SCRIPT[:9])

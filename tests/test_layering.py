@@ -139,9 +139,6 @@ def room_layers() -> tuple[dict[str, int], dict[str, list[str]]]:
     return {room: len(c) for room, c in chain.items()}, chain
 
 
-@pytest.mark.xfail(strict=True, reason="experiments(6) -> results(5) -> report(4) -> viz(3) -> runfolder(2) -> "
-                   "checkpoint(1): viz imports the run folder; the end-of-run report's rework makes viz import "
-                   "nothing from jaxcnn (remove this mark with it)")
 def test_the_import_graph_has_at_most_five_layers():
     layers, chain = room_layers()
     top = max(layers, key=lambda r: (layers[r], r))

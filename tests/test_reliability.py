@@ -5,6 +5,7 @@ Each test asserts the exit status, the message, and that nothing the user had wa
 images, 8 steps per epoch).
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -25,7 +26,7 @@ from jaxcnn.checkpoint import DamagedCheckpointError
 from jaxcnn.experiments import cifar10, filters, finetune
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.runfolder import RunFolder
-from jaxcnn.train import TrainingDiverged, make_eval_step, make_train_step
+from jaxcnn.train import Steps, TrainingDiverged, make_eval_step, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no_progress"]
@@ -116,8 +117,9 @@ def test_overwrite_with_a_bad_setting_leaves_the_old_run_untouched(run, capsys):
 def test_overwrite_that_fails_before_its_first_checkpoint_gives_the_old_run_back(run):
     before = snapshot(run)
     with pytest.raises(TrainingDiverged, match="The run it was to overwrite in .* is back, unchanged"):
-        cifar10.run(get_config("smoke", seed=1), run, overwrite=True, progress=False,
-                    train_step=step_that("nan", 0))
+        config = get_config("smoke", seed=1)
+        cifar10.run(config, run, overwrite=True, progress=False,
+                    steps=dataclasses.replace(Steps.build(config.fit), train=step_that("nan", 0)))
     assert snapshot(run) == before and not (run / ".previous").exists()
 
 
@@ -328,7 +330,9 @@ def test_an_infinite_validation_loss_stops_the_run_with_strict_records(tmp_path)
         return {**real(state, batch), "loss_sum": jnp.float32(jnp.inf)}
 
     with pytest.raises(TrainingDiverged, match=r"the validation loss diverged in epoch 1: inf is not finite"):
-        cifar10.run(get_config("smoke"), tmp_path / "run", progress=False, eval_step=infinite)
+        config = get_config("smoke")
+        cifar10.run(config, tmp_path / "run", progress=False,
+                    steps=dataclasses.replace(Steps.build(config.fit), eval=infinite))
     summary = strict_json(tmp_path / "run" / "summary.json")
     assert summary["diverged"] == {"epoch": 1, "where": "validation", "loss": None}  # inf is written as null
     assert summary["test_loss"] is None and summary["best_epoch"] == 0

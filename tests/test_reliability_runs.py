@@ -6,6 +6,7 @@ epoch) and checks what the user meets: the exit status and message, a summary th
 the weights it reports, and the old run byte for byte where it must be kept.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -26,7 +27,7 @@ from jaxcnn.data import AugmentConfig
 from jaxcnn.experiments import cifar10, finetune
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.runfolder import RunFolder
-from jaxcnn.train import RunInterrupted, make_eval_step, make_train_step
+from jaxcnn.train import RunInterrupted, Steps, make_eval_step, make_train_step
 from test_reliability import cli, no_report_warning, snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -149,7 +150,8 @@ def test_a_run_stopped_in_its_first_epoch_has_no_best_to_lose(tmp_path, caplog):
     """(Not a lost best: a run interrupted before its first epoch ended never had one.)"""
     config = get_config("smoke", epochs=1)
     with pytest.raises(RunInterrupted):
-        cifar10.run(config, tmp_path / "run", progress=False, train_step=SignalsItself(3))
+        cifar10.run(config, tmp_path / "run", progress=False,
+                    steps=dataclasses.replace(Steps.build(config.fit), train=SignalsItself(3)))
     caplog.clear()
     _, _, summary = cifar10.run(config, tmp_path / "run", progress=False, resume=True)
     assert not [r for r in caplog.records if r.levelname == "WARNING"] and summary["best_epoch"] == 1
@@ -299,7 +301,9 @@ class Watcher:
 
 def test_overwrite_deletes_the_old_run_once_the_new_one_has_its_first_checkpoint(run):
     watcher = Watcher(run)
-    cifar10.run(get_config("smoke", epochs=2, seed=1), run, overwrite=True, progress=False, train_step=watcher)
+    config = get_config("smoke", epochs=2, seed=1)
+    cifar10.run(config, run, overwrite=True, progress=False,
+                steps=dataclasses.replace(Steps.build(config.fit), train=watcher))
     assert watcher.seen[0] and watcher.seen[STEPS - 1]  # kept through the new run's first epoch
     assert not watcher.seen[STEPS] and not (run / ".previous").exists()  # gone after its checkpoint
     assert RunFolder(run).read_config()["fit"]["seed"] == 1

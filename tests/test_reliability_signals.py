@@ -6,6 +6,7 @@ Everything runs the ``smoke`` preset (256 offline images, 8 steps per epoch); th
 ``tests/test_reliability.py``'s.
 """
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -23,7 +24,7 @@ from jaxcnn.experiments import cifar10, dropout_study, finetune
 from jaxcnn.cli import disk_error
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.runfolder import RunFolder
-from jaxcnn.train import make_eval_step
+from jaxcnn.train import Steps, make_eval_step
 from test_reliability import ROOT, SMOKE, SignalsItself, cli, step_that, strict_json
 
 # --------------------------------------------------------------------------- divergence
@@ -38,7 +39,9 @@ def test_a_finite_validation_spike_is_not_divergence(tmp_path):
         m = real(state, batch)
         return {**m, "loss_sum": jnp.where(state.step <= 8, m["loss_sum"] * 1e5, m["loss_sum"])}
 
-    _, history, summary = cifar10.run(get_config("smoke"), tmp_path / "run", progress=False, eval_step=spike)
+    config = get_config("smoke")
+    _, history, summary = cifar10.run(config, tmp_path / "run", progress=False,
+                                      steps=dataclasses.replace(Steps.build(config.fit), eval=spike))
     assert [r["epoch"] for r in history] == [1, 2] and history[0]["val_loss"] > 1e4 > history[1]["val_loss"]
     assert "diverged" not in summary and summary["best_epoch"] == 2 and summary["test_accuracy"] is not None
 

@@ -11,7 +11,7 @@ from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.data import Split
 from float64_oracle import assert_close_to_float64, float32_sum_tolerance
 from jaxcnn.train import (EvalFeed, TrainState, adam, evaluate, get_learning_rate, make_eval_step, make_mesh,
-                          make_train_step, set_learning_rate, step_keys)
+                          make_train_step, set_learning_rate, step_keys, Steps)
 
 
 class Linear(nn.Module):
@@ -245,7 +245,7 @@ def test_fit_with_frozen_labels_keeps_frozen_params_through_checkpoints(tmp_path
                  class_names=("a", "b", "c"))
     config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=None)
     initial = jax.tree.map(np.array, state.params)  # fit consumes (donates) the state it is given
-    final, _, _ = fit(state, ds, config, tmp_path, labels=labels, progress=False)
+    final, _, _ = fit(state, ds, config, tmp_path, steps=Steps.build(config, labels), progress=False)
     with RunFolder(tmp_path).checkpoints(read_only=True) as c:
         tree, _ = c.restore("latest", target=state_to_tree(final))
     saved = state_from_tree(final, tree)

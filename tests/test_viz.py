@@ -5,7 +5,6 @@ the grid has one image per filter for any count, PNGs have the promised pixel si
 not blank, and the curves carry the history's values and the early-stopping marks.
 """
 
-import json
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -151,11 +150,9 @@ def lines_by_label(ax):
     return {ln.get_label(): ln for ln in ax.lines}
 
 
-def test_curves_from_workdir_write_plots_curves_png(tmp_path):
-    (tmp_path / "history.json").write_text(json.dumps(HISTORY))
-    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
-    fig = viz.plot_curves(tmp_path)  # the one-argument form the fit loop calls
+def test_curves_of_a_history_and_summary_write_the_png(tmp_path):
     out = tmp_path / "plots" / "curves.png"
+    fig = viz.plot_curves(HISTORY, out, summary=SUMMARY, title="run (offline)")  # as the end-of-run report calls it
     img = read_png(out)
     assert img.shape == (750, 900, 3)
     assert img.var() > VAR_FLOOR
@@ -191,7 +188,7 @@ def test_curves_from_history_without_summary_or_lr(tmp_path):
 
 
 def test_curves_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="history.json"):
+    with pytest.raises(ValueError, match="non-empty list"):  # a folder is no history (viz reads no run folder)
         viz.plot_curves(tmp_path)
     with pytest.raises(ValueError, match="non-empty"):
         viz.plot_curves([])

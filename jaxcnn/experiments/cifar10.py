@@ -31,13 +31,12 @@ import jax.numpy as jnp
 
 from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_max_loss_flag, add_precision_flag,
                                    check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
-                                   report_to_complete, run_main, write_report)
+                                   run_main)
 from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
 from jaxcnn.models.cifar_cnn import CifarCNN
-from jaxcnn.runfolder import NothingToDo, RunFolder
+from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import load_in_turn
-from jaxcnn.signals import signals_deferred
 
 
 def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
@@ -63,16 +62,16 @@ def create_state(config: ExperimentConfig, model, image_shape) -> TrainState:
 
 
 def run(config: ExperimentConfig, workdir, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        dataset=None, mesh=None, train_step=None, eval_step=None):
+        dataset=None, mesh=None, steps=None):
     """Load the data, build model and state, ``fit``; returns ``(state, history, summary)``.
 
-    ``train_step`` / ``eval_step``: steps built once and shared by several runs (a study).
+    ``steps``: a ``jaxcnn.train.Steps`` built once and shared by several runs (a study).
     """
     dataset = load_data(config) if dataset is None else dataset
     model = build_model(config, dataset.num_classes)
     state = create_state(config, model, dataset.image_shape)
     return fit(state, dataset, config.fit, workdir, resume=resume, overwrite=overwrite, progress=progress,
-               mesh=mesh, model=model, train_step=train_step, eval_step=eval_step,
+               mesh=mesh, model=model, steps=steps,
                experiment={"name": "cifar10", **config.settings()})
 
 
@@ -151,17 +150,11 @@ def _main(args) -> int:
         pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)
-    with signals_deferred() as stop:  # from here a signal stops the run where it can be continued
-        try:
-            run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                dataset=dataset, mesh=make_mesh())
-        except NothingToDo:
-            if not report_to_complete(workdir, procs):
-                raise
-        if not procs.primary:  # process 0 writes the plots and tells the result
-            procs.barrier("done")  # every process leaves together (JAX's shutdown barrier has a deadline)
-            return 0
-        summary = write_report(workdir, dataset, stop)  # plots, per-class results and confusion matrix
+    _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                        dataset=dataset, mesh=make_mesh())  # (with its end-of-run report: plots, per-class results)
+    if not procs.primary:  # process 0 tells the result
+        procs.barrier("done")  # every process leaves together (JAX's shutdown barrier has a deadline)
+        return 0
     folder = RunFolder(workdir)
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "
           f"with the best weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "

@@ -1,5 +1,5 @@
 """What the training commands share beyond ``jaxcnn.cli``: their flags (precision, folder data,
-``--max_loss``, host memory, several processes), joining the processes, and the end-of-run report.
+``--max_loss``, host memory, several processes) and joining the processes.
 
 The exit statuses, the one-line errors and the path flags of every command are ``jaxcnn.cli``'s
 (its names are importable from here too); :func:`run_main` here is ``jaxcnn.cli.run_main`` for a
@@ -13,17 +13,14 @@ import argparse
 import logging
 import math
 import os
-import pathlib
 import sys
 from collections.abc import Callable
 from typing import Optional
 
-from jaxcnn import cli, results, viz
+from jaxcnn import cli
 from jaxcnn.cli import (USER_ERRORS, check_run_flag, check_workdir, disk_error, exit_process,  # noqa: F401
                         path_flag, setup_logging)
 from jaxcnn.experiments.configs import PRECISIONS
-from jaxcnn.signals import signal_name
-from jaxcnn.train import RunInterrupted
 from jaxcnn.train import distributed
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes, initialize
@@ -149,31 +146,3 @@ def run_main(body: Callable[[], int], *, user_errors: tuple = ()) -> int:
     """``jaxcnn.cli.run_main`` for a training command: in a run of several processes, a process that
     fails ends the others (``jaxcnn.train.distributed.end_all``)."""
     return cli.run_main(body, user_errors=user_errors, peers=distributed)
-
-
-def write_report(workdir: pathlib.Path, dataset, stop: dict) -> dict:
-    """The end-of-run report of a trained run: ``plots/curves.png``, then the test results
-    (``jaxcnn.results.write_test_results``); returns the summary. ``stop``: the command's
-    ``signals_deferred()``, checked before each part (RunInterrupted: ``--resume`` completes it)."""
-    def check():
-        if stop["signal"] is not None:
-            raise RunInterrupted(f"stopped by {signal_name(stop['signal'])} after the last epoch, while writing the "
-                                 f"end-of-run report (test results, plots). Complete it with --resume "
-                                 f"(--workdir {workdir})", stop["signal"])
-
-    check()
-    viz.plot_curves(workdir)  # (a bare Figure: nothing to close)
-    check()
-    summary = results.write_test_results(workdir, dataset)  # confusion matrix, most confidently wrong images
-    check()
-    return summary
-
-
-def report_to_complete(workdir: pathlib.Path, procs: Processes) -> bool:
-    """Whether a run that ``fit`` found complete (NothingToDo) lacks its end-of-run report (a
-    signal or a crash came after the last epoch); says so. Decided by process 0."""
-    missing = procs.share(results.report_missing(workdir) if procs.primary else [])
-    if missing:
-        logging.getLogger("jaxcnn").warning(f"{workdir}: the run has its epochs but not its end-of-run report; "
-                                            f"writing it")
-    return bool(missing)

@@ -53,7 +53,7 @@ from jaxcnn.experiments.cli import (add_host_memory_flag, add_max_loss_flag, exi
 from jaxcnn.experiments.configs import get_config as cifar_config
 from jaxcnn.experiments.configs import with_overrides
 from jaxcnn.runfolder import RunFolder
-from jaxcnn.train import make_eval_step, make_mesh, make_train_step
+from jaxcnn.train import Steps, make_mesh
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": dict(conv_dropout="none", conv_dropout_rate=0.0, dense_dropout=0.0),
@@ -129,15 +129,14 @@ def train_accuracy_inference(workdir: pathlib.Path, images: np.ndarray, labels: 
 
 
 def run_variant(study: StudyConfig, variant: str, dataset, workdir: pathlib.Path, *, progress: bool,
-                train_step=None, eval_step=None) -> dict:
+                steps=None) -> dict:
     """Train one variant with ``jaxcnn.experiments.cifar10.run`` (the shared ``fit``); return its row.
 
-    ``train_step`` / ``eval_step``: the study's steps, built once for all variants.
+    ``steps``: the study's ``jaxcnn.train.Steps``, built once for all variants.
     """
     cfg = experiment_config(study, variant)
     _, history, summary = cifar10.run(cfg, workdir, dataset=dataset, mesh=make_mesh(), progress=progress,
-                                      train_step=train_step, eval_step=eval_step)
-    viz.plot_curves(workdir)
+                                      steps=steps)  # (with the run's end-of-run report: plots/)
     last = history[-1]
     train_acc, train_loss = train_accuracy_inference(workdir, dataset.train.images, dataset.train.labels)
     best = max(history, key=lambda r: r["val_accuracy"])
@@ -253,11 +252,11 @@ def run_study(study: StudyConfig, workdir, *, progress: bool = True, dataset=Non
     if dataset is None:
         dataset = cifar10.load_data(experiment_config(study, study.variants[0]))  # one subset for all
     t0 = time.perf_counter()
-    # One pair of steps for every variant (no augmentation, x / 255): built, and jitted, once here.
-    steps = {"train_step": jax.jit(make_train_step(), donate_argnums=0), "eval_step": jax.jit(make_eval_step())}
+    # One pair of steps for every variant (their fit settings are the same): built, and jitted, once here.
+    steps = Steps.build(experiment_config(study, study.variants[0]).fit)
     rows, histories = [], {}
     for v in study.variants:
-        rows.append(run_variant(study, v, dataset, workdir / v, progress=progress, **steps))
+        rows.append(run_variant(study, v, dataset, workdir / v, progress=progress, steps=steps))
         histories[v] = RunFolder(workdir / v).read_history()
     meta = {"hardware": _hardware(), "wall_time_s": time.perf_counter() - t0, "jax_version": jax.__version__,
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

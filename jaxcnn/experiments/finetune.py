@@ -69,14 +69,12 @@ from jaxcnn import freeze, inference
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_max_loss_flag, add_precision_flag,
-                                   exit_process, join_processes, max_loss_setting, path_flag, report_to_complete,
-                                   run_main, write_report)
+                                   exit_process, join_processes, max_loss_setting, path_flag, run_main)
 from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: F401 (re-exported)
-from jaxcnn.train import FitConfig, TrainState, adam, fit, make_mesh
+from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
-from jaxcnn.signals import signals_deferred
 from jaxcnn.train.state import check_learning_rate
 
 PRESETS = ("default", "offline", "quick", "smoke")
@@ -282,20 +280,15 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
     experiment = {"name": "finetune", **config.settings(), "phase": phase, "freeze_rule": rule.description,
                   "pretrained": pretrained, "trainable_params": trainable, "non_trainable_params": non_trainable,
                   "initial_weights_checksum": tree_checksum(variables)}
-    procs = Processes()
-    with signals_deferred() as stop:  # a signal stops the phase where it can be continued
-        try:
-            _, _, summary = fit(state, dataset, fit_config, run.path, labels=labels, mesh=mesh, progress=progress,
-                                resume=resume and (run.is_run() or run.has_checkpoints()), overwrite=overwrite,
-                                model=model, experiment=experiment)
-            report = True
-        except NothingToDo:  # its folder stays as it is (unless its end-of-run report is missing)
-            summary, report = run.read_summary(), report_to_complete(run.path, procs)
-            if not report:
-                print(f"phase {phase}: already complete in {run.path}; not repeated")
-        if report and procs.primary:  # once the phase ran: a refused start leaves no freeze summary
+    try:
+        _, _, summary = fit(state, dataset, fit_config, run.path, steps=Steps.build(fit_config, labels), mesh=mesh,
+                            progress=progress, resume=resume and (run.is_run() or run.has_checkpoints()),
+                            overwrite=overwrite, model=model, experiment=experiment)  # (with its end-of-run report)
+        if Processes().primary:  # once the phase ran: a refused start leaves no freeze summary
             run.freeze_summary_path.write_text(table + "\n")
-            summary = write_report(run.path, dataset, stop)  # plots, per-class results, confusion matrix
+    except NothingToDo:  # its folder stays as it is
+        summary = run.read_summary()
+        print(f"phase {phase}: already complete in {run.path}; not repeated")
     print(f"phase {phase}: test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}), best "
           f"val accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}, "
           f"{summary['wall_time_s']:.0f} s")

@@ -4,9 +4,13 @@ The run folder (``jaxcnn.runfolder.RunFolder``) gets ``config.json`` first (the 
 spec, preprocessing, data, optimizer and loop settings, so any process can rebuild the
 model), then after every epoch: a ``latest`` checkpoint (and ``best`` when the validation
 loss improved), ``history.json`` / ``.csv`` and TensorBoard scalars; at the end the best
-weights are restored, the test set is evaluated once and ``summary.json`` written.
+weights are scored once on the test split (and the validation split, for the temperature),
+``summary.json`` is written, and the end-of-run report (``jaxcnn.report``: curves, confusion
+matrix, most confidently wrong images, reliability diagram, per-class results) from those
+scores in memory. What a run holds on its folder while it trains (lock, signals, overwrite
+guard, checkpoints, start / resume, TensorBoard) is ``jaxcnn.train.session.RunSession``.
 
-What can go wrong is handled here, and said in one sentence:
+What can go wrong is handled there and here, and said in one sentence:
 
 * one run at a time trains into a folder (its lock); ``overwrite`` keeps the old run (in
   ``<run>/.previous/``) until the new one has saved its first checkpoint, then deletes it;
@@ -25,13 +29,9 @@ What can go wrong is handled here, and said in one sentence:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import functools
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -39,47 +39,51 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
+from jaxcnn import report
+from jaxcnn.errors import RunInterrupted, TrainingDiverged
 from jaxcnn.models.spec import model_spec, module_of
 from jaxcnn.preprocess import get_preprocess
-from jaxcnn.runfolder import FORMAT_VERSION, HISTORY_FIELDS, DamagedCheckpointError, NothingToDo, RunFolder
+from jaxcnn.runfolder import FORMAT_VERSION, RunFolder
+from jaxcnn.signals import signal_name
 from jaxcnn.train import sharding
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
-from jaxcnn.errors import RunInterrupted, TrainingDiverged
-from jaxcnn.signals import signal_name, signals_deferred
-from jaxcnn.train.state import TrainState, get_learning_rate, set_learning_rate, state_from_tree, state_to_tree
-from jaxcnn.train.steps import make_eval_step, make_train_step
+from jaxcnn.train.session import Best, RunSession
+from jaxcnn.train.state import TrainState, get_learning_rate
+from jaxcnn.train.steps import Steps, make_logits_fn
 
 log = logging.getLogger("jaxcnn")
 
 
-__all__ = ["RunInterrupted", "TrainingDiverged", "fit", "run_config", "train_epoch"]
+__all__ = ["RunInterrupted", "Steps", "TrainingDiverged", "fit", "run_config", "train_epoch"]
 
 
-def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
-        train_step: Optional[Callable] = None, eval_step: Optional[Callable] = None, mesh=None,
-        resume: bool = False, overwrite: bool = False, progress: bool = True, model: Optional[nn.Module] = None,
-        experiment: Optional[dict] = None) -> tuple[TrainState, list[dict], dict]:
+def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Optional[Steps] = None, mesh=None,
+        processes: Optional[Processes] = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        model: Optional[nn.Module] = None, experiment: Optional[dict] = None) -> tuple[TrainState, list[dict], dict]:
     """Train ``state`` on ``dataset`` and record the run in the run folder ``workdir``.
 
     Args:
       state: a fresh ``TrainState`` (when resuming: one built the same way, the template). It
         is consumed: the jitted step donates its buffers (copy what you need first).
-      dataset: a ``jaxcnn.data.Dataset`` (uint8 ``(N, H, W, C)`` images, int32 labels).
+      dataset: a ``jaxcnn.data.Dataset`` (uint8 ``(N, H, W, C)`` images, int32 labels; its
+        splits in memory or streamed from files).
       config: the loop's ``FitConfig`` (the learning rate is the optimizer's).
       workdir: the run folder (created). One that holds checkpoints is refused unless
         ``resume`` (continue exactly from its latest checkpoint) or ``overwrite`` (the old run
         is set aside in ``<workdir>/.previous/``, still taking its disk space, and deleted once
         the new one has saved its first checkpoint; put back if the new one stops before).
-      labels: a ``"trainable"``/``"frozen"`` label tree (``jaxcnn.freeze``): frozen parameters
-        get no gradient (build ``state.tx`` with ``adam(labels=labels)`` too).
-      train_step, eval_step: steps built once by the caller and reused over several ``fit``
-        calls (plain or jitted; default: built here from ``config`` and ``labels``).
+      steps: the train and eval steps with the settings they apply (:class:`Steps`); default
+        ``Steps.build(config)``. Pass ``Steps.build(config, labels)`` to freeze parameters by a
+        ``"trainable"``/``"frozen"`` label tree (``jaxcnn.freeze``; build ``state.tx`` with
+        ``adam(labels=labels)`` too), or steps compiled once and reused over several runs.
       mesh: a 1-D ``data`` mesh (default: all devices); batch sizes must divide by its size.
+      processes: this process among the run's (default ``Processes()``: from ``jax.distributed``).
       progress: a tqdm bar per epoch.
       model: the Flax module, for the model spec in ``config.json``; default: the module
         behind ``state.apply_fn`` (``model.apply``, or a ``functools.partial`` of it).
@@ -87,89 +91,153 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, labels=None,
 
     Returns:
       ``(state, history, summary)``: the state with the **best** weights, the per-epoch
-      rows (``HISTORY_FIELDS``), and the summary also written to ``summary.json``.
+      rows (``HISTORY_FIELDS``), and the summary also written to ``summary.json``, with the
+      end-of-run report's fields (``jaxcnn.report``: per-class results, calibration; its plots
+      are in ``<workdir>/plots/``).
 
     Raises:
       ValueError / FileExistsError / FileNotFoundError / jaxcnn.runfolder.RunBusyError: the
         run cannot start (a setting, the folder); nothing was changed.
-      jaxcnn.runfolder.NothingToDo: ``resume`` of a run that already has ``config.epochs``.
-      RunInterrupted: SIGINT / SIGTERM; resume continues from the step it stopped at.
+      jaxcnn.runfolder.NothingToDo: ``resume`` of a run that already has ``config.epochs`` and its report.
+      RunInterrupted: SIGINT / SIGTERM; resume continues from the step it stopped at (or writes
+        the report a signal after the last epoch stopped).
       TrainingDiverged: the loss diverged; the records and the last good checkpoints stay.
     """
     t_start = time.perf_counter()
-    procs = Processes()  # one process, or this one of several (jax.distributed): process 0 writes the records
+    procs = Processes() if processes is None else processes
     mesh = sharding.make_mesh() if mesh is None else mesh
-    train_feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed, processes=procs)
-    val_feed = EvalFeed(dataset.val, config.eval_batch_size, mesh, processes=procs)
+    steps = Steps.build(config) if steps is None else steps
+    steps.check(config)
     run = RunFolder(workdir)
     record = run_config(state, dataset, config, model=model, experiment=experiment)
     procs.check_same_config(record)
     procs.on_primary(run.check_writable)
-    train_step, eval_step = _steps(config, labels, train_step, eval_step)
-    accumulate = _accumulator(config.max_loss)
-    callbacks = EpochCallbacks.from_config(config)
-    with contextlib.ExitStack() as held:
-        procs.on_primary(lambda: held.enter_context(run.lock()) and None)
-        stop = held.enter_context(signals_deferred())
-        old = held.enter_context(_old_run_kept_until_checkpointed(run, overwrite and procs.primary))
-        for note in procs.on_primary(lambda: run.prepare(record, resume=resume, overwrite=overwrite)):
-            log.warning(note)
-        with run.checkpoints(keep=config.keep_checkpoints) as ckpts:
-            template = sharding.replicate(state, mesh)
-            start = _start(ckpts, template, callbacks, procs) if resume else _Start(template)
-            trained = start.position == 0 and (start.epoch >= config.epochs or callbacks.should_stop)
-            # trained, with a summary of the weights it has: nothing to do. (Without a summary, or with
-            # one of a best that was lost: the test evaluation and summary are made again.)
-            if trained and not start.best_replaced and procs.on_primary(lambda: bool(run.read_summary())):
-                raise NothingToDo(f"{run.path} already has {start.epoch} epochs"
-                                  + (" (it stopped early)" if callbacks.should_stop else "")
-                                  + f", and {config.epochs} were asked for; ask for more epochs to train on")
-            if not trained and procs.primary:  # (trained: config.json stays as it is)
-                run.write_config(record)
-            state, epoch, history, best, diverged = start.state, start.epoch, start.history, start.best, None
-            position, sums, wall = start.position, start.sums, start.wall_s - t_start  # wall + perf_counter()
-            with run.tensorboard() if procs.primary else _NoBoard() as tb:
-                while epoch < config.epochs and not callbacks.should_stop:
-                    if _signal_between_epochs(stop, procs) is not None:  # the latest checkpoint is where it stopped
-                        signum = stop["signal"] or signal.SIGTERM
-                        raise RunInterrupted(_interrupted_message(signum, run, epoch, None, None), signum)
-                    t0 = time.perf_counter()
-                    out = train_epoch(state, train_step, train_feed, epoch + 1, config.epochs, start=position,
-                                      sums=sums, accumulate=accumulate, stop=stop,
-                                      progress=progress and procs.primary)
-                    state, position, sums = out.state, 0, None
-                    if out.stopped_by is not None:
-                        ckpts.save_interrupted(int(state.step), state_to_tree(state), {
-                            "epoch": epoch, "position": out.steps_done, "sums": out.sums, "history": history,
-                            **callbacks.state_dict(), "wall_time_s": wall + time.perf_counter()})
-                        raise RunInterrupted(_interrupted_message(out.stopped_by, run, epoch + 1, out.steps_done,
-                                                                  train_feed.steps_per_epoch), out.stopped_by)
-                    val = evaluate(state, val_feed, eval_step) if out.bad_step is None else None
-                    diverged = _divergence(out, val, epoch + 1, train_feed.steps_per_epoch, config.max_loss)
-                    if diverged:
-                        break
-                    epoch += 1
-                    row = {**out.row, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                           "epoch_time_s": time.perf_counter() - t0}
-                    state, best = _end_epoch(epoch, row, state, best, history, callbacks, ckpts,
-                                             wall + time.perf_counter(), run if procs.primary else None, tb)
-                    old.checkpointed()  # overwrite: the new run has a checkpoint; the old one goes now
-        if not diverged and _signal_between_epochs(stop, procs) is not None:  # (in the last epoch's end)
-            signum = stop["signal"] or signal.SIGTERM  # resume then runs the test evaluation
-            raise RunInterrupted(_interrupted_message(signum, run, epoch, None, None), signum)
-    if procs.share(old.restored):  # diverged before its first checkpoint: the run it was to overwrite is back
-        raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run, restored=True), {})
-    if best is not None:
-        state = state.replace(params=best.params, batch_stats=best.batch_stats)
-    test_feed = EvalFeed(dataset.test, config.eval_batch_size, mesh, processes=procs)
-    test = evaluate(state, test_feed, eval_step) if best is not None or not diverged else None
-    summary = _summary(history, callbacks, test, dataset, epoch, wall + time.perf_counter(), diverged,
-                       num_train=train_feed.num_examples, best_epoch=best.epoch if best is not None else 0)
-    if procs.primary:
+    train_feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed, processes=procs)
+    val_feed = EvalFeed(dataset.val, config.eval_batch_size, mesh, processes=procs)
+    with RunSession(run, record, config, sharding.replicate(state, mesh), procs, resume=resume, overwrite=overwrite,
+                    report_missing=lambda: bool(report.report_missing(run))) as session:
+        out = _train(session, steps, train_feed, val_feed, config, progress=progress and procs.primary,
+                     wall_s=session.start.wall_s - t_start)
+        if session.end_training():  # diverged before its first checkpoint: the run it was to overwrite is back
+            raise TrainingDiverged(_diverged_message(out, session, restored=True), {})
+        if not out.diverged and session.signal() is not None:  # (in the last epoch's end)
+            raise session.interrupted(out.epoch)  # resume then writes the summary and the report
+        state = out.best_state()
+        summary = _summary(out, session.callbacks, dataset, out.wall_s + time.perf_counter(),
+                           num_train=train_feed.num_examples)
+        summary = procs.on_primary(lambda: _write_summary_and_report(session, state, dataset, steps, config,
+                                                                     out, summary))
+    if out.diverged:
+        raise TrainingDiverged(_diverged_message(out, session), summary)
+    return state, out.history, summary
+
+
+@dataclasses.dataclass
+class Trained:
+    """What the epochs of a ``fit`` left: the state, epochs done, history, the best weights, and
+    where it diverged (None: it did not)."""
+
+    state: TrainState
+    epoch: int
+    history: list
+    best: Optional[Best]
+    diverged: Optional[dict]
+    wall_s: float  # add perf_counter() for the run's wall time so far
+
+    def best_state(self) -> TrainState:
+        if self.best is None:
+            return self.state
+        return self.state.replace(params=self.best.params, batch_stats=self.best.batch_stats)
+
+
+def _train(session: RunSession, steps: Steps, train_feed: TrainFeed, val_feed: EvalFeed, config: FitConfig, *,
+           progress: bool, wall_s: float) -> Trained:
+    """The epochs still to do, each ended by ``session.end_epoch``; stops early when the callbacks
+    say so, at a signal (RunInterrupted, after saving where it is), or where the loss diverged."""
+    start, accumulate = session.start, _accumulator(config.max_loss)
+    out = Trained(start.state, start.epoch, start.history, start.best, None, wall_s)
+    position, sums = start.position, start.sums
+    while out.epoch < config.epochs and not session.callbacks.should_stop:
+        if session.signal() is not None:  # the latest checkpoint is where it stopped
+            raise session.interrupted(out.epoch)
+        t0 = time.perf_counter()
+        ran = train_epoch(out.state, steps.train, train_feed, out.epoch + 1, config.epochs, start=position, sums=sums,
+                          accumulate=accumulate, stop=session.stop, progress=progress)
+        out.state, position, sums = ran.state, 0, None
+        if ran.stopped_by is not None:
+            session.save_interrupted(out.state, {"epoch": out.epoch, "position": ran.steps_done, "sums": ran.sums,
+                                                 "history": out.history, "wall_time_s": wall_s + time.perf_counter()})
+            raise session.interrupted(out.epoch + 1, ran.stopped_by, step=ran.steps_done,
+                                      steps=train_feed.steps_per_epoch)
+        val = evaluate(out.state, val_feed, steps.eval) if ran.bad_step is None else None
+        out.diverged = _divergence(ran, val, out.epoch + 1, train_feed.steps_per_epoch, config.max_loss)
+        if out.diverged:
+            break
+        out.epoch += 1
+        row = {**ran.row, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "epoch_time_s": time.perf_counter() - t0}
+        out.state, out.best = session.end_epoch(out.epoch, row, out.state, out.best, out.history,
+                                                wall_s + time.perf_counter())
+    return out
+
+
+def _write_summary_and_report(session: RunSession, state: TrainState, dataset, steps: Steps, config: FitConfig,
+                              out: Trained, summary: dict) -> dict:
+    """Process 0: score the reported weights on the test split (and on the validation split, for
+    the temperature) once, in this process, write ``summary.json`` with the test scores, then the
+    end-of-run report (``jaxcnn.report``) and the summary with its fields. A signal that came
+    meanwhile stops it between plots (RunInterrupted: resume completes the report)."""
+    run = session.run
+    if out.best is None and out.diverged:  # no good epoch: nothing to test
         run.write_summary(summary)
-    if diverged:
-        raise TrainingDiverged(_diverged_message(diverged, history, callbacks, state, run), summary)
-    return state, history, summary
+        return summary
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    variables = {k: v for k, v in variables.items() if k == "params" or v}
+    logits_fn = make_logits_fn(state.apply_fn, get_preprocess(steps.preprocess))
+    test_logits = _logits(logits_fn, variables, dataset.test, config.eval_batch_size)
+    summary = {**summary, **_scores(test_logits, dataset.test.labels)}
+    run.write_summary(summary)
+    if out.diverged:
+        return summary
+
+    def check():
+        if session.stop["signal"] is not None:
+            raise RunInterrupted(f"stopped by {signal_name(session.stop['signal'])} after the last epoch, while "
+                                 f"writing the end-of-run report (test results, plots). Complete it with --resume "
+                                 f"(--workdir {run.path})", session.stop["signal"])
+
+    check()
+    val_logits = _logits(logits_fn, variables, dataset.val, config.eval_batch_size) if len(dataset.val) else None
+    summary = {**summary, **report.write_report(
+        run, history=out.history, summary=summary, class_names=dataset.class_names, test_labels=dataset.test.labels,
+        test_logits=test_logits, test_images=dataset.test.read, val_logits=val_logits,
+        val_labels=None if val_logits is None else dataset.val.labels, check=check)}
+    run.write_summary(summary)
+    return summary
+
+
+def _logits(logits_fn: Callable, variables: dict, split, batch_size: int) -> np.ndarray:
+    """float32 ``(N, K)`` logits of every example of ``split``, in batches of ``batch_size`` (the
+    last one padded to the same shape: one compilation)."""
+    n, outs = len(split), []
+    for lo in range(0, n, batch_size):
+        rows = np.arange(lo, min(lo + batch_size, n))
+        images = split.read(rows)
+        if len(rows) < batch_size and n > batch_size:
+            images = np.concatenate([images, np.repeat(images[:1], batch_size - len(rows), axis=0)])
+        outs.append(np.asarray(logits_fn(variables, images))[:len(rows)])
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def _scores(logits: np.ndarray, labels) -> dict:
+    """``{"test_loss", "test_accuracy", "num_test"}``: the mean softmax cross-entropy (in float64)
+    and the accuracy of ``logits`` against ``labels``."""
+    z = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    z = z - z.max(-1, keepdims=True)
+    nll = np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]
+    return {"test_loss": float(nll.mean()), "test_accuracy": float(np.mean(z.argmax(-1) == labels)),
+            "num_test": int(len(labels))}
 
 
 def _signal_now(stop: dict, procs: Processes, done: int) -> Optional[int]:
@@ -186,58 +254,6 @@ def _signal_between_epochs(stop: dict, procs: Processes) -> Optional[int]:
         return stop["signal"]
     got = max(procs.gather(stop["signal"] or 0))
     return got or None
-
-
-class _NoBoard:
-    """TensorBoard for processes other than 0: writes nothing."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-
-@dataclasses.dataclass
-class _Best:
-    """The weights the run reports: of the epochs whose weights it has, the one with the lowest
-    validation loss (the callbacks' best epoch, unless that epoch's checkpoint was lost)."""
-
-    epoch: int
-    val_loss: float
-    params: dict
-    batch_stats: dict
-
-
-def _end_epoch(epoch: int, row: dict, state: TrainState, best: Optional[_Best], history: list,
-               callbacks: EpochCallbacks, ckpts, wall_time_s: float, run: Optional[RunFolder], tb
-               ) -> tuple[TrainState, Optional[_Best]]:
-    """The end of epoch ``epoch``: its row in the history, the callbacks' decisions (early
-    stopping, the next learning rate), its checkpoint (and the best one, when it has the lowest
-    validation loss of the epochs whose weights the run has), and the records (``run``:
-    process 0's run folder, None on the other processes). Returns the state and the best weights."""
-    history.append(row)
-    _, next_lr = callbacks.update(epoch, row["val_loss"], row["lr"])
-    # as the callbacks' "improved" (min_delta 0), unless a lost best was replaced by a worse epoch
-    improved = best is None or row["val_loss"] < best.val_loss
-    if improved:  # copies: the next train step donates (invalidates) the state's buffers
-        best = _Best(epoch, row["val_loss"], *jax.tree.map(jnp.copy, (state.params, state.batch_stats)))
-    if next_lr != row["lr"]:
-        state = set_learning_rate(state, next_lr)
-    meta = {"epoch": epoch, "history": history, **callbacks.state_dict(), "wall_time_s": wall_time_s}
-    ckpts.save(epoch, state_to_tree(state), meta, best=improved)
-    if run is not None:
-        run.write_history(history)
-    for k in HISTORY_FIELDS[1:]:
-        tb.add_scalar(k, row[k], epoch)
-    tb.flush()
-    return state, best
 
 
 @dataclasses.dataclass
@@ -340,195 +356,6 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
     }
 
 
-def _steps(config: FitConfig, labels, train_step, eval_step) -> tuple[Callable, Callable]:
-    """The jitted steps of this ``fit`` call: the caller's, or built once from the config."""
-    if labels is not None and train_step is not None:
-        raise ValueError("fit: pass labels= (fit builds the step) or train_step= (built with them), not both")
-    preprocess = get_preprocess(config.preprocess)
-    if train_step is None:
-        augment_fn = None if config.augment is None else config.augment.fn()
-        train_step = make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess)
-    if eval_step is None:
-        eval_step = make_eval_step(preprocess=preprocess)
-    jitted = lambda f, **kw: f if hasattr(f, "lower") else jax.jit(f, **kw)  # noqa: E731
-    return jitted(train_step, donate_argnums=0), jitted(eval_step)
-
-
-@dataclasses.dataclass
-class _Start:
-    """Where a run starts: fresh, the latest checkpoint, or mid-epoch from an interrupted one."""
-
-    state: TrainState
-    epoch: int = 0  # epochs done
-    history: list = dataclasses.field(default_factory=list)
-    best: Optional[_Best] = None  # the weights the run reports so far
-    wall_s: float = 0.0  # wall time the run had before this process
-    position: int = 0  # steps done in epoch ``epoch + 1`` (a run stopped mid-epoch)
-    sums: Optional[dict] = None  # its running loss / accuracy sums
-    best_replaced: bool = False  # the best checkpoint was lost and another epoch's took its place
-
-
-def _start(ckpts, template: TrainState, callbacks: EpochCallbacks, procs: Optional[Processes] = None) -> _Start:
-    """The resume point: the newer of the latest and the interrupted checkpoint that can be read
-    (damaged ones, ill-formed metadata included, are moved aside, with a warning), and the best
-    weights (``_best_weights``)."""
-    procs = Processes() if procs is None else procs
-    target = state_to_tree(template)
-    resumable = functools.partial(_resume_meta_problem, callbacks)
-    latest = _newest_readable(ckpts, "latest", target, procs, resumable)
-    stopped = _newest_readable(ckpts, "interrupted", target, procs, resumable)
-    if stopped is not None and (latest is None or stopped[1]["epoch"] >= latest[1]["epoch"]):
-        latest = stopped
-    if latest is None:
-        return _Start(template)
-    tree, meta = latest
-    callbacks.load_state_dict(meta)
-    history = list(meta["history"])
-    best, replaced = _best_weights(ckpts, target, procs, history, callbacks, int(meta["epoch"]))
-    return _Start(state_from_tree(template, tree), int(meta["epoch"]), history, best,
-                  float(meta["wall_time_s"]), int(meta.get("position", 0)), meta.get("sums"), replaced)
-
-
-def _resume_meta_problem(callbacks: EpochCallbacks, meta: dict) -> Optional[str]:
-    """What is wrong with a resume point's metadata (a key missing, a value of the wrong kind), or None."""
-    try:
-        int(meta["epoch"]), float(meta["wall_time_s"]), int(meta.get("position", 0))
-        if not isinstance(meta["history"], list) or len(meta["history"]) != int(meta["epoch"]):
-            return "its meta's history does not have a row per epoch"
-        for row in meta["history"]:
-            int(row["epoch"]), float(row["val_loss"])
-        copy.deepcopy(callbacks).load_state_dict(meta)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        return f"its meta is ill-formed ({type(e).__name__}: {e})"
-    return None
-
-
-def _best_meta_problem(meta: dict) -> Optional[str]:
-    try:
-        int(meta["epoch"])
-    except (KeyError, TypeError, ValueError) as e:
-        return f"its meta is ill-formed ({type(e).__name__}: {e})"
-    return None
-
-
-def _best_weights(ckpts, target, procs: Processes, history: list, callbacks: EpochCallbacks, epoch: int
-                  ) -> tuple[Optional[_Best], bool]:
-    """The best weights at the resume point (epoch ``epoch``), and whether the best checkpoint
-    had to be replaced.
-
-    The best checkpoint is that of the callbacks' best epoch. When it is lost (damaged, moved
-    aside, missing), the epoch with the lowest validation loss among those whose checkpoint
-    reads back (the best one left, the latest ones) takes its place: saved as the best
-    checkpoint, and said in one warning line. From there on a later epoch becomes the best when
-    its validation loss is lower than that epoch's. None: no epoch's weights are left.
-    """
-    val = {int(r["epoch"]): float(r["val_loss"]) for r in history}
-    wanted = callbacks.best_epoch
-    found = _newest_readable(ckpts, "best", target, procs, _best_meta_problem)
-    if found is not None:
-        found_epoch = int(found[1]["epoch"])
-        if found_epoch == wanted or found_epoch > epoch:  # (newer: saved just before a crash; it is retrained)
-            return _Best(found_epoch, val.get(found_epoch, callbacks.early.best), found[0]["params"],
-                         found[0]["batch_stats"]), False
-    if not wanted:  # stopped in its first epoch: no best yet
-        return None, False
-    candidates = sorted({e for e in ckpts.all_epochs("latest") if e in val} | ({found_epoch} if found else set()),
-                        key=lambda e: (val[e], e))
-    for e in candidates:
-        got = found if found is not None and e == found_epoch else \
-            _readable(ckpts, "latest", e, target, procs, functools.partial(_resume_meta_problem, callbacks))
-        if got is None:
-            continue
-        if not (found is not None and e == found_epoch):
-            ckpts.replace_best(e, *got)
-        if procs.primary:
-            log.warning(f"the best epoch's checkpoint (epoch {wanted}) is lost; epoch {e} (val loss {val[e]:.4f}), the "
-                        f"best epoch whose checkpoint reads back, is the run's best in its place")
-        return _Best(e, val[e], got[0]["params"], got[0]["batch_stats"]), True
-    if procs.primary:
-        log.warning(f"the best epoch's checkpoint (epoch {wanted}) is lost and no other epoch's checkpoint reads "
-                    f"back; the run's best is the best epoch it trains from here on")
-    return None, True
-
-
-def _readable(ckpts, which: str, step: int, target, procs: Processes, problem=None,
-              then: Optional[Callable[[], str]] = None) -> Optional[tuple]:
-    """``(tree, meta)`` of checkpoint ``step`` of ``which`` if it reads back whole on every process
-    and ``problem(meta)`` finds nothing wrong; else None, after process 0 moved it aside and
-    said so (``then()``: what happens next, for the warning)."""
-    damage = None
-    try:
-        restored = ckpts.restore(which, step, target=target)
-        reason = problem(restored[1]) if problem is not None else None
-        if reason:
-            damage = str(DamagedCheckpointError(ckpts.directory / which / str(step), reason))
-    except DamagedCheckpointError as e:
-        damage = str(e)
-    damaged = [d for d in procs.gather_text(damage or "") if d] if procs.count > 1 else [damage] * bool(damage)
-    if not damaged:
-        return restored
-    moved = procs.on_primary(lambda: str(ckpts.quarantine(which, step)))
-    ckpts.reload()
-    if procs.primary:
-        log.warning(f"{damaged[0]}. Moved it to {moved}" + (f"; {then()}" if then is not None else ""))
-    return None
-
-
-def _newest_readable(ckpts, which: str, target, procs: Processes, problem=None) -> Optional[tuple]:
-    """``(tree, meta)`` of the newest checkpoint of ``which`` that reads back whole (on every
-    process) with well-formed metadata, or None. Process 0 moves a damaged one aside; every
-    process then tries the next."""
-    for step in reversed(ckpts.all_epochs(which)):
-        def then(step=step):
-            older = [s for s in ckpts.all_epochs(which) if s < step]
-            return f"falling back to {which} {older[-1]}" if older else f"no older {which} checkpoint"
-        restored = _readable(ckpts, which, step, target, procs, problem, then)
-        if restored is not None:
-            return restored
-    return None
-
-
-class _OldRun:
-    """The run an ``overwrite`` set aside: deleted at the new run's first checkpoint (``checkpointed``)."""
-
-    def __init__(self, run: RunFolder, overwrite: bool):
-        self.run, self.overwrite, self.restored, self.deleted = run, overwrite, False, False
-
-    def checkpointed(self) -> None:
-        if self.overwrite and not self.deleted:
-            self.run.commit()
-            self.deleted = True
-
-
-@contextlib.contextmanager
-def _old_run_kept_until_checkpointed(run: RunFolder, overwrite: bool):
-    """With ``overwrite``: the old run set aside is deleted once the new one has saved its first
-    checkpoint (``old.checkpointed()``); a run that ends before that, however it ends, puts it back."""
-    old = _OldRun(run, overwrite)
-    try:
-        yield old
-    except BaseException:
-        if overwrite and not run.has_checkpoints() and run.restore():
-            log.warning(f"{run.path}: the new run stopped before its first checkpoint; the run it was to "
-                        f"overwrite is back, unchanged")
-        raise
-    if overwrite:  # (a run that diverged before its first checkpoint says so itself)
-        if run.has_checkpoints():
-            run.commit()
-        else:
-            old.restored = run.restore()
-
-
-def _interrupted_message(signum: int, run: RunFolder, epoch: int, step: Optional[int], steps: Optional[int]) -> str:
-    if step is None and epoch == 0:
-        return (f"stopped by {signal_name(signum)} before the first epoch ended; no checkpoint was saved. "
-                f"Start it again with --resume (--workdir {run.path})")
-    where = (f"in epoch {epoch} at step {step} of {steps}; saved a checkpoint of that step"
-             if step is not None else f"after epoch {epoch}, whose checkpoint is saved")
-    return (f"stopped by {signal_name(signum)} {where}. Continue it with --resume "
-            f"(--workdir {run.path}): it picks up exactly there")
-
-
 def _divergence(out: EpochResult, val: Optional[dict], epoch: int, steps: int,
                 max_loss: Optional[float]) -> Optional[dict]:
     """Where the run diverged: a training step's loss not finite or above ``max_loss``, or a
@@ -541,35 +368,34 @@ def _divergence(out: EpochResult, val: Optional[dict], epoch: int, steps: int,
     return None
 
 
-def _diverged_message(d: dict, history: list, callbacks: EpochCallbacks, state, run: RunFolder,
-                      restored: bool = False) -> str:
+def _diverged_message(out: Trained, session: RunSession, restored: bool = False) -> str:
+    d, history, run = out.diverged, out.history, session.run
     loss = d.get("loss")
     what = (f"{loss:.4g} is above max_loss {d['max_loss']:g}" if loss is not None and math.isfinite(loss)
             else f"{loss} is not finite")
     at = f" at step {d['step']} of {d['steps_per_epoch']}" if d["where"] == "training" else ""
-    lr = float(f"{get_learning_rate(state.opt_state):.7g}")
+    lr = float(f"{get_learning_rate(out.state.opt_state):.7g}")
     kept = (f"The run it was to overwrite in {run.path} is back, unchanged." if restored else
             f"Kept: checkpoints up to epoch {history[-1]['epoch']} (latest) and the best, epoch "
-            f"{callbacks.best_epoch}; {run.path / 'summary.json'} says so." if history else
+            f"{session.callbacks.best_epoch}; {run.path / 'summary.json'} says so." if history else
             "No checkpoint was written (it diverged in its first epoch).")
     return (f"the {d['where']} loss diverged in epoch {d['epoch']}{at}: {what}; "
             f"try a lower learning rate than {lr:g}. {kept}")
 
 
-def _summary(history: list[dict], callbacks: EpochCallbacks, test: Optional[dict], dataset, last_epoch: int,
-             wall_time_s: float, diverged: Optional[dict], *, num_train: int, best_epoch: int) -> dict:
-    """``best_epoch``: the epoch whose weights were tested (0: none)."""
-    best_row = next((r for r in history if r["epoch"] == best_epoch), None)
+def _summary(out: Trained, callbacks: EpochCallbacks, dataset, wall_time_s: float, *, num_train: int) -> dict:
+    """The summary before the test scores (``test_*`` None until they are added)."""
+    best_epoch = out.best.epoch if out.best is not None else 0  # the epoch whose weights are tested (0: none)
+    best_row = next((r for r in out.history if r["epoch"] == best_epoch), None)
     summary = {
-        "best_epoch": best_epoch, "stopped_early": callbacks.should_stop, "stop_epoch": last_epoch,
+        "best_epoch": best_epoch, "stopped_early": callbacks.should_stop, "stop_epoch": out.epoch,
         "best_val_loss": best_row["val_loss"] if best_row else None,
         "best_val_accuracy": best_row["val_accuracy"] if best_row else None,
-        "test_loss": test["loss"] if test else None, "test_accuracy": test["accuracy"] if test else None,
-        "num_test": test["count"] if test else None,
+        "test_loss": None, "test_accuracy": None, "num_test": None,
         "wall_time_s": wall_time_s, "dataset": dataset.name, "num_train": num_train,
         "device": f"{jax.devices()[0].platform} x{jax.device_count()}"
                   + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""),
     }
-    if diverged:
-        summary["diverged"] = diverged
+    if out.diverged:
+        summary["diverged"] = out.diverged
     return summary

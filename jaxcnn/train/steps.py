@@ -13,6 +13,7 @@ so they depend on (seed, step) only.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxcnn import freeze
-from jaxcnn.preprocess import scale_to_unit
+from jaxcnn.data.augment import AugmentConfig
+from jaxcnn.preprocess import get_preprocess, scale_to_unit
 from jaxcnn.train.state import TrainState
 
 PyTree = Any
@@ -114,3 +116,62 @@ def make_eval_step(*, preprocess: Callable = scale_to_unit) -> Callable:
                 "count": jnp.sum(mask)}
 
     return eval_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The steps of a ``fit`` and the settings they apply: one value, so that what ``config.json``
+    records (``FitConfig.augment``, ``FitConfig.preprocess``) is what ran (``fit`` checks it).
+
+    Attributes:
+      train: ``(state, batch) -> (state, metrics)``, jitted with ``donate_argnums=0`` (a plain
+        function is jitted so here).
+      eval: ``(state, batch) -> sums`` (``make_eval_step``), jitted.
+      augment: the ``AugmentConfig`` the train step applies (None: none).
+      preprocess: the name of the input preprocessing both steps apply (``jaxcnn.preprocess``).
+      labels: the ``"trainable"``/``"frozen"`` label tree the train step freezes by, or None.
+
+    Build them with :meth:`build`; to wrap a step (a test, a study sharing compiled steps over
+    runs), ``dataclasses.replace(steps, train=wrapper)`` keeps the settings.
+    """
+
+    train: Callable
+    eval: Callable
+    augment: Optional[AugmentConfig] = None
+    preprocess: str = "unit"
+    labels: Optional[PyTree] = None
+
+    def __post_init__(self):
+        if not hasattr(self.train, "lower"):  # a plain function: jitted here (a jitted one has .lower)
+            object.__setattr__(self, "train", jax.jit(self.train, donate_argnums=0))
+        if not hasattr(self.eval, "lower"):
+            object.__setattr__(self, "eval", jax.jit(self.eval))
+
+    @classmethod
+    def build(cls, config, labels: Optional[PyTree] = None) -> "Steps":
+        """The steps ``config`` (a ``FitConfig``) asks for: its augmentation and preprocessing, and
+        ``labels`` (a freeze label tree: build ``state.tx`` with ``adam(labels=labels)`` too)."""
+        preprocess = get_preprocess(config.preprocess)
+        augment_fn = None if config.augment is None else config.augment.fn()
+        return cls(train=make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess),
+                   eval=make_eval_step(preprocess=preprocess), augment=config.augment,
+                   preprocess=config.preprocess, labels=labels)
+
+    def check(self, config) -> None:
+        """ValueError when these steps apply other settings than ``config`` records."""
+        for name in ("augment", "preprocess"):
+            if getattr(self, name) != getattr(config, name):
+                raise ValueError(f"fit: the steps apply {name}={getattr(self, name)!r} but the FitConfig says "
+                                 f"{name}={getattr(config, name)!r}; build the steps from the config "
+                                 f"(Steps.build(config)) so that config.json records what ran")
+
+
+def make_logits_fn(apply_fn: Callable, preprocess: Callable = scale_to_unit) -> Callable:
+    """``logits(variables, images) -> float32 (B, K)``, jitted, inference mode: the scores the
+    end-of-run report is made from (on one device, from host copies of the weights)."""
+
+    @jax.jit
+    def logits(variables, images):
+        return apply_fn(variables, preprocess(images), train=False).astype(jnp.float32)
+
+    return logits

@@ -175,8 +175,8 @@ def conv2d(
       precision: passed to :func:`jax.lax.conv_general_dilated` (e.g. ``"highest"`` on GPU/TPU).
 
     The value and the input gradient are XLA's convolutions. At stride 1 without dilation, the
-    kernel gradient on the CPU is computed as ``kh`` matrix products (1.3-8x faster there than
-    XLA's own: ``benchmarks/README.md``); derivatives of any order work as usual.
+    kernel gradient on the CPU is computed as ``kh`` matrix products (faster there than XLA's
+    own; measured: ``benchmarks/README.md``); derivatives of any order work as usual.
 
     Returns:
       ``(N, H_out, W_out, C_out)`` with ``H_out = (H + top + bottom - ((kh - 1) * dh + 1)) // sh + 1``
@@ -248,7 +248,7 @@ def _conv_jvp(pads, precision, primals, tangents):
     """The convolution is linear in ``x`` and in ``w``: its tangent is ``conv(dx, w) + conv(x, dw)``.
     The value and the first term are XLA's convolutions (reverse mode transposes the first into
     XLA's input gradient); on the CPU the second is ``_conv_by_rows``, whose transpose is the
-    kernel gradient as ``kh`` matrix products, 1.3-8x faster there than XLA's own (measured in
+    kernel gradient as ``kh`` matrix products, faster there than XLA's own (measured:
     ``benchmarks/README.md``). Everything is plain JAX, so higher derivatives work as usual."""
     x, w = primals
     dx, dw = tangents

@@ -71,7 +71,9 @@ RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "ex
 
 
 #: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 1 is the
-#: same layout without the field (runs recorded before 2026-11-29): it is read as format 2.
+#: same layout without the field (runs recorded before 2026-11-29): it is read as format 2. Format 0
+#: is the early flat config (every setting at the top level, ``"model"`` a name), written until the
+#: run-folder redesign of 2026-11-25 (a50606b): :func:`_from_format_0` migrates it.
 FORMAT_VERSION = 2
 
 
@@ -89,14 +91,83 @@ def migrate_config(config: dict, path) -> dict:
         return config
     if version is None and {"model", "data", "fit"} <= set(config):  # format 1: the same, unversioned
         return {"format_version": FORMAT_VERSION, **config}
+    if version is None and isinstance(config.get("model"), str) and "epochs" in config:  # format 0: flat
+        return _from_format_0(config, path)
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise UnsupportedRunFormat(f"{path} is in run format {version}, newer than this jaxcnn reads "
                                    f"({FORMAT_VERSION}): upgrade jaxcnn to use this run")
     raise UnsupportedRunFormat(f"{path} is in a run format this jaxcnn cannot read ("
                                + (f"format {version!r}" if version is not None else
-                                  "no format_version and no model / data / fit sections: an early jaxcnn's")
-                               + f"; it reads format {FORMAT_VERSION} and migrates format 1). Its records can still "
-                               f"be read as JSON; to use the run, train it again with this jaxcnn")
+                                  "no format_version and no model / data / fit sections")
+                               + f"; it reads format {FORMAT_VERSION} and migrates formats 0 and 1). Its records can "
+                               f"still be read as JSON; to use the run, train it again with this jaxcnn")
+
+
+# Format 0's loop settings, copied into "fit" as they are.
+_FLAT_FIT = ("epochs", "batch_size", "eval_batch_size", "seed", "early_stopping_patience", "plateau_factor",
+             "plateau_patience", "plateau_min_delta", "min_lr", "keep_checkpoints")
+_FLAT_AUGMENT = ("rotation", "width_shift", "height_shift", "horizontal_flip")
+# What format 0 left unsaid, from the code that wrote it (jaxcnn up to a50606b): the offline set's
+# classes, the two models' fixed constructor arguments, nearest-neighbour augmentation, the input
+# preprocessing of each experiment, and no divergence limit.
+_OFFLINE_CLASSES = ("disk", "ring", "square", "triangle", "plus", "crescent", "horizontal_stripes",
+                    "vertical_stripes", "checkerboard", "dots")
+_FLAT_MODELS = ("cifar_cnn", "finetune_classifier")
+
+
+def _from_format_0(flat: dict, path) -> dict:
+    """A format-0 (flat) config of an offline-data ``cifar_cnn`` or ``finetune_classifier``
+    (ResNet50 backbone) run, in today's format; the flat keys that are not loop settings stay in
+    ``"experiment"`` under their names."""
+    def refuse(why: str):
+        raise UnsupportedRunFormat(f"{path} is in run format 0 (the early flat config), but {why}: this jaxcnn "
+                                   f"migrates format 0 only for offline-data {' / '.join(_FLAT_MODELS)} runs. Its "
+                                   f"records can still be read as JSON")
+
+    kind = flat["model"]
+    if kind not in _FLAT_MODELS or (kind == "finetune_classifier" and flat.get("backbone") != "resnet50"):
+        refuse(f"its model is {kind!r} (backbone {flat.get('backbone')!r})")
+    if flat.get("dataset") != "offline":
+        refuse(f"its dataset is {flat.get('dataset')!r}")
+    needed = {*_FLAT_FIT, "augment", "learning_rate", "num_classes", "num_train", "num_val", "num_test",
+              *(("widths", "dense_units", "conv_dropout", "conv_dropout_rate", "dense_dropout")
+                if kind == "cifar_cnn" else ("hidden", "dropout", "image_size"))}
+    missing = sorted(needed - set(flat))
+    if missing:
+        refuse(f"it lacks {', '.join(missing)}")
+    if kind == "cifar_cnn":
+        model = {"kind": "cifar_cnn", "num_classes": flat["num_classes"],
+                 **{k: flat[k] for k in ("widths", "dense_units", "conv_dropout", "conv_dropout_rate",
+                                         "dense_dropout")},
+                 "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 1e-3, "dtype": {"dtype": "float32"}}
+    else:
+        model = {"kind": "classifier", "backbone": {
+            "kind": "resnet", "stage_sizes": [3, 4, 6, 3], "filters": [64, 128, 256, 512], "stem_filters": 64,
+            "include_top": False, "pooling": "avg", "classes": 1000, "classifier_activation": "softmax",
+            "dtype": {"dtype": "float32"}, "bn_momentum": 0.99, "bn_epsilon": 1.001e-5},
+            "num_classes": flat["num_classes"], "dropout_rate": flat["dropout"], "hidden": flat["hidden"]}
+    size = flat.get("image_size", 32)
+    sizes = {k: flat[k] for k in ("num_train", "num_val", "num_test")}
+    source = {"name": "offline", "data_dir": flat.get("data_dir"), "seed": flat["seed"], **sizes,
+              **({"image_size": size} if "image_size" in flat else {})}
+    augment = ({**{k: flat[k] for k in _FLAT_AUGMENT}, "interpolation": "nearest"} if flat["augment"] else None)
+    used = {*_FLAT_FIT, "augment", "model", "num_classes", "backbone"} | (set(_FLAT_AUGMENT) if augment else set())
+    name = "cifar10" if kind == "cifar_cnn" else "finetune"
+    experiment = {"name": name, **{k: v for k, v in flat.items() if k not in used}}
+    if kind == "finetune_classifier":
+        experiment["model"] = flat["backbone"]
+        del experiment["learning_rate"]  # the phase's rate: the optimizer's (phase1_lr / phase2_lr stay)
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "data": {"name": "offline", "source": source, "image_shape": [size, size, 3],
+                 "num_classes": flat["num_classes"], "class_names": list(_OFFLINE_CLASSES[:flat["num_classes"]]),
+                 **sizes},
+        "optimizer": {"learning_rate": flat["learning_rate"]},
+        "fit": {**{k: flat[k] for k in _FLAT_FIT}, "augment": augment,
+                "preprocess": "unit" if kind == "cifar_cnn" else "caffe", "max_loss": None},
+        "experiment": {**experiment, "migrated_from": "format 0"},
+    }
 
 
 def _unchanged(notes: list[str]) -> str:

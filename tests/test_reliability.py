@@ -32,6 +32,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--preset", "smoke", "--no_progress"]
 
 
+def run_with_steps(run, **steps):
+    """``cifar10.run`` with its config's steps, some replaced (``train=``, ``eval=``)."""
+    def hooked(config, *a, **k):
+        return run(config, *a, **{**k, "steps": dataclasses.replace(Steps.build(config.fit), **steps)})
+
+    return hooked
+
+
 def no_report_warning(err: str) -> str:
     """``err`` without the end-of-run report's warning that a smoke run answers one class (true of
     these one- to three-epoch runs on random-looking data, and not what these tests are about)."""
@@ -306,7 +314,7 @@ def test_leftover_temporary_checkpoint_folders_are_cleaned_up(run, capsys):
 def test_a_diverging_training_loss_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, capsys, monkeypatch,
                                                                                kind, step, words):
     real = cifar10.run
-    monkeypatch.setattr(cifar10, "run", lambda *a, **k: real(*a, **{**k, "train_step": step_that(kind, step)}))
+    monkeypatch.setattr(cifar10, "run", run_with_steps(real, train=step_that(kind, step)))
     workdir = tmp_path / "run"
     code, _, err = cli(capsys, SMOKE + ["--workdir", str(workdir), "--epochs", "3"])
     summary = strict_json(workdir / "summary.json")
@@ -360,7 +368,7 @@ def test_a_signal_stops_at_the_next_step_saves_it_and_resume_continues_bitwise(t
     workdir = tmp_path / "run"
     real = cifar10.run
     monkeypatch.setattr(cifar10, "run",
-                        lambda *a, **k: real(*a, **{**k, "train_step": SignalsItself(11, getattr(signal, name))}))
+                        run_with_steps(real, train=SignalsItself(11, getattr(signal, name))))
     got, _, err = cli(capsys, SMOKE + ["--epochs", "3", "--workdir", str(workdir)])
     monkeypatch.undo()
     assert got == code

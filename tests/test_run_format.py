@@ -1,5 +1,5 @@
-"""config.json's format version: written by every run, format 1 (unversioned) migrated, others refused
-in one line."""
+"""config.json's format version: written by every run, formats 1 (unversioned) and 0 (the early flat
+config) migrated, others refused in one line; the runs recorded under experiments/ are in today's format."""
 
 import json
 import pathlib
@@ -30,10 +30,16 @@ def test_a_run_records_its_format_and_a_format_1_run_resumes(tmp_path):
 
 
 def test_formats_it_cannot_read_are_refused_naming_the_way_out(tmp_path):
-    flat = {"epochs": 5, "batch_size": 64, "model": "cifar_cnn"}  # an early jaxcnn's config
     with pytest.raises(UnsupportedRunFormat, match=r"x/config.json is in a run format this jaxcnn cannot read "
                                                    r"\(no format_version and no model / data / fit sections"):
+        migrate_config({"epochs": 5, "batch_size": 64}, "x/config.json")
+    flat = {**FLAT_DEMO, "dataset": "cifar10"}  # format 0, but data it was never migrated for
+    with pytest.raises(UnsupportedRunFormat, match=r"x/config.json is in run format 0 \(the early flat config\), "
+                                                   r"but its dataset is 'cifar10': this jaxcnn migrates format 0 only"):
         migrate_config(flat, "x/config.json")
+    with pytest.raises(UnsupportedRunFormat, match=r"format 0 \(the early flat config\), but it lacks dense_units, "
+                                                   r"widths:"):
+        migrate_config({k: v for k, v in FLAT_DEMO.items() if k not in ("widths", "dense_units")}, "x/config.json")
     with pytest.raises(UnsupportedRunFormat, match=r"run format 3, newer than this jaxcnn reads \(2\): upgrade"):
         migrate_config({"format_version": 3, "model": {}, "data": {}, "fit": {}}, "x/config.json")
     with pytest.raises(ValueError, match=r"write_config: config has format_version=1; this jaxcnn writes 2"):
@@ -45,11 +51,83 @@ def test_formats_it_cannot_read_are_refused_naming_the_way_out(tmp_path):
 def test_a_command_on_an_unreadable_run_says_so_in_one_line(tmp_path):
     run = tmp_path / "old"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"epochs": 5, "model": "cifar_cnn"}))
+    (run / "config.json").write_text(json.dumps({"epochs": 5, "batch_size": 64}))
     done = subprocess.run([sys.executable, "-m", "jaxcnn.experiments.filters", "--run", str(run)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: {run / 'config.json'} is in a run format this jaxcnn cannot read (no format_version and no model "
-        f"/ data / fit sections: an early jaxcnn's; it reads format 2 and migrates format 1). Its records can "
-        f"still be read as JSON; to use the run, train it again with this jaxcnn"]
+        f"/ data / fit sections; it reads format 2 and migrates formats 0 and 1). Its records can still be read "
+        f"as JSON; to use the run, train it again with this jaxcnn"]
+
+
+# The demo run's config as the early flat format wrote it (experiments/cifar10/demo-xeon, before migration).
+FLAT_DEMO = {"epochs": 5, "batch_size": 64, "eval_batch_size": 500, "learning_rate": 0.001, "seed": 0,
+             "augment": False, "rotation": 15.0, "width_shift": 0.1, "height_shift": 0.1, "horizontal_flip": True,
+             "early_stopping_patience": 5, "plateau_factor": 0.5, "plateau_patience": 3, "plateau_min_delta": 0.0001,
+             "min_lr": 0.0, "keep_checkpoints": 3, "preset": "demo", "dataset": "offline", "data_dir": None,
+             "val_size": 5000, "num_train": 8000, "num_val": 1000, "num_test": 1000, "model": "cifar_cnn",
+             "num_classes": 10, "widths": [32, 64, 128], "dense_units": 128, "conv_dropout": "dropout",
+             "conv_dropout_rate": 0.25, "dense_dropout": 0.5}
+
+
+def test_a_format_0_config_is_migrated_key_by_key():
+    from jaxcnn.models.cifar_cnn import CifarCNN
+    from jaxcnn.models.spec import build_model
+
+    new = migrate_config(FLAT_DEMO, "x/config.json")
+    assert new["format_version"] == 2 and new["optimizer"] == {"learning_rate": 0.001}
+    assert new["model"] == {"kind": "cifar_cnn", "num_classes": 10, "widths": [32, 64, 128], "dense_units": 128,
+                            "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
+                            "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 1e-3, "dtype": {"dtype": "float32"}}
+    model = build_model(new["model"])
+    assert isinstance(model, CifarCNN) and model.widths == (32, 64, 128) and model.bn_momentum == 0.99
+    assert new["data"]["source"] == {"name": "offline", "data_dir": None, "seed": 0, "num_train": 8000,
+                                     "num_val": 1000, "num_test": 1000}
+    assert new["data"]["image_shape"] == [32, 32, 3] and new["data"]["class_names"][-1] == "dots"
+    assert new["fit"] == {"epochs": 5, "batch_size": 64, "eval_batch_size": 500, "seed": 0, "augment": None,
+                          "preprocess": "unit", "early_stopping_patience": 5, "plateau_factor": 0.5,
+                          "plateau_patience": 3, "plateau_min_delta": 0.0001, "min_lr": 0.0, "keep_checkpoints": 3,
+                          "max_loss": None}
+    # augmentation off: its unused ranges stay with the experiment's settings, as every other unmapped key
+    assert new["experiment"] == {"name": "cifar10", "learning_rate": 0.001, "rotation": 15.0, "width_shift": 0.1,
+                                 "height_shift": 0.1, "horizontal_flip": True, "preset": "demo", "dataset": "offline",
+                                 "data_dir": None, "val_size": 5000, "num_train": 8000, "num_val": 1000,
+                                 "num_test": 1000, "widths": [32, 64, 128], "dense_units": 128,
+                                 "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
+                                 "migrated_from": "format 0"}
+    on = migrate_config({**FLAT_DEMO, "augment": True}, "x")["fit"]["augment"]
+    assert on == {"rotation": 15.0, "width_shift": 0.1, "height_shift": 0.1, "horizontal_flip": True,
+                  "interpolation": "nearest"}
+
+
+def test_a_format_0_finetune_phase_is_migrated():
+    from jaxcnn.models.resnet import Classifier, ResNet
+    from jaxcnn.models.spec import build_model
+
+    flat = {**{k: v for k, v in FLAT_DEMO.items() if k not in ("widths", "dense_units", "conv_dropout",
+                                                                "conv_dropout_rate", "dense_dropout", "val_size")},
+            "learning_rate": 1e-05, "augment": True, "rotation": 0.0, "image_size": 32,
+            "model": "finetune_classifier", "weights": "none", "hidden": 256, "dropout": 0.5, "phase": 2,
+            "phase1_lr": 0.001, "phase2_lr": 1e-05, "backbone": "resnet50", "freeze_rule": "first_n_keras_layers(100)"}
+    new = migrate_config(flat, "x/config.json")
+    model = build_model(new["model"])
+    assert isinstance(model, Classifier) and isinstance(model.backbone, ResNet)
+    assert (model.backbone.stage_sizes, model.backbone.include_top, model.backbone.pooling) == ((3, 4, 6, 3), False,
+                                                                                              "avg")
+    assert (model.hidden, model.dropout_rate, model.num_classes) == (256, 0.5, 10)
+    assert new["optimizer"] == {"learning_rate": 1e-05} and new["fit"]["preprocess"] == "caffe"
+    assert new["data"]["source"]["image_size"] == 32
+    ex = new["experiment"]
+    assert (ex["name"], ex["model"], ex["phase"], ex["phase1_lr"], ex["freeze_rule"]) == (
+        "finetune", "resnet50", 2, 0.001, "first_n_keras_layers(100)")
+    assert "learning_rate" not in ex and "backbone" not in ex
+
+
+def test_every_recorded_run_under_experiments_is_in_todays_format():
+    paths = sorted(ROOT.glob("experiments/**/config.json"))
+    assert len(paths) >= 8
+    for path in paths:
+        raw = json.loads(path.read_text())
+        assert raw.get("format_version") == FORMAT_VERSION, path  # rewritten, not only readable
+        assert RunFolder(path.parent).read_config() == raw, path

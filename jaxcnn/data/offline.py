@@ -21,12 +21,8 @@ The classes are chosen so that the augmentations of the seed's CIFAR-10 experime
 class is either mirror-symmetric about the vertical axis or appears at all
 angles, and the only orientation pair (horizontal / vertical stripes) is 90°
 apart. The texture classes share the disk's outline, so a model must look inside
-the object. Measured (seed 0, default sizes): a nearest-class-mean classifier scores
-10.1 % on raw pixels (chance: colour and position say nothing) and 43.9 % on the
-|FFT| spectrum; the seed's Keras CIFAR CNN (Adam, batch 64, no augmentation, one run
-on the 2-core CPU) reaches val accuracy 10 / 25 / 66 / 89 / 93 % after epochs 1-5
-(train accuracy 17 / 45 / 67 / 82 / 91 %). Generation takes ~3 s for 14,000 images
-on one core.
+the object. How hard it is (nearest-class-mean baselines, the seed's Keras CNN on it) and how
+long it takes to generate, measured: ``experiments/cifar10/README.md``.
 """
 
 from __future__ import annotations
@@ -46,7 +42,7 @@ _MAX_TILT = np.deg2rad(10.0)
 
 def make_offline_dataset(*, num_train: int = 10000, num_val: int = 2000, num_test: int = 2000,
                          image_size: int = 32, num_classes: int = 10, seed: int = 0) -> Dataset:
-    """Generates the embedded offline dataset (a few seconds for 14,000 32×32 images).
+    """Generates the embedded offline dataset (its generation time: ``experiments/cifar10/README.md``).
 
     Args:
       num_train, num_val, num_test: examples per split (each >= 1). Every split is

@@ -74,8 +74,8 @@ def add_host_memory_flag(parser) -> None:
     """``--keep_host_memory`` (on) / ``--no-keep_host_memory``; applied by ``prepare_host``."""
     parser.add_argument("--keep_host_memory", action=argparse.BooleanOptionalAction, default=True,
                         help="keep the memory each step frees for the next one instead of handing it back to the "
-                             "kernel (glibc's malloc; on by default: it spares the page faults of every step, 1.1-1.4x "
-                             "faster on a 2-core VM: benchmarks/README.md); --no-keep_host_memory: glibc's default")
+                             "kernel (glibc's malloc; on by default: it spares the page faults of every step; "
+                             "measured: benchmarks/README.md); --no-keep_host_memory: glibc's default")
 
 
 def prepare_host(args) -> None:

@@ -125,8 +125,8 @@ def get_config(name: str = "default", **overrides) -> ExperimentConfig:
     if name == "default":
         base = ExperimentConfig(preset="default")
     elif name == "demo":
-        # No augmentation: in a budget of a few epochs it slows learning (measured: with it, 4,000
-        # images x 6 epochs reached 37 % test accuracy); turn it on with --augment.
+        # No augmentation: in a budget of a few epochs it slows learning (measured:
+        # experiments/cifar10/README.md); turn it on with --augment.
         base = ExperimentConfig(preset="demo", dataset="offline", num_train=8000, num_val=1000, num_test=1000,
                                 fit=FitConfig(epochs=5, augment=None))
     elif name == "smoke":

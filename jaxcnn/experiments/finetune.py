@@ -39,7 +39,7 @@ the result: ``python -m jaxcnn.predict --run <workdir>/phase2 photo.jpg``.
 Presets (``get_config``); measured results and times: ``experiments/finetune/README.md``.
 
 * ``default``: tf_flowers at 224, batch 32, 10 + 20 epochs, ``--weights imagenet``. ResNet50
-  training at 224 runs at a few images/s on a 2-core CPU, so this preset wants a GPU.
+  training at 224 is slow on a CPU (measured: ``benchmarks/README.md``), so this preset wants a GPU.
 * ``offline``: the embedded offline dataset at 32x32 (2,000 / 500 / 500), batch 32,
   4 + 6 epochs. Needs ``--weights none`` (or a file) where ImageNet weights cannot be had.
 * ``quick``: a quick look at fine-tuning without a download: ResNetSmall (ResNet50's layer names,

@@ -36,11 +36,10 @@ def use_cpu_devices(count: int) -> None:
     array, ``jax.devices()`` or ``jax.distributed.initialize``).
 
     The data-parallel step then splits each batch into ``count`` shards that XLA runs side by side,
-    which can keep a multi-core CPU busier than one device's thread pool does. On a 2-core AMD EPYC
-    VM, with 4 devices the seed's CNN trained no faster at batch 64 and 2.2x faster at batch 256 in
-    the speed suite, where one device's step lost half its speed between the other frameworks'
-    (alone it ran as fast as 4 devices; ``benchmarks/README.md``). The arithmetic is the same program's (BatchNorm statistics
-    over the whole batch); batch sizes must divide by the device count. GPUs are not affected.
+    which can keep a multi-core CPU busier than one device's thread pool does (measured, with the
+    batch sizes where it helps: ``benchmarks/README.md``). The arithmetic is the same program's
+    (BatchNorm statistics over the whole batch); batch sizes must divide by the device count.
+    GPUs are not affected.
 
     Raises:
       ValueError: ``count`` is not an int >= 1.
@@ -61,16 +60,16 @@ def keep_host_memory() -> bool:
     """Keep the memory XLA frees on the host for its next step (glibc's ``malloc``); call it before
     JAX starts.
 
-    XLA's CPU runtime allocates each call's buffers (the seed's CNN: 140 MB of temporaries per
-    train step at batch 64) and frees them after it. glibc serves a block that large from a
-    thread's arena with ``mmap`` and returns it with ``munmap``, so every step the kernel maps and
-    zeroes those pages again: 34,411 page faults per step at batch 64 on a 2-core AMD EPYC VM,
-    15 % of the process's CPU time spent in the kernel. This sets ``M_ARENA_MAX=1`` (every thread
+    XLA's CPU runtime allocates each call's buffers (a train step's temporaries: many MB) and
+    frees them after it. glibc serves a block that large from a thread's arena with ``mmap`` and
+    returns it with ``munmap``, so every step the kernel maps and zeroes those pages again (the
+    page faults per step and the kernel's share of the CPU time, measured: ``benchmarks/README.md``).
+    This sets ``M_ARENA_MAX=1`` (every thread
     allocates from the main heap, which can grow), ``M_MMAP_MAX=0`` (large blocks from the heap,
     not ``mmap``) and ``M_TRIM_THRESHOLD`` to 2 GiB (freed memory stays with the process), so the
     next step reuses the same pages, as TensorFlow's and PyTorch's caching allocators do. The
-    process's resident memory then stays near its high-water mark until it exits. The measured
-    gain is in ``benchmarks/README.md``. A process that alternates steps of very different sizes
+    process's resident memory then stays near its high-water mark until it exits. The gain is
+    measured in ``benchmarks/README.md``. A process that alternates steps of very different sizes
     (batch 64 and 256 in turns) can still fault part of the time, when the heap's free blocks do
     not fit the next step; a training run's single batch size does not.
 

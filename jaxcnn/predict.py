@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxcnn import inference
 from jaxcnn.data.folder import decode_images
-from jaxcnn.experiments.cli import check_run_flag, path_flag, run_main
+from jaxcnn.cli import check_run_flag, path_flag, run_main
 
 
 def find_images(paths) -> list[str]:

@@ -12,12 +12,18 @@ it. Nothing else spells a file name of a run folder::
     <run>/plots/              PNG figures (``curves.png``, ...)
     <run>/freeze_summary.txt  the Keras-like table of frozen layers (fine-tuning runs)
 
+A two-phase fine-tuning run is a folder of two run folders (:class:`FinetuneFolder`)::
+
+    <ft>/phase1/, <ft>/phase2/   one run folder per phase; phase 2 holds the final model
+    <ft>/summary.json            both phases' results
+
 The rules of starting a run live here too (:meth:`RunFolder.prepare`): a folder that holds
 checkpoints is never trained into afresh; a resumed run must have the saved config, except
 for the settings in ``RESUMABLE``; ``overwrite`` sets the old run aside (:class:`SetAside`,
 ``<run>/.previous/``, still on disk) until the new one has saved its first checkpoint; one run
-at a time holds the folder's lock (:meth:`RunFolder.lock`). Records are strict JSON, written
-atomically: a non-finite number is written as ``null``.
+at a time holds the folder's lock (:meth:`RunFolder.lock`). A command checks the same rules
+before it loads anything (:meth:`RunFolder.check_start`, :meth:`FinetuneFolder.check_start`).
+Records are strict JSON, written atomically: a non-finite number is written as ``null``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import tempfile
 from typing import Any, Optional
 
 from jaxcnn.checkpoint import Checkpoints, DamagedCheckpointError, has_checkpoints  # noqa: F401 (for training)
+from jaxcnn.errors import NothingToDo, RunBusyError  # noqa: F401 (raised here; NothingToDo by fit for a run)
 
 CONFIG = "config.json"
 HISTORY_JSON = "history.json"
@@ -50,6 +57,8 @@ RECORDS = (CONFIG, HISTORY_JSON, HISTORY_CSV, SUMMARY)
 #: The columns of history.csv, in order (history.json rows hold these keys).
 HISTORY_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
                   "epoch_time_s", "images_per_s")
+#: The run folders of a fine-tuning run's folder (:class:`FinetuneFolder`), in order.
+PHASES = ("phase1", "phase2")
 #: Everything a run writes here (what ``--overwrite`` sets aside).
 RUN_FILES = (CHECKPOINTS, TENSORBOARD, PLOTS, *RECORDS, FREEZE_SUMMARY)
 LOCK = ".lock"
@@ -161,17 +170,34 @@ def _from_format_0(flat: dict, path) -> dict:
     }
 
 
-class RunBusyError(RuntimeError):
-    """Another process is training into the run folder (it holds its lock)."""
-
-
-class NothingToDo(Exception):
-    """A resumed run already has the epochs asked for (or stopped early): nothing was trained or written."""
-
-
 def _unchanged(notes: list[str]) -> str:
     """The end of a refusal: what this start changed before it refused (only ever a run put back)."""
     return "nothing was changed" if not notes else f"{'; '.join(notes)}; nothing else was changed"
+
+
+#: What a folder holds when an interrupted ``--overwrite`` left its old run set aside.
+_ASIDE = "set aside in .previous/ by an interrupted --overwrite"
+
+
+def _refuse_start(path: pathlib.Path, *, resume: bool, overwrite: bool, resumable: bool, nothing: str,
+                  holders: list[pathlib.Path], aside: bool) -> None:
+    """The rules of starting a run in ``path`` (a run folder or a fine-tuning run's folder), as one
+    error each, before anything is changed: ``resume`` and ``overwrite`` exclude each other;
+    ``resume`` needs something to resume (``resumable``; else FileNotFoundError: the folder holds
+    ``nothing``); checkpoints (in the run folders ``holders``, or in an old run that an
+    interrupted ``--overwrite`` set ``aside``) are never trained over afresh without ``overwrite``
+    (FileExistsError). The messages name the commands' flags; ``fit``'s arguments of the same
+    names mean the same."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if resume and not resumable:
+        raise FileNotFoundError(f"--resume: {path} holds no {nothing}; start one without --resume")
+    if (holders or aside) and not (resume or overwrite):
+        who = " and ".join(str(h) for h in holders) or str(path)
+        raise FileExistsError(f"{who} already {'hold' if len(holders) > 1 else 'holds'} checkpoints of a run"
+                              f"{f' ({_ASIDE})' if aside else ''}. Continue it with --resume, start afresh with "
+                              f"--overwrite (the old run is deleted once the new one has saved its first checkpoint), "
+                              f"or pass another --workdir. Nothing was changed.")
 
 
 class SetAside:
@@ -433,6 +459,27 @@ class RunFolder:
             if created and not any(self.path.iterdir()):
                 self.path.rmdir()  # a run that could not start leaves no empty folder behind
 
+    def check_start(self, *, resume: bool, overwrite: bool) -> None:
+        """The checks of starting a run here that need nothing loaded and change nothing (a
+        command makes them before it loads its data; :meth:`prepare` makes them again): the
+        folder can be written (:meth:`check_writable`), and the rules of :meth:`prepare` (an old
+        run set aside by an interrupted ``overwrite`` counts as a run with checkpoints).
+
+        Raises:
+          ValueError: the folder cannot be written, or ``resume`` and ``overwrite`` together.
+          FileNotFoundError: ``resume`` and the folder holds no run.
+          FileExistsError: checkpoints are there and neither ``resume`` nor ``overwrite``.
+        """
+        self.check_writable()
+        self._refuse_start(resume=resume, overwrite=overwrite)
+
+    def _refuse_start(self, *, resume: bool, overwrite: bool) -> None:
+        aside = self.has_set_aside()
+        _refuse_start(self.path, resume=resume, overwrite=overwrite,
+                      resumable=aside or self.is_run() or self.has_checkpoints(),
+                      nothing="run to resume (no config.json, no checkpoints)",
+                      holders=[self.path] * self.has_checkpoints(), aside=aside)
+
     def prepare(self, config: dict, *, resume: bool, overwrite: bool = False) -> list[str]:
         """The rules of starting a run here, applied before anything is written (hold the lock).
 
@@ -442,23 +489,21 @@ class RunFolder:
           back (``restore``);
         * ``resume`` needs a run to resume, with the saved config except ``RESUMABLE`` entries;
         * an ``--overwrite`` that was stopped before its first checkpoint (or while setting the
-          old run aside) left the old run set aside: it is brought back first.
+          old run aside) left the old run set aside: it is brought back first (a start that is
+          refused, by the rules of :meth:`check_start`, leaves it set aside).
 
         Returns notes for the user (e.g. "starting over").
 
         Raises:
           FileExistsError: checkpoints are there and neither ``resume`` nor ``overwrite``.
           FileNotFoundError: ``resume`` and the folder holds no run.
-          ValueError: ``resume`` with a different config (the message lists the differences).
+          ValueError: ``resume`` and ``overwrite``; ``resume`` with a different config (the
+            message lists the differences).
         """
-        if resume and overwrite:
-            raise ValueError("resume and overwrite exclude each other")
+        self._refuse_start(resume=resume, overwrite=overwrite)
         note = self._set_aside().recover()
         notes = [note] if note else []
         if resume:
-            if not self.is_run() and not self.has_checkpoints():
-                raise FileNotFoundError(f"resume: {self.path} holds no run to resume (no config.json, no "
-                                        f"checkpoints); start one without --resume")
             if self.is_run():
                 diff = config_differences(self.read_config(), config)
                 if diff:
@@ -467,10 +512,7 @@ class RunFolder:
                                      + f" may change on resume ({_unchanged(notes)})")
             if not self.has_checkpoints():
                 notes.append(f"{self.path}: the run was stopped before its first checkpoint; starting it over")
-        elif self.has_checkpoints():
-            if not overwrite:
-                raise FileExistsError(f"{self.path} already holds checkpoints of a run; continue it with resume "
-                                      f"(--resume), or choose another workdir ({_unchanged(notes)})")
+        elif self.has_checkpoints():  # (overwrite: refused above otherwise)
             self._set_aside().set_aside()
         return notes
 
@@ -521,3 +563,66 @@ class RunFolder:
         return SummaryWriter(str(self.tensorboard_dir))
 
 
+
+
+class FinetuneFolder:
+    """The folder of a two-phase fine-tuning run: a run folder per phase (:data:`PHASES`: phase 1
+    trains the head on a frozen backbone, phase 2 fine-tunes, and holds the final model) and
+    ``summary.json`` with both phases' results.
+
+    >>> ft = FinetuneFolder("checkpoints/finetune-folder-default")
+    >>> ft.final.path, ft.read_summary()["phase2"]["test_accuracy"]
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+
+    def __repr__(self) -> str:
+        return f"FinetuneFolder({str(self.path)!r})"
+
+    def phase(self, n: int) -> RunFolder:
+        """Phase ``n`` (1 or 2) as a run folder."""
+        if n not in range(1, len(PHASES) + 1):
+            raise ValueError(f"phase={n!r}; a fine-tuning run has phases 1 .. {len(PHASES)}")
+        return RunFolder(self.path / PHASES[n - 1])
+
+    @property
+    def phases(self) -> list[RunFolder]:
+        return [self.phase(n) for n in range(1, len(PHASES) + 1)]
+
+    @property
+    def final(self) -> RunFolder:
+        """The phase that holds the final model (what to classify with)."""
+        return self.phases[-1]
+
+    def holds_phases(self) -> bool:
+        """True when the folder is a fine-tuning run's (its final phase is a run), not a run itself."""
+        return not RunFolder(self.path).is_run() and self.final.is_run()
+
+    def read_summary(self) -> dict:
+        """``summary.json`` (both phases' results), or ``{}`` while the run has not finished."""
+        return RunFolder(self.path).read_summary()
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / SUMMARY, summary)
+
+    def lock(self):
+        """The lock of the whole run (``<ft>/.lock``; :meth:`RunFolder.lock`)."""
+        return RunFolder(self.path).lock()
+
+    def set_aside(self) -> SetAside:
+        """The two phases and the summary as ``--overwrite`` sets them aside, one unit; the new run
+        is the run once a phase has a checkpoint."""
+        return SetAside(self.path, (*PHASES, SUMMARY), lambda: any(p.has_checkpoints() for p in self.phases))
+
+    def check_start(self, *, resume: bool, overwrite: bool) -> None:
+        """:meth:`RunFolder.check_start` for the two phases: each can be written, ``resume`` needs a
+        phase that ran, and one with checkpoints (or a run an interrupted ``--overwrite`` set aside)
+        is not trained into afresh without ``overwrite``. Changes nothing."""
+        for phase in self.phases:
+            phase.check_writable()
+        aside = self.set_aside().pending()
+        _refuse_start(self.path, resume=resume, overwrite=overwrite,
+                      resumable=aside or any(p.is_run() or p.has_checkpoints() for p in self.phases),
+                      nothing=f"fine-tuning run to resume (no {' or '.join(n + '/' for n in PHASES)} run)",
+                      holders=[p.path for p in self.phases if p.has_checkpoints()], aside=aside)

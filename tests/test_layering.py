@@ -15,7 +15,8 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """{module: the jaxcnn modules it imports anywhere in its source}."""
+    """{module: the jaxcnn modules it imports anywhere in its source}. Importing ``a.b.c`` runs
+    the package faces ``a.b`` (its ``__init__``) first: they count as imported too."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
@@ -26,7 +27,8 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 targets.add(node.module)
                 targets |= {f"{node.module}.{a.name}" for a in node.names}
-        graph[name] = {t for t in targets if t in modules and t != name}
+        targets |= {t.rsplit(".", k)[0] for t in set(targets) for k in range(1, t.count(".") + 1)}
+        graph[name] = {t for t in targets if t in modules and t != name and not name.startswith(t + ".")}
     return graph
 
 
@@ -90,6 +92,10 @@ def test_training_reaches_checkpoints_only_through_the_run_folder():
     ("jaxcnn.results", "jaxcnn.train"),
     ("jaxcnn.data", "jaxcnn.train"),            # a streaming loader may reuse jaxcnn.data.folder
     ("jaxcnn.data", "jaxcnn.inference"),
+    ("jaxcnn.predict", "jaxcnn.experiments"),   # classifying an image loads no training code
+    ("jaxcnn.predict", "jaxcnn.train"),
+    ("jaxcnn.cli", "jaxcnn.experiments"),       # the commands' shared layer sits below every command
+    ("jaxcnn.cli", "jaxcnn.train"),
 ])
 def test_imports_point_down(src, forbidden):
     sources = [n for n in GRAPH if n == src or n.startswith(src + ".")]
@@ -97,6 +103,47 @@ def test_imports_point_down(src, forbidden):
     for s in sources:
         path = _reaches(s, forbidden)
         assert not path, " -> ".join(path)
+
+
+#: The most layers the import graph may have, counted in rooms (see ``room_layers``).
+MAX_LAYERS = 5
+
+
+def _room(module: str) -> str:
+    """A top-level module (``jaxcnn.viz``) or a subpackage (``jaxcnn.train``) is one room."""
+    return ".".join(module.split(".")[:2])
+
+
+def room_layers() -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Each room's layer: 1 when it imports no other room, else one above the highest room it
+    imports; and the longest chain of rooms down from each. (The package face ``jaxcnn``, a
+    docstring and a version, is no room.)"""
+    rooms: dict[str, set[str]] = {}
+    for module, targets in GRAPH.items():
+        if module != "jaxcnn":
+            rooms.setdefault(_room(module), set()).update(_room(t) for t in targets if t != "jaxcnn")
+    for room, targets in rooms.items():
+        targets.discard(room)
+    chain: dict[str, list[str]] = {}
+
+    def visit(room, path):
+        if room in path:
+            pytest.fail("rooms import each other: " + " -> ".join(path[path.index(room):] + [room]))
+        if room not in chain:
+            below = [visit(t, path + [room]) for t in sorted(rooms[room])]
+            chain[room] = [room] + max(below, key=len, default=[])
+        return chain[room]
+
+    for room in rooms:
+        visit(room, [])
+    return {room: len(c) for room, c in chain.items()}, chain
+
+
+def test_the_import_graph_has_at_most_five_layers():
+    layers, chain = room_layers()
+    top = max(layers, key=lambda r: (layers[r], r))
+    path = " -> ".join(f"{r.removeprefix('jaxcnn.')}({layers[r]})" for r in chain[top])
+    assert layers[top] <= MAX_LAYERS, f"{layers[top]} layers (at most {MAX_LAYERS}): {path}"
 
 
 def test_no_module_level_caches_in_the_library():

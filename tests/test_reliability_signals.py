@@ -21,7 +21,7 @@ import pytest
 
 from jaxcnn.checkpoint import Checkpoints
 from jaxcnn.experiments import cifar10, dropout_study, finetune
-from jaxcnn.experiments.cli import disk_error
+from jaxcnn.cli import disk_error
 from jaxcnn.experiments.configs import get_config
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import Steps, make_eval_step

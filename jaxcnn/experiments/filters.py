@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn import inference, layers, viz
-from jaxcnn.experiments.cli import check_run_flag, path_flag, run_main
+from jaxcnn.cli import check_run_flag, path_flag, run_main
 from jaxcnn.runfolder import RunFolder
 
 CIFAR_FIRST_CONV = "block1_conv1"

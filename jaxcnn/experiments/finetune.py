@@ -72,7 +72,7 @@ from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add
                                    exit_process, join_processes, max_loss_setting, path_flag, run_main)
 from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
-from jaxcnn.runfolder import NothingToDo, RunFolder, SetAside, write_json
+from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: F401 (re-exported)
 from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import Processes, load_in_turn
 from jaxcnn.train.state import check_learning_rate
@@ -80,8 +80,6 @@ from jaxcnn.train.state import check_learning_rate
 PRESETS = ("default", "offline", "quick", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
 MODELS = ("resnet50", "small", "tiny")  # ResNet50, ResNetSmall (the quick preset's), ResNetTiny (tests)
-SUMMARY = "summary.json"  # <workdir>/summary.json: both phases' results (each phase is a run folder)
-PHASES = ("phase1", "phase2")
 log = logging.getLogger("jaxcnn")
 
 
@@ -241,7 +239,7 @@ def phase_rule(config: FinetuneConfig, phase: int, layer_order) -> freeze.Rule:
 
 def restore_phase(workdir, phase: int, *, which: str = "best") -> inference.Restored:
     """Phase ``phase`` of a fine-tuning run, restored for inference (``jaxcnn.inference.restore``)."""
-    return inference.restore(pathlib.Path(workdir) / f"phase{phase}", which=which)
+    return inference.restore(FinetuneFolder(workdir).phase(phase).path, which=which)
 
 
 # --------------------------------------------------------------------------- one phase
@@ -256,7 +254,7 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
     phase 2 is refused if phase 1 was trained again since). ``resume``: continue the phase
     (a phase that already ran to its end is not repeated; its summary is returned).
     """
-    run = RunFolder(pathlib.Path(workdir) / f"phase{phase}")
+    run = FinetuneFolder(workdir).phase(phase)
     order = model.backbone.layer_order()
     rule = phase_rule(config, phase, order)
     labels = freeze.label_tree(variables["params"], rule)
@@ -307,30 +305,13 @@ NO_WEIGHTS_WARNING = ("WARNING: running WITHOUT pretrained weights (--weights no
 
 
 def set_aside(workdir: pathlib.Path) -> SetAside:
-    """The two-phase run in ``workdir`` as ``--overwrite`` sets it aside: ``phase1/``, ``phase2/`` and
-    ``summary.json``, one unit (``jaxcnn.runfolder.SetAside``); the new run is the run once a phase has
-    a checkpoint."""
-    return SetAside(workdir, (*PHASES, SUMMARY),
-                    lambda: any(RunFolder(workdir / name).has_checkpoints() for name in PHASES))
+    """The two-phase run in ``workdir`` as ``--overwrite`` sets it aside (``FinetuneFolder.set_aside``)."""
+    return FinetuneFolder(workdir).set_aside()
 
 
 def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
-    """The checks of a fine-tuning workdir (its ``phase1/``, ``phase2/``) made before anything loads."""
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    phases = [RunFolder(workdir / name) for name in PHASES]
-    for folder in phases:
-        folder.check_writable()
-    aside = set_aside(workdir).pending()  # an interrupted --overwrite: ``run`` deals with it
-    if resume and not aside and not any(f.is_run() or f.has_checkpoints() for f in phases):
-        raise FileNotFoundError(f"--resume: {workdir} holds no fine-tuning run to resume (no phase1/ or phase2/ "
-                                f"run); start one without --resume")
-    taken = [str(f.path) for f in phases if f.has_checkpoints()] + \
-        [f"{workdir} (a run that an interrupted --overwrite set aside in .previous/)"] * aside
-    if taken and not (resume or overwrite):
-        raise FileExistsError(f"{' and '.join(taken)} already hold checkpoints. Continue the run with --resume "
-                              f"(phase by phase), start afresh with --overwrite, or pass another --workdir. "
-                              f"Nothing was changed.")
+    """The checks of a fine-tuning workdir made before anything loads (``FinetuneFolder.check_start``)."""
+    FinetuneFolder(workdir).check_start(resume=resume, overwrite=overwrite)
 
 
 @contextlib.contextmanager
@@ -385,7 +366,7 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
     common = dict(pretrained=pretrained, resume=resume, progress=progress, mesh=mesh, on_start=on_phase_start)
 
     with contextlib.ExitStack() as held:
-        procs.on_primary(lambda: held.enter_context(RunFolder(workdir).lock()) and None)
+        procs.on_primary(lambda: held.enter_context(FinetuneFolder(workdir).lock()) and None)
         aside = set_aside(workdir)
         note = procs.on_primary(aside.recover)  # what an --overwrite that was killed left
         if note and procs.primary:
@@ -407,7 +388,7 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
                    "num_classes": int(dataset.num_classes), "num_train": len(dataset.train.labels),
                    "phase1": s1, "phase2": s2, "wall_time_s": time.perf_counter() - t0, "device": s2["device"]}
         if procs.primary:
-            write_json(workdir / SUMMARY, summary)
+            FinetuneFolder(workdir).write_summary(summary)
     return summary
 
 

@@ -34,10 +34,9 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-
-
-class DistributedError(RuntimeError):
-    """The processes could not be joined (the coordinator unreachable, a wrong process id)."""
+from jaxcnn.data.core import DatasetUnavailableError
+from jaxcnn.errors import DistributedError, NothingToDo, RunBusyError
+from jaxcnn.runfolder import config_differences
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -333,9 +332,6 @@ class Processes:
         error it raised (a setting, a folder) raised on every process."""
         if self.count == 1:
             return fn()
-        from jaxcnn.data.core import DatasetUnavailableError
-        from jaxcnn.runfolder import NothingToDo, RunBusyError
-
         errors = {c.__name__: c for c in (ValueError, TypeError, FileExistsError, FileNotFoundError,
                                            PermissionError, RunBusyError, NothingToDo, DatasetUnavailableError)}
         out = {"result": None, "error": None}
@@ -365,8 +361,6 @@ class Processes:
         naming the process and the first differences."""
         if self.count == 1:
             return
-        from jaxcnn.runfolder import config_differences
-
         reference = self.share(config)
         mine = config_differences(reference, json.loads(json.dumps(config)), allowed=frozenset())
         diffs = self.gather_text(", ".join(mine[:5]))

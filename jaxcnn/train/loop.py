@@ -20,7 +20,7 @@ What can go wrong is handled there and here, and said in one sentence:
   one line), and the summary names the epoch whose weights it tested;
 * SIGINT / SIGTERM stop the run at the next step with a checkpoint of where it is (mid-epoch:
   ``resume`` continues from that step, bitwise): :class:`RunInterrupted`; further signals are
-  ignored while it stops (``jaxcnn.train.signals``);
+  ignored while it stops (``jaxcnn.signals``);
 * a training loss that is not finite or above ``FitConfig.max_loss`` (at any step), or a
   validation loss that is not finite, stops the run, keeps the last good checkpoints and writes
   the summary: :class:`TrainingDiverged`. (A finite validation spike is not divergence: early
@@ -43,16 +43,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcnn import report
+from jaxcnn.errors import RunInterrupted, TrainingDiverged
 from jaxcnn.models.spec import model_spec, module_of
 from jaxcnn.preprocess import get_preprocess
 from jaxcnn.runfolder import FORMAT_VERSION, RunFolder
+from jaxcnn.signals import signal_name
 from jaxcnn.train import sharding
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
 from jaxcnn.train.session import Best, RunSession
-from jaxcnn.train.signals import RunInterrupted, signal_name
 from jaxcnn.train.state import TrainState, get_learning_rate
 from jaxcnn.train.steps import Steps, make_logits_fn
 
@@ -60,15 +61,6 @@ log = logging.getLogger("jaxcnn")
 
 
 __all__ = ["RunInterrupted", "Steps", "TrainingDiverged", "fit", "run_config", "train_epoch"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss went non-finite or above ``FitConfig.max_loss``, or the validation loss
-    non-finite; ``summary`` is what was written."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
 
 
 def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Optional[Steps] = None, mesh=None,

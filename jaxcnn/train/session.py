@@ -4,7 +4,7 @@
 
 * the folder's **lock** (process 0: one run at a time trains into a folder);
 * **deferred signals**: the first SIGINT / SIGTERM is noted, and the loop stops where it can
-  (``jaxcnn.train.signals``); :meth:`RunSession.signal` reads it, agreed between processes;
+  (``jaxcnn.signals``); :meth:`RunSession.signal` reads it, agreed between processes;
 * the **overwrite guard**: with ``overwrite`` the old run is set aside (``<run>/.previous/``)
   and deleted once the new run has saved its first checkpoint; a run that ends before that,
   however it ends, gets it back;
@@ -32,11 +32,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxcnn.errors import RunInterrupted
 from jaxcnn.runfolder import HISTORY_FIELDS, DamagedCheckpointError, NothingToDo, RunFolder
+from jaxcnn.signals import signal_name, signals_deferred
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
-from jaxcnn.train.signals import RunInterrupted, signal_name, signals_deferred
 from jaxcnn.train.state import TrainState, set_learning_rate, state_from_tree, state_to_tree
 
 log = logging.getLogger("jaxcnn")

@@ -25,24 +25,9 @@ import signal
 import threading
 from typing import Optional
 
+from jaxcnn.errors import SignalStop
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class RunInterrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped the run; the message says what was saved and how to continue."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-class SignalStop(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside training: raised at once by the handler. A KeyboardInterrupt (a
-    BaseException), so that no ``except Exception`` on the way turns it into another error."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def signal_name(signum: int) -> str:

@@ -44,7 +44,7 @@ import numpy as np
 from jaxcnn.models import CifarCNN, Classifier, ResNet
 from jaxcnn.preprocess import scale_to_unit
 
-__all__ = ["default_layer", "feature_layers", "grad_cam"]
+__all__ = ["check_layer", "default_layer", "feature_layers", "grad_cam"]
 
 
 def default_layer(model: nn.Module) -> str:
@@ -91,8 +91,12 @@ def feature_layers(model: nn.Module, variables: dict, image_shape) -> list[str]:
     return [p for p, shape in _outputs(model, variables, x) if len(shape) == 4]
 
 
-def _check_layer(model, variables, x, layer: str) -> tuple:
-    """The output shape of ``layer`` for input ``x``; ValueError naming the layer and the choices."""
+def check_layer(model: nn.Module, variables: dict, image_shape, layer: str, *, batch: int = 1) -> tuple:
+    """The output shape ``(batch, h, w, C)`` of the submodule ``layer`` for images of ``image_shape``
+    ``(H, W, C)``; ValueError naming the layer and the model's feature maps when it is not one."""
+    if not isinstance(layer, str):
+        raise TypeError(f"grad_cam: layer must be a submodule path (str), got {layer!r}")
+    x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     outputs = _outputs(model, variables, x)
     shapes = [s for p, s in outputs if p == layer]
     maps = [p for p, s in outputs if len(s) == 4]
@@ -170,14 +174,12 @@ def grad_cam(model: nn.Module, variables: dict, images, *, preprocess: Callable 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{fn}: batch_size={batch_size!r}; must be an int >= 1")
     layer = default_layer(model) if layer is None else layer
-    if not isinstance(layer, str):
-        raise TypeError(f"{fn}: layer must be a submodule path (str), got {layer!r}")
     n = images.shape[0]
     if n == 0:
         return np.zeros((0, *images.shape[1:3]), np.float32)
     batch_size = min(batch_size, n)
+    feat_shape = check_layer(model, variables, images.shape[1:], layer, batch=batch_size)
     x = jax.ShapeDtypeStruct((batch_size, *images.shape[1:]), jnp.float32)
-    feat_shape = _check_layer(model, variables, x, layer)
     out_shape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x).shape
     num_classes = out_shape[-1]
     if class_index is None:

@@ -5,8 +5,9 @@
     maps = explain.grad_cam(run.model, run.variables, images_uint8, preprocess=run.preprocess)  # (N, H, W)
 
 Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391) takes a feature map ``A`` ``(h, w, C)``
-inside the network and the model's score ``y_c`` for class ``c`` (its output before any
-softmax: the logit, for every model here) and computes::
+inside the network and the model's score ``y_c`` for class ``c`` (its output: the logit for the
+models runs train here; a ``ResNet`` with ``classifier_activation="softmax"`` outputs the
+probability, and that is what is explained) and computes::
 
     alpha[k] = mean over (i, j) of  d y_c / d A[i, j, k]        # (C,) one weight per channel
     cam      = ReLU( sum_k alpha[k] * A[:, :, k] )               # (h, w)
@@ -115,7 +116,7 @@ def check_layer(model: nn.Module, variables: dict, image_shape, layer: str, *, b
 
 @functools.partial(jax.jit, static_argnames=("model", "layer", "preprocess"))
 def _cam(model, variables, images, class_index, eps, *, layer, preprocess):
-    """``(maps (B, H, W) before normalising, scores (B, K))`` for one batch; ``class_index`` (B,), -1: the top class."""
+    """``(maps (B, H, W), not yet normalised; scores (B, K))`` of one batch; ``class_index`` (B,), -1: the top."""
     x = preprocess(images)
 
     def forward(eps):

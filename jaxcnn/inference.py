@@ -7,12 +7,17 @@ process from the folder alone::
     from jaxcnn import inference
     run = inference.restore("checkpoints/cifar10-offline-demo")   # the best epoch's weights
     probs = run.predict(images_uint8)                              # (N, num_classes), the run's preprocessing
-    run.model, run.variables, run.config, run.class_names
+    run.model, run.variables, run.config, run.class_names, run.temperature
 
 The model is rebuilt from the spec in the run's ``config.json`` (``jaxcnn.models.build_model``);
 for a model outside ``jaxcnn.models.MODEL_KINDS``, pass it: ``restore(workdir, model=MyNet())``.
 Either way the restored variables are checked against ``model.init``'s structure and shapes,
 and the first mismatch is named.
+
+Probabilities are calibrated when the run has a temperature: the end-of-run report fits ``T`` on
+the validation split (``summary.json``'s ``temperature``, for the weights it scored, the best
+epoch's), and ``run.predict`` returns ``softmax(logits / T)``; ``run.predict(x, temperature=False)``
+gives the raw ``softmax(logits)``. The ranking of the classes is the same either way.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class Restored:
       variables: ``{"params": ..., "batch_stats": ...}`` on the default device.
       config: the run's ``config.json``.
       epoch: the epoch whose weights these are; ``which``: ``"best"`` or ``"latest"``.
+      temperature: the run's fitted temperature (``summary.json``'s ``temperature``, fitted on the
+        validation split by the end-of-run report) when these are the weights it was fitted for
+        (the summary's ``best_epoch``); None otherwise, or when the run has none.
     """
 
     model: nn.Module
@@ -51,6 +59,7 @@ class Restored:
     config: dict
     epoch: int
     which: str
+    temperature: Optional[float] = None
 
     @property
     def preprocess(self) -> Callable:
@@ -61,10 +70,17 @@ class Restored:
     def class_names(self) -> tuple[str, ...]:
         return tuple(self.config.get("data", {}).get("class_names", ()))
 
-    def predict(self, images, *, batch_size: int = 256, return_logits: bool = False) -> np.ndarray:
-        """Class probabilities ``(N, num_classes)`` for uint8 images ``(N, H, W, C)`` (see :func:`predict`)."""
+    def predict(self, images, *, batch_size: int = 256, return_logits: bool = False,
+                temperature: bool = True) -> np.ndarray:
+        """Class probabilities ``(N, num_classes)`` for uint8 images ``(N, H, W, C)`` (see :func:`predict`):
+        ``softmax(logits / self.temperature)`` when the run has one and ``temperature`` is True,
+        else ``softmax(logits)``. ``return_logits``: the logits (never scaled)."""
+        if not isinstance(temperature, bool):
+            raise TypeError(f"Restored.predict: temperature must be True (the run's) or False (none), "
+                            f"got {temperature!r}")
+        t = self.temperature if temperature else None
         return predict(self.model, self.variables, images, preprocess=self.preprocess, batch_size=batch_size,
-                       return_logits=return_logits)
+                       return_logits=return_logits, temperature=t)
 
 
 def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) -> Restored:
@@ -104,7 +120,19 @@ def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) ->
     image_shape = config.get("data", {}).get("image_shape")
     if image_shape:
         check_variables(model, variables, image_shape)
-    return Restored(model=model, variables=jax.device_put(variables), config=config, epoch=int(epoch), which=which)
+    return Restored(model=model, variables=jax.device_put(variables), config=config, epoch=int(epoch), which=which,
+                    temperature=_temperature(run, int(epoch)))
+
+
+def _temperature(run: RunFolder, epoch: int) -> Optional[float]:
+    """The summary's fitted temperature if it was fitted for ``epoch``'s weights, else None."""
+    summary = run.read_summary()
+    t = summary.get("temperature")
+    if t is None or summary.get("best_epoch") != epoch:
+        return None
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        raise ValueError(f"restore: {run.path / 'summary.json'} has temperature={t!r}; must be a number > 0")
+    return float(t)
 
 
 def check_variables(model: nn.Module, variables: dict, image_shape) -> None:
@@ -125,25 +153,30 @@ def check_variables(model: nn.Module, variables: dict, image_shape) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "preprocess", "return_logits"))
-def _forward(model, variables, images, preprocess, return_logits):
+def _forward(model, variables, images, temperature, preprocess, return_logits):
     logits = model.apply(variables, preprocess(images), train=False)  # (B, K)
-    return logits if return_logits else jax.nn.softmax(logits, axis=-1)
+    return logits if return_logits else jax.nn.softmax(logits / temperature, axis=-1)
 
 
 def predict(model: nn.Module, variables: dict, images, *, preprocess: Callable = scale_to_unit,
-            batch_size: int = 256, return_logits: bool = False) -> np.ndarray:
+            batch_size: int = 256, return_logits: bool = False, temperature: Optional[float] = None) -> np.ndarray:
     """Class probabilities ``(N, num_classes)`` (softmax of the logits) for uint8 images ``(N, H, W, C)``.
 
     Runs ``model.apply(variables, preprocess(x), train=False)`` in batches of ``batch_size``
     (the last one padded, its padding dropped), jitted once per model, preprocessing and
     input shape (JAX's own jit cache): repeated calls do not compile again. Pass the run's
     preprocessing (``Restored.predict`` does). ``return_logits``: the logits instead.
+    ``temperature``: ``T > 0`` gives ``softmax(logits / T)`` (temperature scaling; None: ``T = 1``).
     """
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"predict: images must be (N, H, W, C), got shape {images.shape}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"predict: batch_size={batch_size!r}; must be an int >= 1")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 < temperature < float("inf")):
+        raise ValueError(f"predict: temperature={temperature!r}; must be None or a number > 0")
+    t = jnp.float32(1.0 if temperature is None else temperature)
     n = images.shape[0]
     batch_size = min(batch_size, max(n, 1))
     outs = []
@@ -152,6 +185,6 @@ def predict(model: nn.Module, variables: dict, images, *, preprocess: Callable =
         pad = batch_size - chunk.shape[0]
         if pad:  # one compiled shape for every batch
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out = _forward(model, variables, chunk, preprocess, bool(return_logits))
+        out = _forward(model, variables, chunk, t, preprocess, bool(return_logits))
         outs.append(np.asarray(out)[: batch_size - pad])
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)

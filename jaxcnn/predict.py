@@ -2,6 +2,7 @@
 
     python -m jaxcnn.predict --run checkpoints/finetune-folder-default/phase2 photo.jpg more_photos/
     python -m jaxcnn.predict --run runs/a --top_k 5 --out preds.csv ~/new/
+    python -m jaxcnn.predict --run runs/a --explain explained/ photo.jpg      # + a Grad-CAM PNG per image
 
 ``--run`` is any run folder (a ``cifar10`` run, a fine-tuning phase, a ``fit`` of your own with a
 ``jaxcnn.models`` model). Its model is rebuilt from its ``config.json`` and given its best
@@ -9,6 +10,16 @@ checkpoint (``--which latest``: its latest), as ``jaxcnn.inference.restore`` doe
 read with the folder dataset's own decoding (``jaxcnn.data.folder.decode_image``: RGB, resized
 to the run's input size) and classified with the run's preprocessing, ``--batch_size`` at a time.
 Folders are searched recursively (hidden files skipped).
+
+Probabilities: ``softmax(logits / T)`` with the temperature ``T`` the run's end-of-run report
+fitted on its validation split (``summary.json``'s ``temperature``; calibrated probabilities,
+same ranking); ``--no_temperature`` gives the raw ``softmax(logits)``. A run without one (or
+``--which latest`` on other weights than the report's) gets the raw softmax.
+
+``--explain DIR``: also writes ``DIR/<image name>.png`` per image: the image, its Grad-CAM heat
+map (``jaxcnn.explain.grad_cam``) for the predicted class (``--explain_class NAME``: that class)
+on the model's default layer (the CIFAR CNN's last conv block, a ResNet's last stage;
+``--explain_layer PATH`` for another), and the top-k classes.
 
 Output: one line per image on stdout, ``<path>: <class> <prob>, <class> <prob>, ...`` (most
 likely first); a file that cannot be read gets a line on stderr, and the rest are still
@@ -29,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from jaxcnn import inference
+from jaxcnn import explain, inference, viz
 from jaxcnn.data.folder import decode_images
 from jaxcnn.cli import check_run_flag, path_flag, run_main
 
@@ -62,9 +73,11 @@ def check_out(out: pathlib.Path) -> None:
         raise PermissionError(f"--out {out}: cannot write into {parent}")
 
 
-def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch_size: int = 64):
+def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch_size: int = 64,
+             temperature: bool = True):
     """Yields ``(path, [(class name, probability), ...] top_k, most likely first, None)`` per
-    readable image, and ``(path, None, why it cannot be read)`` per unreadable one, in the order of ``paths``."""
+    readable image, and ``(path, None, why it cannot be read)`` per unreadable one, in the order of ``paths``.
+    ``temperature``: the run's temperature scales the logits (``Restored.predict``)."""
     image_shape = run.config.get("data", {}).get("image_shape")
     if not image_shape:
         raise ValueError("the run's config.json records no data.image_shape: cannot tell the input size")
@@ -74,7 +87,7 @@ def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch
         images, errors = decode_images(chunk, tuple(image_shape[:2]))
         bad = dict(errors)
         good = [i for i in range(len(chunk)) if i not in bad]
-        probs = run.predict(images[good], batch_size=batch_size) if good else None  # (n_good, K)
+        probs = run.predict(images[good], batch_size=batch_size, temperature=temperature) if good else None  # (n, K)
         row = dict(zip(good, range(len(good))))
         for i, path in enumerate(chunk):
             if i in bad:
@@ -87,6 +100,40 @@ def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch
             yield path, [(names[k], float(p[k])) for k in top], None
 
 
+def explain_images(run: inference.Restored, tops: dict, out_dir: pathlib.Path, *, class_index=None,
+                   layer: Optional[str] = None, batch_size: int = 64) -> list[pathlib.Path]:
+    """Writes one PNG per image of ``tops`` (``{path: [(class, prob), ...]}``, from :func:`classify`)
+    into ``out_dir``: the image, its Grad-CAM map for ``class_index`` (None: the predicted class)
+    and its top classes. Named after the image (``-2``, ``-3`` ... when two images share a name);
+    returns the files written, in the order of ``tops``. A ``1 x 1`` feature map (a ResNet's last
+    stage on small images) is named in a warning: its maps are uniform."""
+    image_shape = run.config["data"]["image_shape"]
+    size = tuple(image_shape[:2])
+    names = list(run.class_names)
+    layer = layer or explain.default_layer(run.model)
+    h, w = explain.check_layer(run.model, run.variables, image_shape, layer)[1:3]
+    if h * w == 1:
+        print(f"warning: {layer} is 1x1 at {size[0]}x{size[1]} pixels: its Grad-CAM maps are uniform; pass "
+              f"--explain_layer with an earlier feature map", file=sys.stderr)
+    paths, taken, written = list(tops), set(), []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images, _ = decode_images(chunk, size)  # (n, H, W, 3): these all decoded once already
+        maps = explain.grad_cam(run.model, run.variables, images, preprocess=run.preprocess, layer=layer,
+                                class_index=class_index, batch_size=batch_size)
+        for path, image, cam in zip(chunk, images, maps):
+            stem, n = pathlib.Path(path).stem, 1
+            while (name := stem + (f"-{n}" if n > 1 else "") + ".png") in taken:
+                n += 1
+            taken.add(name)
+            top = tops[path]
+            explained = top[0][0] if class_index is None else names[class_index]
+            written.append(viz.save_figure(viz.plot_explanation(image, cam, top, explained=explained,
+                                                                layer=f"{layer} ({h}x{w})",
+                                                                title=str(path)), out_dir / name))
+    return written
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
@@ -96,6 +143,16 @@ def _parse(argv):
     p.add_argument("--out", help="also write the predictions to this CSV file")
     p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
     p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (64)")
+    p.add_argument("--no_temperature", action="store_true",
+                   help="the raw softmax; default: softmax(logits / T) with the temperature T fitted on the run's "
+                        "validation split (summary.json), when it has one")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write a PNG per image into DIR: the image, its Grad-CAM heat map, the top-k classes")
+    p.add_argument("--explain_class", metavar="NAME", help="with --explain: the class the maps explain "
+                                                           "(default: each image's predicted class)")
+    p.add_argument("--explain_layer", metavar="PATH",
+                   help="with --explain: the feature map explained, a submodule path (default: the CIFAR CNN's last "
+                        "conv block, block3_bn2; a ResNet's last stage, backbone/conv5_block3_out)")
     return p.parse_args(argv)
 
 
@@ -111,18 +168,34 @@ def _main(args) -> int:
     out = path_flag("--out", args.out)
     if out is not None:
         check_out(out)
+    explain_dir = path_flag("--explain", args.explain)
+    for flag in ("explain_class", "explain_layer"):
+        if getattr(args, flag) is not None and explain_dir is None:
+            raise ValueError(f"--{flag} applies with --explain DIR")
+    if explain_dir is not None and explain_dir.exists() and not explain_dir.is_dir():
+        raise ValueError(f"--explain {explain_dir} is a file; name a folder")
     run_dir = pathlib.Path(args.run)
     check_run_flag(run_dir)
     run = inference.restore(run_dir, which=args.which)
+    class_index = None
+    if args.explain_class is not None:
+        if args.explain_class not in run.class_names:
+            raise ValueError(f"--explain_class={args.explain_class!r} is not one of the run's classes: "
+                             + ", ".join(run.class_names))
+        class_index = run.class_names.index(args.explain_class)
+    if explain_dir is not None and args.explain_layer is not None:  # before any image is read
+        explain.check_layer(run.model, run.variables, run.config["data"]["image_shape"], args.explain_layer)
     top_k = min(args.top_k, int(run.config.get("data", {}).get("num_classes") or args.top_k))
     paths = find_images(args.images)
-    rows, n_ok = [], 0
-    for path, top, error in classify(run, paths, top_k=top_k, batch_size=args.batch_size):
+    rows, n_ok, tops = [], 0, {}
+    for path, top, error in classify(run, paths, top_k=top_k, batch_size=args.batch_size,
+                                     temperature=not args.no_temperature):
         if error is not None:
             print(f"cannot read {path}: {error}", file=sys.stderr)
             rows.append([path] + [""] * (2 * top_k) + [error])
             continue
         n_ok += 1
+        tops[path] = top
         print(f"{path}: " + ", ".join(f"{name} {prob:.4f}" for name, prob in top))
         rows.append([path] + [v for name, prob in top for v in (name, f"{prob:.6g}")] + [""] * (2 * (top_k - len(top)))
                     + [""])
@@ -136,8 +209,14 @@ def _main(args) -> int:
         os.replace(tmp, out)
     if n_ok == 0:
         raise ValueError(f"none of the {len(paths)} file(s) could be read as a JPEG or PNG image")
-    print(f"{n_ok} of {len(paths)} file(s) classified with {run_dir} ({run.which} epoch {run.epoch})"
-          + (f"; predictions in {args.out}" if args.out else ""), file=sys.stderr)
+    if explain_dir is not None:
+        explain_images(run, tops, explain_dir, class_index=class_index, layer=args.explain_layer,
+                       batch_size=args.batch_size)
+    t = None if args.no_temperature else run.temperature
+    print(f"{n_ok} of {len(paths)} file(s) classified with {run_dir} ({run.which} epoch {run.epoch}"
+          + (f", temperature {t:.3g}" if t is not None else "") + ")"
+          + (f"; predictions in {args.out}" if args.out else "")
+          + (f"; Grad-CAM maps in {explain_dir}" if explain_dir is not None else ""), file=sys.stderr)
     return 0
 
 

@@ -585,3 +585,81 @@ def plot_reliability(
     if path is not None:
         save_figure(fig, path, dpi=dpi)
     return fig
+
+
+# ---------------------------------------------------------------------------- explanations
+
+
+def plot_explanation(
+    image,
+    cam,
+    top: Sequence[tuple[str, float]],
+    *,
+    explained: str,
+    layer: Optional[str] = None,
+    title: Optional[str] = None,
+    alpha: float = 0.5,
+    path: Optional[Union[str, os.PathLike]] = None,
+    dpi: int = 100,
+) -> Figure:
+    """One image explained: the image, its Grad-CAM heat map laid over it, and the model's top classes.
+
+    Args:
+      image: uint8 ``(H, W, 3)`` (or ``(H, W)`` greyscale), as the model saw it.
+      cam: ``(H, W)`` in [0, 1]: ``jaxcnn.explain.grad_cam``'s map of this image.
+      top: ``[(class name, probability), ...]``, most likely first (drawn as bars, the explained
+        class's in orange).
+      explained: the class the map is for.
+      layer: the feature map the map was computed on (written under the map).
+      title: figure title (e.g. the file's name).
+      alpha: the heat map's opacity over the image.
+      path: also write a PNG there (``(11, 3.8)`` inches ``* dpi`` pixels).
+
+    Returns:
+      The figure: axes 0 the image, 1 the image with the map (its second image is ``cam``), 2 the
+      bars (and the map's colour bar).
+    """
+    fn = "plot_explanation"
+    img = np.asarray(image)
+    heat = np.asarray(cam, np.float64)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"{fn}: image must be (H, W, 3) or (H, W), got shape {img.shape}")
+    if heat.shape != img.shape[:2]:
+        raise ValueError(f"{fn}: cam has shape {heat.shape}; expected the image's {img.shape[:2]}")
+    if not top:
+        raise ValueError(f"{fn}: top must list at least one (class name, probability)")
+    pixels = img / 255.0 if img.dtype == np.uint8 else _unit(img.astype(np.float64))
+    cmap = "gray" if img.ndim == 2 else None
+
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    ax_img, ax_cam, ax_bar = fig.subplots(1, 3, width_ratios=(1, 1, 1.3))
+    ax_img.imshow(pixels, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax_img.set_title("image", fontsize=10)
+    ax_cam.imshow(pixels, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    shown = ax_cam.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
+    ax_cam.set_title(f"Grad-CAM: {explained}", fontsize=10)
+    if layer:
+        ax_cam.set_xlabel(f"on {layer}", fontsize=8)
+    for ax in (ax_img, ax_cam):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(shown, ax=ax_cam, shrink=0.8, label="evidence (1 = strongest)")
+
+    names = [str(n) for n, _ in top]
+    probs = np.array([float(p) for _, p in top])
+    rows = np.arange(len(names))
+    ax_bar.barh(rows, probs, color=["tab:orange" if n == explained else "tab:blue" for n in names])
+    for r, p in zip(rows, probs):
+        ax_bar.text(min(p, 1.0) + 0.01, r, f"{p:.3f}", va="center", fontsize=8)
+    ax_bar.set_yticks(rows, names, fontsize=9)
+    ax_bar.invert_yaxis()  # most likely on top
+    ax_bar.set_xlim(0, 1.15)
+    ax_bar.set_xlabel("probability")
+    ax_bar.set_title(f"top {len(names)} classes", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if path is not None:
+        save_figure(fig, path, dpi=dpi)
+    return fig

@@ -88,6 +88,8 @@ def test_training_reaches_checkpoints_only_through_the_run_folder():
     ("jaxcnn.inference", "jaxcnn.experiments"),  # a run restores without the code that made it
     ("jaxcnn.inference", "jaxcnn.train"),
     ("jaxcnn.viz", "jaxcnn.experiments"),
+    ("jaxcnn.explain", "jaxcnn.experiments"),   # Grad-CAM needs a model and its variables, nothing of training
+    ("jaxcnn.explain", "jaxcnn.train"),
     ("jaxcnn.results", "jaxcnn.experiments"),   # test results come from the run folder, not the experiment
     ("jaxcnn.results", "jaxcnn.train"),
     ("jaxcnn.data", "jaxcnn.train"),            # a streaming loader may reuse jaxcnn.data.folder

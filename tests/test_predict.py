@@ -258,9 +258,11 @@ def test_predict_runs_as_a_command_in_a_fresh_process(runs, photo_folder):
     got = _parse_lines(done.stdout)
     want = _expected(workdir, files, 3)
     assert [[c for c, _ in got[f]] for f in files] == [[c for c, _ in want[f]] for f in files]
+    run = inference.restore(workdir)
+    assert run.temperature is not None  # the report fitted one on the validation split; the probabilities use it
     assert done.stderr.splitlines() == [f"cannot read {manifest['bad'][2]}: not a JPEG or PNG image",
                                         f"3 of 4 file(s) classified with {workdir} (best epoch "
-                                        f"{inference.restore(workdir).epoch})"]
+                                        f"{run.epoch}, temperature {run.temperature:.3g})"]
 
 
 def test_predict_refuses_a_missing_or_damaged_run_in_one_line(runs, photo_folder, capsys, tmp_path):
@@ -289,3 +291,98 @@ def test_predict_refuses_a_missing_or_damaged_run_in_one_line(runs, photo_folder
     assert code == 2 and err.splitlines()[-1] == "error: none of the 3 file(s) could be read as a JPEG or PNG image"
     code, _, err = cli(capsys, predict.main, ["--run", str(runs["cifar10"][0]), image, "--top_k", "0"])
     assert code == 2 and err == "error: --top_k=0; must be >= 1\n"
+
+
+# --------------------------------------------------------------------------- predict --explain, the temperature
+
+
+def test_predict_explain_writes_one_png_per_image(runs, photo_folder, capsys, tmp_path):
+    # (the cifar10 run only: a ResNet's default layer is checked in test_explain; compiling its Grad-CAM costs 5 s)
+    root, manifest = photo_folder
+    workdir = runs["cifar10"][0]
+    files = [f["path"] for f in manifest["files"] if f["class"] == "ring"][:2] + [str(root / "disk" / "broken.jpg")]
+    files.append(str(tmp_path / "ring" / pathlib.Path(files[0]).name))  # another image of the same name
+    (tmp_path / "ring").mkdir()
+    (tmp_path / "ring" / pathlib.Path(files[0]).name).write_bytes(pathlib.Path(files[0]).read_bytes())
+    out_dir = tmp_path / "explained"
+    code, out, err = cli(capsys, predict.main, ["--run", str(workdir), "--explain", str(out_dir), *files])
+    assert code == 0, err
+    stems = [pathlib.Path(f).stem for f in files]
+    want = sorted([f"{stems[0]}.png", f"{stems[1]}.png", f"{stems[0]}-2.png"])  # the unreadable file: none
+    assert sorted(p.name for p in out_dir.iterdir()) == want
+    for name in want:
+        pixels = _png(out_dir / name)
+        assert pixels.shape == (380, 1100, 3) and pixels.std() > 20
+        assert (pixels[..., 0] > 200).mean() > 0.005  # the heat map's red and the bars' orange are there
+    assert err.splitlines()[-1].endswith(f"; Grad-CAM maps in {out_dir}")
+
+
+def test_predict_explain_class_and_layer_are_checked_before_any_image_is_read(runs, photo_folder, capsys, tmp_path):
+    _, manifest = photo_folder
+    image, workdir = manifest["files"][0]["path"], runs["cifar10"][0]
+    out_dir = tmp_path / "explained"
+    for args, message in (
+        (["--explain_class", "cat"], "error: --explain_class='cat' is not one of the run's classes: disk, ring, "
+                                     "square\n"),
+        (["--explain_layer", "dense"], "error: grad_cam: layer='dense' outputs shape (1, 32); Grad-CAM needs a "
+                                       "(N, h, w, C) feature map\n"),
+    ):
+        code, out, err = cli(capsys, predict.main, ["--run", str(workdir), "--explain", str(out_dir), image] + args)
+        assert (code, out, err) == (2, "", message)
+    code, out, err = cli(capsys, predict.main, ["--run", str(workdir), "--explain_class", "ring", image])
+    assert (code, out, err) == (2, "", "error: --explain_class applies with --explain DIR\n")
+    assert not out_dir.exists()
+    code, _, err = cli(capsys, predict.main, ["--run", str(workdir), "--explain", str(out_dir), "--explain_class",
+                                              "square", "--explain_layer", "block1_bn2", image])
+    assert code == 0 and [p.name for p in out_dir.iterdir()] == [pathlib.Path(image).stem + ".png"], err
+
+
+def test_plot_explanation_draws_the_map_it_is_given_over_the_image():
+    rng = np.random.default_rng(0)
+    image, cam = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.random((8, 8))
+    fig = viz.plot_explanation(image, cam, [("ring", 0.7), ("disk", 0.2)], explained="disk", layer="block3_bn2")
+    ax_img, ax_cam, ax_bar = fig.axes[:3]
+    np.testing.assert_allclose(ax_img.images[0].get_array(), image / 255.0)
+    np.testing.assert_allclose(ax_cam.images[1].get_array(), cam)
+    assert ax_cam.get_title() == "Grad-CAM: disk" and ax_cam.get_xlabel() == "on block3_bn2"
+    assert [t.get_text() for t in ax_bar.get_yticklabels()] == ["ring", "disk"]
+    assert [round(p.get_width(), 6) for p in ax_bar.patches] == [0.7, 0.2]
+    with pytest.raises(ValueError, match=r"cam has shape \(4, 4\); expected the image's \(8, 8\)"):
+        viz.plot_explanation(image, cam[:4, :4], [("ring", 1.0)], explained="ring")
+
+
+def _softmax64(logits, t=1.0):
+    z = np.asarray(logits, np.float64) / t
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_predict_scales_by_the_runs_temperature_unless_told_not_to(runs, photo_folder, capsys, tmp_path):
+    import shutil
+
+    _, manifest = photo_folder
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["cifar10"][0], workdir)
+    folder = RunFolder(workdir)
+    summary = folder.read_summary()
+    folder.write_summary({**summary, "temperature": 2.0})
+    files = [f["path"] for f in manifest["files"][:6]]
+    run = inference.restore(workdir)
+    assert run.temperature == 2.0 and run.epoch == summary["best_epoch"]
+    images = np.stack([decode_image(f, (24, 24)) for f in files])
+    logits = run.predict(images, return_logits=True)
+    np.testing.assert_allclose(run.predict(images), _softmax64(logits, 2.0), atol=1e-6)
+    np.testing.assert_allclose(run.predict(images, temperature=False), _softmax64(logits), atol=1e-6)
+    for extra, t in (([], 2.0), (["--no_temperature"], 1.0)):
+        csv_path = tmp_path / f"preds{len(extra)}.csv"
+        code, _, err = cli(capsys, predict.main, ["--run", str(workdir), "--out", str(csv_path), *files] + extra)
+        assert code == 0, err
+        assert (", temperature 2)" in err) == (t == 2.0)
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        want = _softmax64(logits, t)
+        for row, p in zip(rows, want):
+            got = {row[i]: float(row[i + 1]) for i in (1, 3, 5)}
+            np.testing.assert_allclose([got[c] for c in CLASSES], p, rtol=1e-5)
+    folder.write_summary({**summary, "temperature": 2.0, "best_epoch": summary["best_epoch"] + 1})
+    assert inference.restore(workdir).temperature is None  # fitted for other weights than these

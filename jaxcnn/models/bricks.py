@@ -7,7 +7,9 @@ weights (checked against Keras in ``tests/test_cifar_cnn.py`` and ``tests/test_r
   optional zero-initialised bias (Keras' ``Conv2D`` initialisers);
 * :class:`BatchNorm` — ``flax.linen.BatchNorm`` with Keras' ``momentum=0.99`` and
   ``epsilon=1e-3`` (Flax's own default epsilon is 1e-5). Flax's momentum means what Keras'
-  does: ``moving = momentum * moving + (1 - momentum) * batch``.
+  does: ``moving = momentum * moving + (1 - momentum) * batch``;
+* :class:`ReLU` — a weightless named ReLU (Keras' ``Activation("relu")`` layer), so an output
+  that is no other layer's is still a submodule's (``jaxcnn.explain`` reads feature maps there).
 """
 
 from __future__ import annotations
@@ -84,3 +86,12 @@ class BatchNorm(nn.BatchNorm):
 
     momentum: float = KERAS_BN_MOMENTUM
     epsilon: float = KERAS_BN_EPSILON
+
+
+class ReLU(nn.Module):
+    """``max(x, 0)`` as a named layer without weights (Keras' ``Activation("relu")``): it adds
+    nothing to ``params``, and its output can be intercepted by name (``nn.intercept_methods``)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(x)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn import layers
-from jaxcnn.models.bricks import KERAS_BN_MOMENTUM, BatchNorm, Conv2D, glorot_uniform
+from jaxcnn.models.bricks import KERAS_BN_MOMENTUM, BatchNorm, Conv2D, ReLU, glorot_uniform
 
 #: Keras applications' ResNet BatchNorm epsilon (not Keras' 1e-3 default).
 RESNET_BN_EPSILON = 1.001e-5
@@ -170,7 +170,7 @@ class ResNet(nn.Module):
                 y = nn.relu(bn(conv(f, 1, strides=stride, name=f"{p}_1_conv")(x), f"{p}_1_bn"))
                 y = nn.relu(bn(conv(f, 3, padding="SAME", name=f"{p}_2_conv")(y), f"{p}_2_bn"))
                 y = bn(conv(4 * f, 1, name=f"{p}_3_conv")(y), f"{p}_3_bn")
-                x = nn.relu(shortcut + y)  # {p}_add, {p}_out
+                x = ReLU(name=f"{p}_out")(shortcut + y)  # {p}_add, {p}_out: the block's output, a named layer
 
         if self.include_top:
             x = layers.global_avg_pool2d(x)  # (N, 2048)

@@ -35,6 +35,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -120,7 +121,9 @@ def _quiet_failed_reads():
     tracebacks per damaged checkpoint. Those reports are dropped here (the error itself is
     raised to the caller); collection is forced before the hooks are put back. A failed read
     also leaves tensorstore callbacks that report "Event loop is closed" a moment later: a
-    narrow filter for exactly those stays on ``sys.unraisablehook`` (others pass through)."""
+    narrow filter for exactly those goes on ``sys.unraisablehook`` (others pass through) for
+    ``_LATE_REPORTS_S`` seconds, after which it puts the previous hook back."""
+    _drop_expired_filter()
     hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
     level = asyncio_log.level
     sys.unraisablehook = lambda unraisable: None
@@ -137,15 +140,34 @@ def _quiet_failed_reads():
         asyncio_log.setLevel(level)
 
 
-def _closed_loop_filter(previous):
+#: How long after a failed read the "Event loop is closed" reports are dropped.
+_LATE_REPORTS_S = 30.0
+
+
+def _closed_loop_filter(previous, seconds: float = _LATE_REPORTS_S):
+    """``sys.unraisablehook`` that drops "Event loop is closed" for ``seconds``; the first report
+    after that puts ``previous`` back (when this filter is still the hook) and passes on."""
+    until = time.monotonic() + seconds
+
     def hook(unraisable):
+        if time.monotonic() >= until:
+            if sys.unraisablehook is hook:
+                sys.unraisablehook = previous
+            return previous(unraisable)
         exc = unraisable.exc_value
         if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
             return
         previous(unraisable)
 
-    hook._jaxcnn_filter = True
+    hook._jaxcnn_filter, hook._jaxcnn_previous, hook._jaxcnn_until = True, previous, until
     return hook
+
+
+def _drop_expired_filter() -> None:
+    """Put the hook back that an expired ``_closed_loop_filter`` wraps (when it is the hook)."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_jaxcnn_filter", False) and time.monotonic() >= hook._jaxcnn_until:
+        sys.unraisablehook = hook._jaxcnn_previous
 
 
 def check_which(which: str, fn: str = "Checkpoints", allowed=WHICH) -> str:

@@ -123,3 +123,31 @@ def test_restore_errors_name_the_file_and_the_problem(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         inference.restore(tmp_path)
+
+
+def test_the_closed_loop_filter_puts_the_previous_hook_back_once_it_expires(monkeypatch):
+    """After a failed read, "Event loop is closed" reports are dropped for a while, not for the rest of
+    the process: once expired, the filter hands reports on and puts the previous hook back."""
+    import sys
+    import types
+
+    from jaxcnn import checkpoint
+
+    seen = []
+    previous = seen.append
+    monkeypatch.setattr(sys, "unraisablehook", previous)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=ValueError("something else"))
+    clock = [100.0]
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: clock[0])
+    hook = checkpoint._closed_loop_filter(previous, seconds=30.0)
+    sys.unraisablehook = hook
+    hook(closed)
+    hook(other)
+    assert seen == [other] and sys.unraisablehook is hook  # dropped while it lasts; others pass
+    clock[0] = 131.0
+    hook(closed)
+    assert seen == [other, closed] and sys.unraisablehook is previous  # expired: handed on, hook back
+    sys.unraisablehook = hook
+    checkpoint._drop_expired_filter()  # (the next checkpoint read does this too)
+    assert sys.unraisablehook is previous

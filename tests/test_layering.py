@@ -152,3 +152,29 @@ def test_no_module_level_caches_in_the_library():
     offenders = [f"{_module_name(p)}: {line.strip()}" for p in PACKAGE.rglob("*.py")
                  for line in p.read_text().splitlines() if "lru_cache" in line or "functools.cache" in line]
     assert not offenders, offenders
+
+
+def _module_level(tree: ast.Module):
+    """The statements run when the module is imported (not the bodies of its functions)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def test_no_module_writes_the_process_environment_at_import():
+    """Importing jaxcnn changes no environment variable: a library's import is no place to decide a
+    process's settings (cifar10.py once set TensorFlow's log level there)."""
+    writes = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in _module_level(ast.parse(path.read_text())):
+            text = ast.unparse(node) if isinstance(node, (ast.Call, ast.Assign, ast.AugAssign)) else ""
+            if isinstance(node, ast.Call) and any(k in text for k in ("os.environ.setdefault", "os.environ.update",
+                                                                      "os.putenv", "os.environ.pop")):
+                writes.append(f"{_module_name(path)}: {text}")
+            elif isinstance(node, (ast.Assign, ast.AugAssign)) and "os.environ[" in text.split("=")[0]:
+                writes.append(f"{_module_name(path)}: {text}")
+    assert not writes, writes

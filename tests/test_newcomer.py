@@ -11,6 +11,8 @@ import re
 import numpy as np
 import pytest
 
+from jaxcnn.runfolder import FORMAT_VERSION
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -298,9 +300,10 @@ def test_the_readme_train_snippet_learns_as_written(tmp_path):
     run = tmp_path / "runs" / "mine"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["test_accuracy"] == pytest.approx(accuracy, abs=5e-4)
-    assert len(summary["per_class_accuracy"]) == 10
+    assert len(summary["per_class_accuracy"]) == 10 and len(summary["per_class"]) == 10  # fit's own report
+    assert json.loads((run / "config.json").read_text())["format_version"] == FORMAT_VERSION
     for name in ("config.json", "history.json", "history.csv", "tensorboard", "checkpoints", "plots/curves.png",
-                 "plots/confusion.png", "plots/wrong.png"):
+                 "plots/confusion.png", "plots/wrong.png", "plots/reliability.png"):
         assert (run / name).exists(), name
 
 

@@ -108,7 +108,12 @@ def load_tf_flowers(data_dir: str | None = None, *, image_size: int = 224, val_f
 
 
 def _import_tfds():
-    """Imports tfds with TensorFlow's GPUs hidden (JAX owns the accelerator)."""
+    """Imports tfds with TensorFlow's GPUs hidden (JAX owns the accelerator). TensorFlow only reads
+    and decodes data here: its start-up logs are kept out of the commands' output unless the user
+    set them (TF 2.21 prints its oneDNN notice whatever TF_CPP_MIN_LOG_LEVEL says, unless oneDNN
+    is off); set now, at the first load, since TensorFlow reads them when it is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow as tf
 
     try:

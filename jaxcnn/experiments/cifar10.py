@@ -7,19 +7,12 @@
 
 Presets: ``jaxcnn/experiments/configs.py``; measured results and times:
 ``experiments/cifar10/README.md``. The workdir is a run folder (``jaxcnn.runfolder``):
-config, history, summary, TensorBoard logs, checkpoints (latest and best) and plots; at the end
-the best checkpoint is scored on the test split (``jaxcnn.results``: ``plots/confusion.png``,
-``plots/wrong.png``, per-class accuracy and the confusion matrix in ``summary.json``).
+config, history, summary, TensorBoard logs, checkpoints (latest and best) and at the end the
+best weights' end-of-run report (``jaxcnn.report``: ``plots/``, per-class results and the
+confusion matrix in ``summary.json``).
 """
 
 from __future__ import annotations
-
-import os
-
-# tfds imports TensorFlow, which only reads and decodes data here: keep its start-up logs out of the CLI
-# (TF 2.21 prints its oneDNN notice whatever TF_CPP_MIN_LOG_LEVEL says, unless oneDNN is off).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import argparse
 import dataclasses

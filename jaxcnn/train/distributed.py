@@ -346,10 +346,6 @@ class Processes:
             raise errors[name](message) if name in errors else DistributedError(f"process 0: {message}")
         return out["result"]
 
-    def any(self, flag: bool) -> bool:
-        """True on every process when ``flag`` is True on any (a signal that reached one of them)."""
-        return bool(flag) if self.count == 1 else any(self.gather(int(bool(flag))))
-
     def barrier(self, name: str) -> None:
         if self.count > 1:
             from jax.experimental import multihost_utils

@@ -134,7 +134,10 @@ def test_predict_compiles_once_per_model_and_shape(runs):
         np.testing.assert_array_equal(run.predict(images, batch_size=16), first)
     assert inference._forward._cache_size() == compiled
     logits = run.predict(images, batch_size=16, return_logits=True)
-    np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits)), first, rtol=1e-5, atol=1e-7)
+    raw = run.predict(images, batch_size=16, temperature=False)  # (the default divides by the run's temperature)
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits)), raw, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits / (run.temperature or 1.0))), first, rtol=1e-5,
+                               atol=1e-7)
     with jax.enable_x64(True):  # the float64 oracle: the run's model in float64 (logits leave it as float32)
         want = np.asarray(run.model.clone(dtype=jnp.float64).apply(
             jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), run.variables), images / 255.0, train=False), np.float64)

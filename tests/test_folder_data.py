@@ -290,3 +290,25 @@ def test_load_dataset_records_a_source_that_loads_it_again(photo_folder, monkeyp
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.labels, b.labels)
     assert ds.image_shape == (24, 24, 3)
+
+
+def test_class_imbalance_is_named_above_three_to_one():
+    from jaxcnn.data.folder import class_imbalance
+
+    assert class_imbalance([30, 10, 12], ("a", "b", "c")) is None  # 3x exactly: not imbalanced
+    text = class_imbalance([31, 10, 12], ("a", "b", "c"))
+    assert text.startswith("the classes are imbalanced: 'a' has 31 images, 'b' 10 (3.1x, more than 3x)")
+    assert "right on 58% of them" in text  # 31 / 53, the majority share
+
+
+def test_an_imbalanced_folder_gets_one_warning_and_a_balanced_one_none(tmp_path, caplog):
+    write_photo_folder(tmp_path / "even", bad_files=False)
+    caplog.set_level(logging.WARNING, logger="jaxcnn")
+    load_folder(tmp_path / "even", image_size=16, val_fraction=0.2, test_fraction=0.2)
+    assert not caplog.records
+    write_photo_folder(tmp_path / "odd", bad_files=False)
+    for p in sorted((tmp_path / "odd" / "ring").iterdir())[4:]:  # ring: 4 of 14 images
+        p.unlink()
+    load_folder(tmp_path / "odd", image_size=16, val_fraction=0.25, test_fraction=0.25)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "the classes are imbalanced: 'disk' has 14 images, 'ring' 4 (3.5x" in warnings[0]

@@ -34,7 +34,7 @@ import logging
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -295,6 +295,24 @@ def scan_folder(path: Union[str, os.PathLike], *, seed: int = 0, val_fraction: f
         class_names=tuple(names), skipped=tuple(skipped))
 
 
+#: Largest class over smallest above which a folder's classes count as imbalanced.
+IMBALANCE_RATIO = 3.0
+
+
+def class_imbalance(counts, names: Sequence[str], ratio: float = IMBALANCE_RATIO) -> Optional[str]:
+    """One sentence when the largest class has more than ``ratio`` times the images of the
+    smallest (``counts``: images per class, by label), else None."""
+    counts = np.asarray(counts, np.int64)
+    big, small = int(np.argmax(counts)), int(np.argmin(counts))
+    if counts[small] * ratio >= counts[big]:
+        return None
+    share = counts[big] / counts.sum()
+    return (f"the classes are imbalanced: {names[big]!r} has {counts[big]} images, {names[small]!r} "
+            f"{counts[small]} ({counts[big] / max(counts[small], 1):.1f}x, more than {ratio:g}x). A model that "
+            f"always answers {names[big]!r} is right on {share:.0%} of them: judge the accuracy against that "
+            f"share (the end-of-run report gives it per split) and the per-class recall")
+
+
 def warn_skipped(root, skipped: Sequence[tuple[str, str]]) -> None:
     """One warning on the ``jaxcnn`` logger listing the skipped files and why (nothing when none)."""
     if not skipped:
@@ -448,5 +466,9 @@ def load_folder(data_dir: Union[str, os.PathLike], *, image_size: int = 224, val
             splits[s] = Split(images=images[keep], labels=labels[keep])
     warn_skipped(data_dir, skipped)
     names = listing.class_names
+    counts = np.bincount(np.concatenate([splits[s].labels for s in SPLITS]), minlength=len(names))
+    imbalance = class_imbalance(counts, names)
+    if imbalance:
+        logger.warning("%s: %s", data_dir, imbalance)
     return Dataset(name="folder", train=splits["train"], val=splits["val"], test=splits["test"],
                    num_classes=len(names), class_names=tuple(names))

@@ -22,7 +22,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_max_loss_flag, add_precision_flag,
+from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
+                                   add_precision_flag, with_class_weight,
                                    check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
                                    run_main)
 from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
@@ -88,6 +89,7 @@ def _parse(argv):
     p.add_argument("--learning_rate", type=float)
     p.add_argument("--seed", type=int)
     add_max_loss_flag(p)
+    add_class_weight_flag(p)
     p.add_argument("--data_dir", help="cifar10: tfds data directory (CIFAR-10 without network: "
                                       "<data_dir>/downloads/manual/cifar-10-binary.tar.gz); folder: the folder of "
                                       "class subfolders of JPEG / PNG images (required)")
@@ -125,6 +127,7 @@ def _main(args) -> int:
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
+    config = with_class_weight(config, args.class_weight)
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):

@@ -10,6 +10,7 @@ others (``jaxcnn.train.distributed``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -43,6 +44,22 @@ def add_folder_flags(p) -> None:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="folder: decode each batch from disk in background threads (--stream) or all images into "
                         "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
+
+
+def add_class_weight_flag(p) -> None:
+    """``--class_weight none|balanced`` (read with :func:`with_class_weight`)."""
+    p.add_argument("--class_weight", choices=("none", "balanced"),
+                   help="balanced: weight each training example's loss by n / (K * n_c) of its class, so that an "
+                        "imbalanced training set's small classes count as much as its large ones (Keras' class_weight); "
+                        "default none")
+
+
+def with_class_weight(config, text: Optional[str]):
+    """``config`` (an experiment config with a ``fit``) with ``--class_weight TEXT`` applied (None: as it is)."""
+    if text is None:
+        return config
+    return dataclasses.replace(config, fit=dataclasses.replace(config.fit,
+                                                               class_weight=None if text == "none" else text))
 
 
 def add_max_loss_flag(p) -> None:

@@ -68,7 +68,8 @@ import jax.numpy as jnp
 from jaxcnn import freeze, inference
 from jaxcnn.checkpoint import tree_checksum
 from jaxcnn.data.augment import AugmentConfig
-from jaxcnn.experiments.cli import (add_distributed_flags, add_folder_flags, add_max_loss_flag, add_precision_flag,
+from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
+                                   add_precision_flag, with_class_weight,
                                    exit_process, join_processes, max_loss_setting, path_flag, run_main)
 from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
@@ -281,7 +282,9 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
                   "pretrained": pretrained, "trainable_params": trainable, "non_trainable_params": non_trainable,
                   "initial_weights_checksum": tree_checksum(variables)}
     try:
-        _, _, summary = fit(state, dataset, fit_config, run.path, steps=Steps.build(fit_config, labels), mesh=mesh,
+        _, _, summary = fit(state, dataset, fit_config, run.path, mesh=mesh,
+                            steps=Steps.build(fit_config, labels, train_labels=dataset.train.labels,
+                                              num_classes=dataset.num_classes),
                             progress=progress, resume=resume and (run.is_run() or run.has_checkpoints()),
                             overwrite=overwrite, model=model, experiment=experiment)  # (with its end-of-run report)
         if Processes().primary:  # once the phase ran: a refused start leaves no freeze summary
@@ -405,6 +408,7 @@ def _parse(argv):
     p.add_argument("--batch_size", type=int)
     p.add_argument("--seed", type=int)
     add_max_loss_flag(p)
+    add_class_weight_flag(p)
     p.add_argument("--model", choices=MODELS, help="resnet50 (default), small (the quick preset's) or tiny (tests)")
     p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
                                       "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
@@ -440,6 +444,7 @@ def _main(args) -> int:
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
+    config = with_class_weight(config, args.class_weight)
     if config.dataset == "offline" and args.data_dir is not None:
         raise ValueError("--data_dir applies to --dataset tf_flowers or folder, not to the embedded offline data")
     if config.dataset != "folder":

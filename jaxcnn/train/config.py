@@ -14,6 +14,10 @@ from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.preprocess import PREPROCESS
 
 
+#: ``FitConfig.class_weight``'s values.
+CLASS_WEIGHTS = (None, "balanced")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -38,6 +42,10 @@ class FitConfig:
       early_stopping_patience: epochs without a better validation loss before stopping (>= 0).
       plateau_factor, plateau_patience, plateau_min_delta, min_lr: reduce-LR-on-plateau.
       keep_checkpoints: how many latest epochs to keep on disk (the best is kept apart).
+      class_weight: None (every example counts the same) or ``"balanced"``: each example's loss is
+        weighted by ``n / (K * n_c)`` of its class (``n_c`` of the ``n`` training examples;
+        Keras' ``class_weight``, sklearn's "balanced"), so an imbalanced training set's minority
+        classes count as much as the majority's.
       max_loss: a training step's loss above this, or not finite, stops the run as diverged (the
         softmax cross-entropy of a uniform guess is ln K: 2.3 for 10 classes); None: no limit
         (a loss that is not finite still stops it). The validation loss stops it only when it is
@@ -57,6 +65,7 @@ class FitConfig:
     min_lr: float = 0.0
     keep_checkpoints: int = 3
     max_loss: Optional[float] = 1e3
+    class_weight: Optional[str] = None
 
     def __post_init__(self):
         name = type(self).__name__
@@ -79,6 +88,8 @@ class FitConfig:
                 raise ValueError(f"{name}: {field}={v!r}; must be a finite number >= 0")
         if self.augment is not None and not isinstance(self.augment, AugmentConfig):
             raise TypeError(f"{name}: augment={self.augment!r}; must be a jaxcnn.data.AugmentConfig or None")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"{name}: class_weight={self.class_weight!r}; allowed: None, 'balanced'")
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"{name}: preprocess={self.preprocess!r}; allowed: {', '.join(map(repr, PREPROCESS))}")
 

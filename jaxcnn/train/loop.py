@@ -106,7 +106,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     t_start = time.perf_counter()
     procs = Processes() if processes is None else processes
     mesh = sharding.make_mesh() if mesh is None else mesh
-    steps = Steps.build(config) if steps is None else steps
+    steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes) \
+        if steps is None else steps
     steps.check(config)
     run = RunFolder(workdir)
     record = run_config(state, dataset, config, model=model, experiment=experiment)

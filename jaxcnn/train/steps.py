@@ -51,7 +51,7 @@ def _forward(state: TrainState, params, images, *, train: bool, dropout_key=None
 
 
 def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Callable] = None,
-                    preprocess: Callable = scale_to_unit) -> Callable:
+                    preprocess: Callable = scale_to_unit, class_weights=None) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, pure; jit it with ``donate_argnums=0``.
 
     Args:
@@ -62,9 +62,13 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
       augment_fn: ``augment_fn(key, images) -> images`` on float ``(B, H, W, C)``, e.g.
         ``functools.partial(jaxcnn.data.augment.random_augment, rotation=15.0)``; None: no augmentation.
       preprocess: uint8 images -> float model input (default ``scale_to_unit``).
+      class_weights: float ``(K,)``: each example's cross-entropy is multiplied by its class's
+        weight before the batch mean (Keras' ``class_weight``); None: all 1.
 
-    ``metrics``: ``{"loss": mean softmax cross-entropy, "accuracy": fraction correct}`` of the batch.
+    ``metrics``: ``{"loss": the (weighted) mean softmax cross-entropy, "accuracy": fraction correct}``
+    of the batch.
     """
+    weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_key, augment_key = step_keys(state.key, state.step)
         images = preprocess(batch["image"])  # (B, H, W, C) float
@@ -74,7 +78,8 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
 
         def loss_fn(params):
             logits, new_stats = _forward(state, params, images, train=True, dropout_key=dropout_key)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B,)
+            loss = (losses if weights is None else losses * weights[targets]).mean()
             return loss, (logits, new_stats)
 
         if labels is None:
@@ -130,6 +135,8 @@ class Steps:
       augment: the ``AugmentConfig`` the train step applies (None: none).
       preprocess: the name of the input preprocessing both steps apply (``jaxcnn.preprocess``).
       labels: the ``"trainable"``/``"frozen"`` label tree the train step freezes by, or None.
+      class_weight: ``None`` or ``"balanced"`` (``FitConfig.class_weight``), and ``class_weights``
+        the per-class loss weights it gave (``balanced_class_weights``).
 
     Build them with :meth:`build`; to wrap a step (a test, a study sharing compiled steps over
     runs), ``dataclasses.replace(steps, train=wrapper)`` keeps the settings.
@@ -140,6 +147,8 @@ class Steps:
     augment: Optional[AugmentConfig] = None
     preprocess: str = "unit"
     labels: Optional[PyTree] = None
+    class_weight: Optional[str] = None
+    class_weights: Optional[tuple] = None
 
     def __post_init__(self):
         if not hasattr(self.train, "lower"):  # a plain function: jitted here (a jitted one has .lower)
@@ -148,22 +157,42 @@ class Steps:
             object.__setattr__(self, "eval", jax.jit(self.eval))
 
     @classmethod
-    def build(cls, config, labels: Optional[PyTree] = None) -> "Steps":
-        """The steps ``config`` (a ``FitConfig``) asks for: its augmentation and preprocessing, and
-        ``labels`` (a freeze label tree: build ``state.tx`` with ``adam(labels=labels)`` too)."""
+    def build(cls, config, labels: Optional[PyTree] = None, *, train_labels=None,
+              num_classes: Optional[int] = None) -> "Steps":
+        """The steps ``config`` (a ``FitConfig``) asks for: its augmentation, preprocessing and class
+        weights (``"balanced"``: from ``train_labels`` over ``num_classes`` classes, the training
+        split's), and ``labels`` (a freeze label tree: build ``state.tx`` with
+        ``adam(labels=labels)`` too)."""
         preprocess = get_preprocess(config.preprocess)
         augment_fn = None if config.augment is None else config.augment.fn()
-        return cls(train=make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess),
+        weights = None
+        if config.class_weight == "balanced":
+            if train_labels is None or num_classes is None:
+                raise ValueError("Steps.build: class_weight='balanced' needs train_labels= and num_classes= (the "
+                                 "training split's labels and its number of classes)")
+            weights = balanced_class_weights(train_labels, num_classes)
+        return cls(train=make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess,
+                                         class_weights=weights),
                    eval=make_eval_step(preprocess=preprocess), augment=config.augment,
-                   preprocess=config.preprocess, labels=labels)
+                   preprocess=config.preprocess, labels=labels, class_weight=config.class_weight,
+                   class_weights=None if weights is None else tuple(float(w) for w in weights))
 
     def check(self, config) -> None:
         """ValueError when these steps apply other settings than ``config`` records."""
-        for name in ("augment", "preprocess"):
+        for name in ("augment", "preprocess", "class_weight"):
             if getattr(self, name) != getattr(config, name):
                 raise ValueError(f"fit: the steps apply {name}={getattr(self, name)!r} but the FitConfig says "
                                  f"{name}={getattr(config, name)!r}; build the steps from the config "
                                  f"(Steps.build(config)) so that config.json records what ran")
+
+
+def balanced_class_weights(train_labels, num_classes: int):
+    """float64 ``(K,)``: ``n / (K * n_c)`` for each class ``c`` with ``n_c`` of the ``n`` training
+    labels (sklearn's and Keras' "balanced"; a class without examples gets weight 0)."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(train_labels, np.int64), minlength=num_classes).astype(np.float64)
+    return np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
 
 
 def make_logits_fn(apply_fn: Callable, preprocess: Callable = scale_to_unit) -> Callable:

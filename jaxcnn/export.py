@@ -19,7 +19,8 @@ the order of the probabilities), ``image_shape`` (JSON ``[H, W, 3]``), ``preproc
 
 Verified before it is kept: onnxruntime runs the file on seeded random uint8 images in a batch of 1
 and a batch of 5, and the export fails (exit 1, one ``error:`` line) when any probability differs
-from ``restore(RUN).predict``'s by more than ``TOLERANCE``. The file is written under a temporary
+from ``restore(RUN).predict``'s (computed with full float32 matmuls, as onnxruntime's) by more
+than ``TOLERANCE``. The file is written under a temporary
 name beside ``--out`` and moved into place only once verified: a failed export leaves no file, and
 an existing ``--out`` unchanged.
 
@@ -201,7 +202,10 @@ def verify(path, run: inference.Restored, *, temperature: bool = True, seed: int
     _, _, ort = _import_extra()
     shape = tuple(run.config["data"]["image_shape"])
     images = np.random.default_rng(seed).integers(0, 256, (6, *shape), dtype=np.uint8)
-    want = run.predict(images, temperature=temperature)
+    # float32 matmuls and convolutions in full (a GPU's default may round them to TF32), as onnxruntime
+    # computes them: the check measures the export, not the device's shortcuts.
+    with jax.default_matmul_precision("float32"):
+        want = run.predict(images, temperature=temperature)
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = np.concatenate([session.run(["probabilities"], {"images": batch})[0]
@@ -219,19 +223,21 @@ def verify(path, run: inference.Restored, *, temperature: bool = True, seed: int
     return diff
 
 
-def export(run_dir, out, *, which: str = "best", temperature: bool = True) -> tuple[inference.Restored, float]:
+def export(run_dir, out, *, which: str = "best", temperature: bool = True, model=None
+           ) -> tuple[inference.Restored, float]:
     """Writes the run at ``run_dir`` to the ONNX file ``out`` once :func:`verify` passes;
-    returns the restored run and the largest difference found."""
+    returns the restored run and the largest difference found. ``model``: as in
+    ``jaxcnn.inference.restore`` (a model outside ``jaxcnn.models``)."""
     _import_extra()  # before the run is restored: the missing extra is said first
     out = pathlib.Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a .onnx file")
-    run = inference.restore(run_dir, which=which)
-    model = to_onnx(run, temperature=temperature)
+    run = inference.restore(run_dir, which=which, model=model)
+    proto = to_onnx(run, temperature=temperature)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_bytes(model.SerializeToString())
+        tmp.write_bytes(proto.SerializeToString())
         diff = verify(tmp, run, temperature=temperature)
         os.replace(tmp, out)
     finally:

@@ -130,6 +130,31 @@ def test_a_model_onnxruntime_cannot_run_is_refused(runs, tmp_path, capsys, monke
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
 
+@needs_extra
+@pytest.mark.parametrize("window, stride, padding, pads", [
+    (2, None, "VALID", ((0, 0), (0, 0))),
+    (3, 2, "SAME", ((0, 1), (1, 1))),                        # 8 x 7 at stride 2: 4 x 4 out, by hand
+    ((2, 3), (1, 2), ((1, 0), (2, 1)), ((1, 0), (2, 1))),
+])
+def test_max_pooling_runs_in_onnxruntime_as_the_numpy_loop_pools(window, stride, padding, pads):
+    import jax2onnx
+    import onnxruntime as ort
+
+    from jaxcnn import layers, reference
+
+    with export._nhwc_max_pool():
+        proto = jax2onnx.to_onnx(lambda x: layers.max_pool2d(x, window, stride=stride, padding=padding),
+                                 [jax.ShapeDtypeStruct(("N", 8, 7, 3), jnp.float32)], input_names=["x"])
+    assert [n.op_type for n in proto.graph.node] == ["Transpose", "MaxPool", "Transpose"]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(2, 8, 7, 3)).astype(np.float32) - 1  # mostly < 0: a zero pad would win
+    win = (window, window) if isinstance(window, int) else window
+    step = win if stride is None else (stride, stride) if isinstance(stride, int) else stride
+    for batch in (x[:1], x):
+        want, _ = reference.max_pool2d_forward(batch.astype(np.float64), win, step, pads)
+        np.testing.assert_array_equal(session.run(None, {"x": batch})[0], want.astype(np.float32))
+
+
 def test_without_the_extra_one_line_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "jax2onnx", None)  # `import jax2onnx` raises ImportError
     code, out, err = cli(capsys, ["--run", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")])

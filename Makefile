@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine with only Python 3.10+:
 #   make demo   # create .venv, install jaxcnn, run the main job on the embedded offline data
-#   make test   # create .venv, install jaxcnn[test], run the fast test suite
+#   make test   # create .venv, install jaxcnn[test,export] and jax2onnx, run the fast test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,10 +11,16 @@ DEMO_ARGS ?=
 
 venv: $(VENV)/.installed
 
+# jax2onnx (python -m jaxcnn.export) is installed with --no-deps: it declares orbax-checkpoint<0.11.37,
+# which conflicts with jaxcnn's orbax-checkpoint>=0.12.8 (pip cannot resolve both), and it runs
+# without that pin; the export extra has the packages it does need. Python >= 3.11 only (on 3.10 the
+# export's tests are skipped).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,export]'
+	if $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+		$(BIN)/python -m pip install --quiet --no-deps jax2onnx==0.17.1; fi
 	touch $@
 
 demo: venv

@@ -96,6 +96,8 @@ def test_training_reaches_checkpoints_only_through_the_run_folder():
     ("jaxcnn.data", "jaxcnn.inference"),
     ("jaxcnn.predict", "jaxcnn.experiments"),   # classifying an image loads no training code
     ("jaxcnn.predict", "jaxcnn.train"),
+    ("jaxcnn.export", "jaxcnn.experiments"),    # exporting a run loads no training code
+    ("jaxcnn.export", "jaxcnn.train"),
     ("jaxcnn.cli", "jaxcnn.experiments"),       # the commands' shared layer sits below every command
     ("jaxcnn.cli", "jaxcnn.train"),
 ])

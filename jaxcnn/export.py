@@ -1,0 +1,283 @@
+"""Export a trained run to ONNX, checked against the run itself with onnxruntime.
+
+    python -m jaxcnn.export --run checkpoints/finetune-folder-default/phase2 --out model.onnx
+
+``--run`` is any run folder (a ``cifar10`` run, a fine-tuning phase, a ``fit`` of your own with a
+``jaxcnn.models`` model), restored as ``jaxcnn.inference.restore`` does (``--which latest``: its
+latest weights). The ONNX graph holds the whole of ``restore(RUN).predict``:
+
+* input ``images``: uint8 ``(N, H, W, 3)`` RGB at the run's size (``config.json``'s
+  ``data.image_shape``), ``N`` dynamic;
+* the run's preprocessing (``"unit"``: ``x / 255``; ``"caffe"``: BGR minus the ImageNet means);
+* output ``probabilities``: float32 ``(N, num_classes)``, ``softmax(logits / T)`` with the
+  temperature ``T`` the run's report fitted on its validation split, when it has one, as
+  ``restore(RUN).predict`` returns by default; ``--no_temperature``: the raw ``softmax(logits)``.
+
+The model's ``metadata_props`` name what a user of the file needs: ``class_names`` (a JSON list, in
+the order of the probabilities), ``image_shape`` (JSON ``[H, W, 3]``), ``preprocess``,
+``temperature`` (a number, or ``none``), ``epoch`` and ``which``.
+
+Verified before it is kept: onnxruntime runs the file on seeded random uint8 images in a batch of 1
+and a batch of 5, and the export fails (exit 1, one ``error:`` line) when any probability differs
+from ``restore(RUN).predict``'s (computed with full float32 matmuls, as onnxruntime's) by more
+than ``TOLERANCE``. The file is written under a temporary
+name beside ``--out`` and moved into place only once verified: a failed export leaves no file, and
+an existing ``--out`` unchanged.
+
+Needs the optional ``export`` extra and jax2onnx (installed without its own dependencies: its pin
+``orbax-checkpoint<0.11.37`` conflicts with this project's, and it runs without them)::
+
+    pip install -e '.[export]' && pip install --no-deps jax2onnx==0.17.1
+
+(``make test`` installs both; Python >= 3.11.) Without them: exit 2 and a line saying so.
+
+Max pooling: jax2onnx lowers an NHWC ``lax.reduce_window_max`` to a 4-D ONNX ``MaxPool`` (its
+window has four dims), which onnxruntime cannot run; during the export, :func:`_nhwc_max_pool`
+lowers the pooling of ``jaxcnn.layers.max_pool2d`` (window ``(1, kh, kw, 1)``) to
+``Transpose -> 2-D MaxPool -> Transpose`` instead. The library's own numerics do not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcnn import inference
+from jaxcnn.cli import check_run_flag, path_flag, run_main
+
+#: The largest difference in any probability between onnxruntime and ``restore(RUN).predict``.
+TOLERANCE = 1e-4
+
+#: How to install what the export needs (the ``export`` extra, then jax2onnx without its dependencies).
+INSTALL = "pip install -e '.[export]' && pip install --no-deps jax2onnx==0.17.1 (Python >= 3.11)"
+
+
+class ExportUnavailableError(RuntimeError):
+    """jax2onnx or onnxruntime is not installed (the optional ``export`` extra)."""
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported file's outputs differ from the run's own predictions."""
+
+
+def _import_extra():
+    """``(jax2onnx, onnx, onnxruntime)``, or ExportUnavailableError saying how to install them."""
+    try:
+        import jax2onnx
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ExportUnavailableError(f"the ONNX export needs the optional packages jax2onnx and onnxruntime "
+                                     f"({e}); install them: {INSTALL}") from None
+    return jax2onnx, onnx, onnxruntime
+
+
+def probabilities_function(run: inference.Restored, *, temperature: bool = True) -> Callable:
+    """``images (N, H, W, 3) uint8 -> probabilities (N, K) float32``: the run's preprocessing, model
+    (inference mode) and softmax, with the run's temperature when ``temperature`` and it has one:
+    what ``run.predict(images, temperature=temperature)`` computes, as one traceable function."""
+    t = jnp.float32(run.temperature if temperature and run.temperature is not None else 1.0)
+
+    def probabilities(images):
+        logits = run.model.apply(run.variables, run.preprocess(images), train=False)  # (N, K)
+        return jax.nn.softmax(logits.astype(jnp.float32) / t, axis=-1)
+
+    return probabilities
+
+
+@contextlib.contextmanager
+def _quiet(names=("jax2onnx", "onnx_ir")):
+    """jax2onnx's and onnx-ir's warnings held back while exporting: jax2onnx imports every plugin it
+    has and logs a traceback for each whose dependency (equinox, dm-pix: its examples) is not
+    installed, none of which this export uses; a wrong export is caught by :func:`verify`."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    if not os.environ.get("JAXCNN_TRACEBACK"):
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _nhwc_max_pool():
+    """While exporting, lower a max pooling over the two spatial axes of an NHWC array (window
+    ``(1, kh, kw, 1)``, no padding on N or C) to ``Transpose -> 2-D MaxPool -> Transpose``: jax2onnx's
+    own lowering gives a 4-D MaxPool, which onnxruntime does not run. Other windows keep jax2onnx's."""
+    from jax2onnx.plugins import plugin_system
+    from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
+    from jax2onnx.plugins.jax.lax.reduce_window_max import ReduceWindowMaxPrimitivePlugin
+
+    plugin_system.import_all_plugins()  # its own plugin first, so that it does not replace this one
+    name = jax.lax.reduce_window_max_p.name
+    own = plugin_system.PLUGIN_REGISTRY[name]
+
+    class NHWCMaxPool(ReduceWindowMaxPrimitivePlugin):
+        def lower(self, ctx, eqn):
+            p = eqn.params
+            window, strides, pads = tuple(p["window_dimensions"]), tuple(p["window_strides"]), tuple(p["padding"])
+            dilated = any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"]))
+            if (len(window) != 4 or window[0] != 1 or window[3] != 1 or strides[0] != 1 or strides[3] != 1
+                    or tuple(pads[0]) != (0, 0) or tuple(pads[3]) != (0, 0) or dilated):
+                return own.lower(ctx, eqn)
+            x_var, y_var = eqn.invars[0], eqn.outvars[0]
+            n, h, w, c = x_var.aval.shape
+            y_shape = y_var.aval.shape
+            x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("max_pool_in"))
+            y_spec = ctx.get_value_for_var(y_var, name_hint=ctx.fresh_name("max_pool_out"))
+
+            def stamp(value, like, shape):
+                value.type = like.type
+                _stamp_type_and_shape(value, shape)
+                _ensure_value_metadata(ctx, value)
+                return value
+
+            nchw = stamp(ctx.builder.Transpose(x, _outputs=[ctx.fresh_name("max_pool_nchw")], perm=[0, 3, 1, 2]),
+                         x, (n, c, h, w))
+            pooled = ctx.builder.MaxPool(nchw, _outputs=[ctx.fresh_name("max_pool_2d")],
+                                         kernel_shape=[int(window[1]), int(window[2])],
+                                         strides=[int(strides[1]), int(strides[2])],
+                                         pads=[int(pads[1][0]), int(pads[2][0]), int(pads[1][1]), int(pads[2][1])])
+            pooled = stamp(pooled, x, (y_shape[0], y_shape[3], y_shape[1], y_shape[2]))
+            out = ctx.builder.Transpose(pooled, _outputs=[getattr(y_spec, "name", None) or ctx.fresh_name("max_pool")],
+                                        perm=[0, 2, 3, 1])
+            ctx.bind_value_for_var(y_var, stamp(out, x, y_shape))
+
+    mine = NHWCMaxPool()
+    mine.primitive, mine.metadata = own.primitive, own.metadata
+    plugin_system.PLUGIN_REGISTRY[name] = mine
+    try:
+        yield
+    finally:
+        plugin_system.PLUGIN_REGISTRY[name] = own
+
+
+def to_onnx(run: inference.Restored, *, temperature: bool = True):
+    """The run as an ``onnx.ModelProto`` (see the module's docstring), metadata included."""
+    jax2onnx, onnx, _ = _import_extra()
+    image_shape = run.config.get("data", {}).get("image_shape")
+    if not image_shape:
+        raise ValueError("the run's config.json records no data.image_shape: cannot tell the input size")
+    t = run.temperature if temperature else None
+    with _quiet(), _nhwc_max_pool():
+        model = jax2onnx.to_onnx(probabilities_function(run, temperature=temperature),
+                                 [jax.ShapeDtypeStruct(("N", *image_shape), jnp.uint8)], model_name="jaxcnn",
+                                 input_names=["images"], output_names=["probabilities"])
+    # jax2onnx 0.17.1 moves BatchNorm's layout transposes but leaves the values after them their
+    # NHWC shapes (onnxruntime warns, onnx's full check fails): the shapes are inferred again.
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.helper.set_model_props(model, {
+        "class_names": json.dumps(list(run.class_names)),
+        "image_shape": json.dumps(list(image_shape)),
+        "preprocess": run.config.get("fit", {}).get("preprocess", "unit"),
+        "temperature": "none" if t is None else repr(float(t)),
+        "epoch": str(run.epoch),
+        "which": run.which,
+    })
+    model.doc_string = ("jaxcnn: uint8 images (N, H, W, 3) -> class probabilities (N, K); "
+                        + ("softmax(logits)" if t is None else f"softmax(logits / {t:.6g})"))
+    return model
+
+
+def verify(path, run: inference.Restored, *, temperature: bool = True, seed: int = 0) -> float:
+    """The largest difference between onnxruntime's probabilities for the file at ``path`` and
+    ``run.predict``'s, on seeded random uint8 images in a batch of 1 and one of 5 (the batch
+    dimension is dynamic); ExportMismatchError when it exceeds :data:`TOLERANCE`."""
+    _, _, ort = _import_extra()
+    shape = tuple(run.config["data"]["image_shape"])
+    images = np.random.default_rng(seed).integers(0, 256, (6, *shape), dtype=np.uint8)
+    # float32 matmuls and convolutions in full (a GPU's default may round them to TF32), as onnxruntime
+    # computes them: the check measures the export, not the device's shortcuts.
+    with jax.default_matmul_precision("float32"):
+        want = run.predict(images, temperature=temperature)
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = np.concatenate([session.run(["probabilities"], {"images": batch})[0]
+                              for batch in (images[:1], images[1:])])
+    except Exception as e:  # onnxruntime's own errors (Fail, InvalidGraph, ...) derive from Exception only
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ExportMismatchError(f"onnxruntime cannot run the exported model: {line}; nothing written") from e
+    if got.shape != want.shape:
+        raise ExportMismatchError(f"the exported model gives probabilities of shape {got.shape}, the run "
+                                  f"{want.shape}; nothing written")
+    diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+    if not diff <= TOLERANCE:
+        raise ExportMismatchError(f"the exported model's probabilities differ from the run's by up to {diff:.3g} "
+                                  f"(more than {TOLERANCE:g}) on {len(images)} test images; nothing written")
+    return diff
+
+
+def export(run_dir, out, *, which: str = "best", temperature: bool = True, model=None
+           ) -> tuple[inference.Restored, float]:
+    """Writes the run at ``run_dir`` to the ONNX file ``out`` once :func:`verify` passes;
+    returns the restored run and the largest difference found. ``model``: as in
+    ``jaxcnn.inference.restore`` (a model outside ``jaxcnn.models``)."""
+    _import_extra()  # before the run is restored: the missing extra is said first
+    out = pathlib.Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a .onnx file")
+    run = inference.restore(run_dir, which=which, model=model)
+    proto = to_onnx(run, temperature=temperature)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(proto.SerializeToString())
+        diff = verify(tmp, run, temperature=temperature)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return run, diff
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m jaxcnn.export", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
+    p.add_argument("--out", required=True, help="the ONNX file to write (replaced once the new one is verified)")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
+    p.add_argument("--no_temperature", action="store_true",
+                   help="output the raw softmax; default: softmax(logits / T) with the run's fitted temperature "
+                        "T, when it has one (as restore(RUN).predict)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = _parse(argv)
+    return run_main(lambda: _main(args), user_errors=(ExportUnavailableError,))
+
+
+def _main(args) -> int:
+    out = path_flag("--out", args.out)
+    run_dir = pathlib.Path(args.run)
+    check_run_flag(run_dir)
+    try:
+        run, diff = export(run_dir, out, which=args.which, temperature=not args.no_temperature)
+    except ExportMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    t = None if args.no_temperature else run.temperature
+    print(f"wrote {out}: {run_dir} ({run.which} epoch {run.epoch}), uint8 (N, "
+          f"{', '.join(map(str, run.config['data']['image_shape']))}) -> {len(run.class_names)} class probabilities"
+          + (f" (temperature {t:.3g})" if t is not None else "")
+          + f"; onnxruntime matches the run within {diff:.2g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,9 +24,9 @@ no LR drop) and keeps the weights of its lowest validation loss.
 
 ``<workdir>`` (default ``checkpoints/finetune-<dataset>-<preset>``) receives ``phase1/`` and
 ``phase2/`` (each a run folder, ``jaxcnn.runfolder``, with its ``freeze_summary.txt``) and
-``summary.json`` with the accuracy of each phase and ``pretrained: true|false``. Each phase ends by
-scoring its best checkpoint on the test split (``jaxcnn.results``: ``plots/confusion.png``,
-``plots/wrong.png``, per-class accuracy and the confusion matrix in its ``summary.json``).
+``summary.json`` with the accuracy of each phase and ``pretrained: true|false``. Each phase ends with
+``fit``'s end-of-run report of its best weights (``jaxcnn.report``: ``plots/``, per-class results
+and the confusion matrix in its ``summary.json``).
 ``--overwrite`` sets the old run aside whole (both phases and the summary, one unit, in
 ``<workdir>/.previous/``) and deletes it once the new phase 1 has ended: a killed run leaves the
 old run or the new one, never phase 1 of one and phase 2 of the other.

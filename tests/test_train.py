@@ -255,3 +255,22 @@ def test_fit_with_frozen_labels_keeps_frozen_params_through_checkpoints(tmp_path
             assert same == name.startswith("block1"), (name, leaf)
             np.testing.assert_array_equal(saved.params[name][leaf], final.params[name][leaf])
     assert int(saved.step) == 2
+
+
+def test_fit_refuses_steps_that_apply_other_settings_than_its_config(tmp_path):
+    """config.json records what ran: steps built for augmentation cannot run under a config without it
+    (the old ``train_step=`` argument recorded ``config.augment`` and applied the step's own)."""
+    from jaxcnn.data import AugmentConfig, Dataset
+    from jaxcnn.train import FitConfig, fit
+
+    _, state = _tiny_cnn_state()
+    ds = Dataset(name="synthetic", train=Split(np.zeros((16, 8, 8, 3), np.uint8), np.zeros(16, np.int32)),
+                 val=Split(np.zeros((8, 8, 8, 3), np.uint8), np.zeros(8, np.int32)),
+                 test=Split(np.zeros((8, 8, 8, 3), np.uint8), np.zeros(8, np.int32)), num_classes=3,
+                 class_names=("a", "b", "c"))
+    config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=None)
+    steps = Steps.build(FitConfig(augment=AugmentConfig()))
+    with pytest.raises(ValueError, match=r"fit: the steps apply augment=AugmentConfig\(.*\) but the FitConfig says "
+                                         r"augment=None"):
+        fit(state, ds, config, tmp_path / "run", steps=steps, progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

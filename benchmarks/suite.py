@@ -33,8 +33,9 @@ nothing frozen). The jaxcnn variants:
   default, the step's buffers handed back to the kernel and faulted in again every step);
   ``-xlawgrad``: XLA's own kernel gradient for the stride-1 convolutions instead of
   ``jaxcnn.layers``' matrix products by rows; ``-untuned``: ``JAXCNN_AUTOTUNE=0``, the convolutions'
-  formulations not chosen by timing on the machine (``jaxcnn.conv_tuning``; the other workers
-  time each shape once at their first trace, before any window, and use the cache after).
+  formulations not chosen by timing on the machine (``jaxcnn.conv_tuning``, off by default: run
+  the suite with ``JAXCNN_AUTOTUNE=1`` and the other workers time each shape once at their first
+  trace, before any window, and use the cache after).
 
 Extra tasks of jaxcnn alone (``--loop``): ``epoch64``, ``train_epoch`` over a ``TrainFeed`` as
 ``fit`` runs it (the batch gather on the device, the loss and accuracy sums, the progress bar),

@@ -8,9 +8,11 @@ version) and the shape; the next trace of that shape reads it and times nothing.
 
 Settings, read at each trace:
 
-* ``JAXCNN_AUTOTUNE``: ``1`` (default) times a shape not in the cache and uses the cache; ``cache``
-  uses the cache only (a shape not in it gets the default formulation); ``0`` turns all of this
-  off: ``conv2d`` is what it was before autotuning, exactly.
+* ``JAXCNN_AUTOTUNE``: ``1`` times a shape not in the cache (at its first trace) and uses the
+  cache; ``cache`` uses the cache only (a shape not in it gets the default formulation); ``0``
+  (the default) turns all of this off: ``conv2d`` is what it was before autotuning, exactly. Off
+  by default because on the one CPU measured (``benchmarks/README.md``) nothing chosen this way
+  made the train step faster, and timings on a busy machine pick formulations by its noise.
 * ``JAXCNN_AUTOTUNE_CACHE``: the cache file; default ``$XDG_CACHE_HOME/jaxcnn/conv_autotune.json``
   (``~/.cache/jaxcnn/conv_autotune.json`` without ``XDG_CACHE_HOME``).
 
@@ -41,8 +43,8 @@ MARGIN = 0.9
 
 
 def mode(value: Optional[str] = None) -> str:
-    """The autotune setting: ``value`` if given, else ``$JAXCNN_AUTOTUNE`` (default ``1``)."""
-    value = os.environ.get("JAXCNN_AUTOTUNE", "1") if value is None else value
+    """The autotune setting: ``value`` if given, else ``$JAXCNN_AUTOTUNE`` (default ``0``, off)."""
+    value = os.environ.get("JAXCNN_AUTOTUNE", "0") if value is None else value
     value = str(value).strip().lower()
     if value in ("off", "false", "no"):
         value = "0"

@@ -181,7 +181,7 @@ def conv2d(
     own; measured: ``benchmarks/README.md``); derivatives of any order work as usual. In float32 on
     the CPU, each direction of a stride-1 convolution may instead take the formulation measured
     fastest for its shape on this machine (``jaxcnn.conv_tuning``: timed once at the first trace,
-    cached per machine; ``JAXCNN_AUTOTUNE=0`` turns this off), equal to float32 rounding.
+    cached per machine; opt in with ``JAXCNN_AUTOTUNE=1``), equal to float32 rounding.
 
     Returns:
       ``(N, H_out, W_out, C_out)`` with ``H_out = (H + top + bottom - ((kh - 1) * dh + 1)) // sh + 1``

@@ -133,7 +133,7 @@ def test_the_chosen_forms_keep_the_float64_numerics(tuning):
     assert_close_to_float64(dw, dw64, (27, 27, 60), np.sqrt(dw2), what="kernel gradient")
 
 
-def test_timing_picks_the_fastest_only_beyond_the_noise_margin(tmp_path):
+def test_timing_picks_the_fastest_only_beyond_the_noise_margin(tmp_path, monkeypatch):
     calls = []
 
     def timers(delays):
@@ -149,5 +149,7 @@ def test_timing_picks_the_fastest_only_beyond_the_noise_margin(tmp_path):
     n = len(calls)
     assert conv_tuning.choose("s1", "xla", list(slow), timers(slow), setting="1", path=path) == "winograd"
     assert len(calls) == n  # cached
+    monkeypatch.delenv("JAXCNN_AUTOTUNE", raising=False)
+    assert conv_tuning.mode() == "0"  # off unless asked for
     with pytest.raises(ValueError, match="JAXCNN_AUTOTUNE must be one of 0, 1, cache, got 'sometimes'"):
         conv_tuning.mode("sometimes")

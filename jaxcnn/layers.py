@@ -227,7 +227,6 @@ _conv_by_rows = conv_forms.rows
 #: The formulations (``jaxcnn.conv_forms``) each direction may take on the CPU, the first of each
 #: the default: the one used without autotuning (``JAXCNN_AUTOTUNE=0``), exactly as before it.
 _CANDIDATES = {"fwd": ("xla", "winograd", "im2col"), "dx": ("xla", "winograd"), "dw": ("rows", "xla", "im2col")}
-_UNTUNED = tuple(names[0] for names in _CANDIDATES.values())
 
 
 def _timers(direction, names, x_shape, w_shape, pads):
@@ -252,21 +251,21 @@ def _timers(direction, names, x_shape, w_shape, pads):
     return timers
 
 
-def _choose_forms(x, w, pads, precision):
-    """The formulation of the value, the input gradient and the kernel gradient of this stride-1
-    convolution: ``_UNTUNED`` unless autotuning is on (``jaxcnn.conv_tuning``), the shape float32 and
-    the default backend the CPU; then the cached choice of this machine, or the fastest, timed now."""
+def _form(direction, x, w, pads, precision):
+    """The formulation of one direction (``fwd`` the value, ``dx`` the input gradient, ``dw`` the
+    kernel gradient) of this stride-1 convolution: the untuned one unless autotuning is on
+    (``jaxcnn.conv_tuning``), the shape float32 and the default backend the CPU; then the cached
+    choice of this machine, or the fastest, timed now. Asked for where the direction is traced, so
+    a convolution never differentiated times its value only."""
+    names = _CANDIDATES[direction]
     setting = conv_tuning.mode()
     if setting == "0" or x.dtype != jnp.float32 or precision is not None or jax.default_backend() != "cpu":
-        return _UNTUNED
-    chosen = []
-    for direction, names in _CANDIDATES.items():
-        names = tuple(n for n in names if n != "winograd" or tuple(w.shape[:2]) == (3, 3))
-        key = conv_tuning.shape_key(direction, x.shape, w.shape, pads, x.dtype)
-        chosen.append(conv_tuning.choose(
-            key, names[0], names, functools.partial(_timers, direction, names, tuple(x.shape), tuple(w.shape), pads),
-            setting=setting))
-    return tuple(chosen)
+        return names[0]
+    names = tuple(n for n in names if n != "winograd" or tuple(w.shape[:2]) == (3, 3))
+    key = conv_tuning.shape_key(direction, x.shape, w.shape, pads, x.dtype)
+    return conv_tuning.choose(key, names[0], names,
+                              functools.partial(_timers, direction, names, tuple(x.shape), tuple(w.shape), pads),
+                              setting=setting)
 
 
 def _on_cpu(name, x, w, pads, precision, remat=False):
@@ -279,36 +278,35 @@ def _on_cpu(name, x, w, pads, precision, remat=False):
     return lax.platform_dependent(x, w, cpu=form, default=lambda x, w: _xla_conv(x, w, pads, precision))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _conv_unit_stride_impl(x, w, pads, precision, forms):
-    return _on_cpu(forms[0], x, w, pads, precision)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv_unit_stride_impl(x, w, pads, precision):
+    return _on_cpu(_form("fwd", x, w, pads, precision), x, w, pads, precision)
 
 
 @functools.partial(_conv_unit_stride_impl.defjvp, symbolic_zeros=True)
-def _conv_jvp(pads, precision, forms, primals, tangents):
+def _conv_jvp(pads, precision, primals, tangents):
     """The convolution is linear in ``x`` and in ``w``: its tangent is ``conv(dx, w) + conv(x, dw)``,
-    each term in the formulation ``forms`` names for it (``_choose_forms``); reverse mode transposes
-    the first into the input gradient, the second into the kernel gradient. Untuned, the value and
-    the first term are XLA's convolutions; on the CPU the second is ``conv_forms.rows``, whose
-    transpose is the kernel gradient as ``kh`` matrix products, faster there than XLA's own
-    (measured: ``benchmarks/README.md``). Everything is plain JAX, so higher derivatives work as usual."""
+    each term in the formulation chosen for it (``_form``); reverse mode transposes the first into
+    the input gradient, the second into the kernel gradient. Untuned, the value and the first term
+    are XLA's convolutions; on the CPU the second is ``conv_forms.rows``, whose transpose is the
+    kernel gradient as ``kh`` matrix products, faster there than XLA's own (measured:
+    ``benchmarks/README.md``). Everything is plain JAX, so higher derivatives work as usual."""
     x, w = primals
     dx, dw = tangents
-    y = _on_cpu(forms[0], x, w, pads, precision)
+    y = _on_cpu(_form("fwd", x, w, pads, precision), x, w, pads, precision)
     zero = jax.custom_derivatives.SymbolicZero
     ty = jnp.zeros_like(y)
     if not isinstance(dx, zero):
-        ty = ty + _on_cpu(forms[1], dx, w, pads, precision)
-    if not isinstance(dw, zero):
-        ty = ty + _on_cpu(forms[2], x, dw, pads, precision, remat=True)  # cols rebuilt, not kept
+        ty = ty + _on_cpu(_form("dx", x, w, pads, precision), dx, w, pads, precision)
+    if not isinstance(dw, zero):  # cols rebuilt, not kept
+        ty = ty + _on_cpu(_form("dw", x, w, pads, precision), x, dw, pads, precision, remat=True)
     return y, ty
 
 
 def _conv_unit_stride(x, w, pads, precision):
     """``lax.conv_general_dilated`` at stride 1 (NHWC, HWIO), each direction in the formulation
-    chosen for its shape on this machine (``_choose_forms``)."""
-    pads = tuple(map(tuple, pads))
-    return _conv_unit_stride_impl(x, w, pads, precision, _choose_forms(x, w, pads, precision))
+    chosen for its shape on this machine (``_form``)."""
+    return _conv_unit_stride_impl(x, w, tuple(map(tuple, pads)), precision)
 
 
 # --------------------------------------------------------------------------- pooling

@@ -60,6 +60,13 @@ def test_the_cache_is_used_a_second_trace_times_nothing(tuning):
     assert first != _untuned_jaxpr(x, w)
 
 
+def test_a_convolution_not_differentiated_times_its_value_only(tuning):
+    path, timed = tuning
+    x, w = _data()
+    jax.jit(lambda x, w: layers.conv2d(x, w, padding="VALID"))(x, w)
+    assert timed == [["im2col", "winograd", "xla"]]
+
+
 def _untuned_jaxpr(x, w):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JAXCNN_AUTOTUNE", "0")

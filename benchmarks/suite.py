@@ -32,7 +32,10 @@ nothing frozen). The jaxcnn variants:
   ``keep_host_memory()`` (which every other jaxcnn worker applies first, as the CLIs do: glibc's
   default, the step's buffers handed back to the kernel and faulted in again every step);
   ``-xlawgrad``: XLA's own kernel gradient for the stride-1 convolutions instead of
-  ``jaxcnn.layers``' matrix products by rows.
+  ``jaxcnn.layers``' matrix products by rows; ``-untuned``: ``JAXCNN_AUTOTUNE=0``, the convolutions'
+  formulations not chosen by timing on the machine (``jaxcnn.conv_tuning``, off by default: run
+  the suite with ``JAXCNN_AUTOTUNE=1`` and the other workers time each shape once at their first
+  trace, before any window, and use the cache after).
 
 Extra tasks of jaxcnn alone (``--loop``): ``epoch64``, ``train_epoch`` over a ``TrainFeed`` as
 ``fit`` runs it (the batch gather on the device, the loss and accuracy sums, the progress bar),
@@ -65,7 +68,7 @@ RESNET_SIZE, RESNET_CLASSES = 224, 5
 LOOP_TASKS = ("epoch64", "augment64")
 FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-compile", "jaxcnn", "jaxcnn-2dev", "jaxcnn-4dev")
 WIDTHS, DENSE, CLASSES = (32, 64, 128), 128, 10
-VARIANT = r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?(-release)?(-xlawgrad)?"  # the jaxcnn workers' names
+VARIANT = r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?(-release)?(-xlawgrad)?(-untuned)?"  # the jaxcnn workers' names
 
 
 def forward_flops_per_image(widths=WIDTHS, dense=DENSE, classes=CLASSES, size=32) -> int:
@@ -547,7 +550,7 @@ def main(argv=None) -> int:
     for n in names:
         if n not in FRAMEWORKS and not re.fullmatch(VARIANT, n):
             raise SystemExit(f"--frameworks: {n!r} is not one of {', '.join(FRAMEWORKS)} "
-                             f"(or jaxcnn[-<N>dev][-bf16][-1thread][-release][-xlawgrad])")
+                             f"(or jaxcnn[-<N>dev][-bf16][-1thread][-release][-xlawgrad][-untuned])")
     for t in tasks:
         if t not in TASKS + RESNET_TASKS:
             raise SystemExit(f"--tasks: {t!r} is not one of {', '.join(TASKS + RESNET_TASKS)}")
@@ -570,6 +573,8 @@ def main(argv=None) -> int:
         wenv = env
         if name.endswith("-1thread"):  # XLA's CPU ops without Eigen's thread pool: one thread per device
             wenv = {**env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()}
+        if name.endswith("-untuned"):  # the convolutions' formulations not chosen by timing
+            wenv = {**wenv, "JAXCNN_AUTOTUNE": "0"}
         # a process per task (the loop tasks beside train64, which they are paired with), as a training
         # run has one batch size: a process alternating sizes lets its allocator's free blocks misfit
         groups = [[t] + ([u for u in wt if u in LOOP_TASKS] if t == "train64" else []) for t in wt

@@ -18,6 +18,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # different, non-deterministic kernels in two compilations (a resumed run then differs). So the
 # tests ask for full float32 precision and deterministic GPU ops; neither changes anything on a CPU.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# Convolutions chosen by timing on the machine (jaxcnn.conv_tuning) would time every new shape the
+# tests trace and write to the user's cache: off here; tests/test_conv_tuning.py turns it on with
+# a cache of its own, tests/test_conv_forms.py holds every formulation to the float64 reference.
+os.environ.setdefault("JAXCNN_AUTOTUNE", "0")
 if "xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
 

@@ -44,7 +44,7 @@ def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
     return CifarCNN(num_classes=int(num_classes), widths=tuple(int(w) for w in config.widths),
                     dense_units=config.dense_units, conv_dropout=config.conv_dropout,
                     conv_dropout_rate=float(config.conv_dropout_rate), dense_dropout=float(config.dense_dropout),
-                    dtype=PRECISIONS[config.precision])
+                    bn_momentum=float(config.bn_momentum), dtype=PRECISIONS[config.precision])
 
 
 def init_variables(model, seed: int, image_shape) -> dict:
@@ -85,6 +85,30 @@ def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.
     return workdir
 
 
+def _bn_momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"--bn_momentum {text}: must be a number in [0, 1) (0.99: Keras' default)")
+    return value
+
+
+def _count(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be an int >= 0")
+        return value
+
+    parse.__name__ = flag.lstrip("-")
+    return parse
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
@@ -102,6 +126,14 @@ def _parse(argv):
     p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
     add_folder_flags(p)
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
+    p.add_argument("--bn_momentum", type=_bn_momentum, metavar="M",
+                   help="every BatchNorm's moving-average momentum, in [0, 1) (default: the preset's; 0.99 is Keras')")
+    p.add_argument("--warmup_epochs", type=_count("--warmup_epochs"), metavar="N",
+                   help="epochs in which early stopping and the LR plateau schedule do not count an epoch without "
+                        "improvement (default: the preset's)")
+    p.add_argument("--precise_bn", type=_count("--precise_bn"), metavar="N",
+                   help="re-estimate the BatchNorm statistics over N training batches, weights fixed, before each "
+                        "validation (precise BatchNorm); 0: off (default: the preset's)")
     add_precision_flag(p)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
@@ -128,7 +160,8 @@ def _main(args) -> int:
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
                         image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        stream=args.stream, precision=args.precision)
+                        stream=args.stream, precision=args.precision, bn_momentum=args.bn_momentum,
+                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn)
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))

@@ -66,6 +66,7 @@ class ExperimentConfig:
     conv_dropout: str = "dropout"
     conv_dropout_rate: float = 0.25
     dense_dropout: float = 0.5
+    bn_momentum: float = 0.99  # every BatchNorm's moving-average momentum (Keras' default, the seed's)
     learning_rate: float = 1e-3  # Adam's, built in jaxcnn.experiments.cifar10.create_state
     precision: str = "float32"  # the model's compute dtype (PRECISIONS); parameters stay float32
     fit: FitConfig = FitConfig()
@@ -80,6 +81,7 @@ class ExperimentConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}; must be an int >= 1")
         check_folder_settings(self)
+        check_bn_momentum(self.bn_momentum)
         check_precision(self.precision)
         check_learning_rate(self.learning_rate)
         if not isinstance(self.fit, FitConfig):
@@ -99,6 +101,12 @@ PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def check_precision(precision) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+
+
+def check_bn_momentum(momentum, name: str = "bn_momentum") -> None:
+    """A BatchNorm momentum: a number in [0, 1) (1 would freeze the moving statistics)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"{name}={momentum!r}; must be a number in [0, 1) (0.99: Keras' default, the seed's)")
 
 
 def check_folder_settings(config) -> None:

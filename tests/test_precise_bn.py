@@ -98,3 +98,39 @@ def test_bad_arguments_are_named():
         precise_batch_stats(state, [], momentum=0.99, num_batches=2)
     with pytest.raises(ValueError, match=r"momentum=1.0; must be in \[0, 1\)"):
         precise_batch_stats(state, [], momentum=1.0, num_batches=2)
+
+
+def test_fit_writes_the_statistics_of_the_epochs_first_batches_into_its_checkpoint(tmp_path):
+    """FitConfig.precise_bn_batches=2: the checkpoint of epoch 1 holds, for the weights it holds, the mean of
+    the NumPy (float64) means and variances over epoch 1's first 2 training batches (in the epoch's order)."""
+    from jaxcnn.data import Dataset, Split
+    from jaxcnn.runfolder import RunFolder
+    from jaxcnn.train import FitConfig, fit, state_from_tree, state_to_tree
+    from jaxcnn.train.feed import train_plan
+
+    momentum = 0.9
+    rng = np.random.default_rng(2)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int32))
+
+    data = Dataset(name="synthetic", train=split(48), val=split(8), test=split(8), num_classes=3,
+                   class_names=("a", "b", "c"))
+    config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=None, precise_bn_batches=2, seed=3)
+    state = _state(momentum)
+    template = jax.tree.map(jnp.copy, state)  # fit donates the state it is given
+    fit(state, data, config, tmp_path, progress=False)
+    with RunFolder(tmp_path).checkpoints(read_only=True) as ckpts:
+        tree, _ = ckpts.restore("latest", target=state_to_tree(template))
+    saved = state_from_tree(template, tree)
+    assert int(saved.step) == 3  # 48 / 16 steps: the statistics were estimated after the last one
+    rows = train_plan(3, 1, 48, 16)[:2]
+    for k, name in enumerate(("block1_bn1", "block1_bn2")):
+        acts = [_np_block1(saved.params, data.train.images[r])[k] for r in rows]
+        want_mean = np.mean([a.mean(axis=(0, 1, 2)) for a in acts], 0)
+        want_var = np.mean([a.var(axis=(0, 1, 2)) for a in acts], 0)
+        amplify = (1 + momentum) / (1 - momentum)
+        for got, want in ((saved.batch_stats[name]["mean"], want_mean), (saved.batch_stats[name]["var"], want_var)):
+            got = np.asarray(got, np.float64)
+            tol = 64 * EPS32 * amplify * (np.abs(want) + want_mean ** 2 + np.abs(want_mean) + 1e-3)
+            assert np.all(np.abs(got - want) <= tol), (name, np.abs(got - want).max())

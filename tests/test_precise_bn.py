@@ -1,5 +1,7 @@
 """Precise BatchNorm against statistics computed by hand in float64 NumPy over the same batches."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,3 +136,26 @@ def test_fit_writes_the_statistics_of_the_epochs_first_batches_into_its_checkpoi
             got = np.asarray(got, np.float64)
             tol = 64 * EPS32 * amplify * (np.abs(want) + want_mean ** 2 + np.abs(want_mean) + 1e-3)
             assert np.all(np.abs(got - want) <= tol), (name, np.abs(got - want).max())
+
+
+def test_a_run_with_precise_bn_stopped_mid_epoch_and_resumed_is_the_uninterrupted_one(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """The smoke preset with --precise_bn 3 for 2 epochs, whole and stopped by SIGTERM in epoch 2 then resumed:
+    bitwise the same checkpoint (BatchNorm statistics included), history and test scores."""
+    import signal
+
+    from jaxcnn.experiments import cifar10
+    from test_reliability import SMOKE, SignalsItself, assert_same_run, cli, run_with_steps
+
+    args = SMOKE + ["--precise_bn", "3", "--epochs", "2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli(capsys, args + ["--workdir", str(whole)])[0] == 0
+    monkeypatch.setattr(cifar10, "run", run_with_steps(cifar10.run, train=SignalsItself(11, signal.SIGTERM)))
+    code, _, err = cli(capsys, args + ["--workdir", str(cut)])
+    monkeypatch.undo()
+    assert code == 143 and "stopped by SIGTERM in epoch 2 at step 4 of 8" in err
+    assert cli(capsys, args + ["--workdir", str(cut), "--resume"])[0] == 0
+    assert_same_run(cut, whole, 2)
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (whole, cut))
+    assert (a["test_loss"], a["test_accuracy"], a["best_epoch"]) == (b["test_loss"], b["test_accuracy"],
+                                                                     b["best_epoch"])

@@ -85,28 +85,16 @@ def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.
     return workdir
 
 
-def _bn_momentum(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"--bn_momentum {text}: must be a number in [0, 1) (0.99: Keras' default)")
-    return value
-
-
-def _count(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{flag} {text}: must be an int >= 0")
-        return value
-
-    parse.__name__ = flag.lstrip("-")
-    return parse
+def check_new_flags(args) -> None:
+    """``--bn_momentum``, ``--warmup_epochs``, ``--precise_bn``: ValueError naming the flag, the value and
+    what is allowed."""
+    m = args.bn_momentum
+    if m is not None and not 0 <= m < 1:
+        raise ValueError(f"--bn_momentum {m:g}: must be a number in [0, 1) (0.99: Keras' default, the seed's)")
+    for flag in ("warmup_epochs", "precise_bn"):
+        v = getattr(args, flag)
+        if v is not None and v < 0:
+            raise ValueError(f"--{flag} {v}: must be an int >= 0" + (" (0: off)" if flag == "precise_bn" else ""))
 
 
 def _parse(argv):
@@ -126,12 +114,12 @@ def _parse(argv):
     p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
     add_folder_flags(p)
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
-    p.add_argument("--bn_momentum", type=_bn_momentum, metavar="M",
+    p.add_argument("--bn_momentum", type=float, metavar="M",
                    help="every BatchNorm's moving-average momentum, in [0, 1) (default: the preset's; 0.99 is Keras')")
-    p.add_argument("--warmup_epochs", type=_count("--warmup_epochs"), metavar="N",
+    p.add_argument("--warmup_epochs", type=int, metavar="N",
                    help="epochs in which early stopping and the LR plateau schedule do not count an epoch without "
                         "improvement (default: the preset's)")
-    p.add_argument("--precise_bn", type=_count("--precise_bn"), metavar="N",
+    p.add_argument("--precise_bn", type=int, metavar="N",
                    help="re-estimate the BatchNorm statistics over N training batches, weights fixed, before each "
                         "validation (precise BatchNorm); 0: off (default: the preset's)")
     add_precision_flag(p)
@@ -156,6 +144,7 @@ def main(argv: Optional[list] = None) -> int:
 
 def _main(args) -> int:
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
+    check_new_flags(args)
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,

@@ -16,12 +16,15 @@ import subprocess
 import sys
 import time
 
-SETTINGS = {  # name -> extra CLI flags
-    "seed_recipe": [],
-    "warmup": ["--warmup_epochs", "5"],
-    "precise_bn": ["--precise_bn", "20"],
-    "momentum_0.9": ["--bn_momentum", "0.9"],
-    "combined": ["--warmup_epochs", "5", "--precise_bn", "20", "--bn_momentum", "0.9"],
+# Every setting explicit (--dataset folder has defaults of its own); the last of a repeated flag wins.
+SEED_RECIPE = ["--bn_momentum", "0.99", "--warmup_epochs", "0", "--precise_bn", "0"]
+SETTINGS = {  # name -> CLI flags
+    "seed_recipe": SEED_RECIPE,
+    "warmup": SEED_RECIPE + ["--warmup_epochs", "5"],
+    "precise_bn": SEED_RECIPE + ["--precise_bn", "20"],
+    "momentum_0.9": SEED_RECIPE + ["--bn_momentum", "0.9"],
+    "combined": SEED_RECIPE + ["--warmup_epochs", "5", "--precise_bn", "20", "--bn_momentum", "0.9"],
+    "folder_defaults": [],  # whatever --dataset folder chooses now (jaxcnn.experiments.configs.FOLDER_DEFAULTS)
 }
 DATASETS = {  # name -> the CLI's data flags
     "digits": lambda a: ["--dataset", "folder", "--data_dir", a.digits, "--epochs", str(a.epochs)],

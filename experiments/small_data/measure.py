@@ -29,6 +29,7 @@ SETTINGS = {  # name -> CLI flags
 DATASETS = {  # name -> the CLI's data flags
     "digits": lambda a: ["--dataset", "folder", "--data_dir", a.digits, "--epochs", str(a.epochs)],
     "offline_smoke": lambda a: ["--dataset", "offline", "--preset", "smoke", "--epochs", str(a.epochs)],
+    "offline_demo": lambda a: ["--dataset", "offline", "--preset", "demo", "--epochs", "5"],  # the preset's 5
 }
 
 

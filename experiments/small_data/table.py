@@ -10,18 +10,23 @@ import statistics
 import sys
 
 
+ORDER = ("seed_recipe", "warmup", "precise_bn", "momentum_0.9", "combined", "folder_defaults")
+
+
 def main(path: str) -> None:
     rows = [r for r in json.loads(open(path).read()) if r.get("returncode") == 0]
     print("| data | setting | test accuracy, mean ± sd | per seed (0, 1, 2) | majority share | best epoch "
           "| stopped early | warned | wall s / run |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        for setting in dict.fromkeys(r["setting"] for r in rows if r["dataset"] == dataset):
+        present = {r["setting"] for r in rows if r["dataset"] == dataset}
+        for setting in [s for s in ORDER if s in present] + sorted(present - set(ORDER)):
             rs = sorted((r for r in rows if (r["dataset"], r["setting"]) == (dataset, setting)),
                         key=lambda r: r["seed"])
             acc = [r["test_accuracy"] for r in rs]
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-            maj = sorted({round(r["test_majority_share"], 3) for r in rs})
+            maj = [r["test_majority_share"] for r in rs]
+            maj = maj[:1] if len(set(maj)) == 1 else maj
             print(f"| {dataset} | {setting} | {statistics.mean(acc):.3f} ± {sd:.3f} | "
                   f"{', '.join(f'{a:.3f}' for a in acc)} | {', '.join(f'{m:.3f}' for m in maj)} | "
                   f"{', '.join(str(r['best_epoch']) for r in rs)} | "

@@ -85,7 +85,7 @@ def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.
     return workdir
 
 
-def check_new_flags(args) -> None:
+def check_bn_flags(args) -> None:
     """``--bn_momentum``, ``--warmup_epochs``, ``--precise_bn``: ValueError naming the flag, the value and
     what is allowed."""
     m = args.bn_momentum
@@ -115,13 +115,14 @@ def _parse(argv):
     add_folder_flags(p)
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
     p.add_argument("--bn_momentum", type=float, metavar="M",
-                   help="every BatchNorm's moving-average momentum, in [0, 1) (default: the preset's; 0.99 is Keras')")
+                   help="every BatchNorm's moving-average momentum, in [0, 1) (default 0.99, Keras' and the seed's)")
     p.add_argument("--warmup_epochs", type=int, metavar="N",
                    help="epochs in which early stopping and the LR plateau schedule do not count an epoch without "
-                        "improvement (default: the preset's)")
+                        "improvement (default 0)")
     p.add_argument("--precise_bn", type=int, metavar="N",
                    help="re-estimate the BatchNorm statistics over N training batches, weights fixed, before each "
-                        "validation (precise BatchNorm); 0: off (default: the preset's)")
+                        "validation (precise BatchNorm); 0: off (default: 20 with --dataset folder, else 0: the "
+                        "seed's recipe)")
     add_precision_flag(p)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
@@ -144,7 +145,7 @@ def main(argv: Optional[list] = None) -> int:
 
 def _main(args) -> int:
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
-    check_new_flags(args)
+    check_bn_flags(args)
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,

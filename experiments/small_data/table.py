@@ -24,10 +24,10 @@ def main(path: str) -> None:
             rs = sorted((r for r in rows if (r["dataset"], r["setting"]) == (dataset, setting)),
                         key=lambda r: r["seed"])
             acc = [r["test_accuracy"] for r in rs]
-            sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+            spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else " (1 seed)"
             maj = [r["test_majority_share"] for r in rs]
             maj = maj[:1] if len(set(maj)) == 1 else maj
-            print(f"| {dataset} | {setting} | {statistics.mean(acc):.3f} ± {sd:.3f} | "
+            print(f"| {dataset} | {setting} | {statistics.mean(acc):.3f}{spread} | "
                   f"{', '.join(f'{a:.3f}' for a in acc)} | {', '.join(f'{m:.3f}' for m in maj)} | "
                   f"{', '.join(str(r['best_epoch']) for r in rs)} | "
                   f"{sum(bool(r['stopped_early']) for r in rs)}/{len(rs)} | "

@@ -70,11 +70,14 @@ RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "ex
                        "data.source.stream", "experiment.stream"})
 
 
-#: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 1 is the
-#: same layout without the field (runs recorded before 2026-11-29): it is read as format 2. Format 0
-#: is the early flat config (every setting at the top level, ``"model"`` a name), written until the
-#: run-folder redesign of 2026-11-25 (a50606b): :func:`_from_format_0` migrates it.
-FORMAT_VERSION = 2
+#: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 3 added
+#: ``fit.warmup_epochs``, ``fit.precise_bn_batches``, ``fit.class_weight`` and the cifar10
+#: experiment's ``bn_momentum``: :func:`_from_format_2` gives a format-2 run them at what it ran
+#: with (0, 0, None and its model's momentum). Format 1 is format 2 without the field (runs recorded before
+#: 2026-11-29). Format 0 is the early flat config (every setting at the top level, ``"model"`` a
+#: name), written until the run-folder redesign of 2026-11-25 (a50606b): :func:`_from_format_0`
+#: migrates it to format 2.
+FORMAT_VERSION = 3
 
 
 class UnsupportedRunFormat(ValueError):
@@ -89,18 +92,34 @@ def migrate_config(config: dict, path) -> dict:
     version = config.get("format_version")
     if version == FORMAT_VERSION:
         return config
-    if version is None and {"model", "data", "fit"} <= set(config):  # format 1: the same, unversioned
-        return {"format_version": FORMAT_VERSION, **config}
+    if version is None and {"model", "data", "fit"} <= set(config):  # format 1: format 2, unversioned
+        return _from_format_2({"format_version": 2, **config})
     if version is None and isinstance(config.get("model"), str) and "epochs" in config:  # format 0: flat
-        return _from_format_0(config, path)
+        return _from_format_2(_from_format_0(config, path))
+    if version == 2:
+        return _from_format_2(config)
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise UnsupportedRunFormat(f"{path} is in run format {version}, newer than this jaxcnn reads "
                                    f"({FORMAT_VERSION}): upgrade jaxcnn to use this run")
     raise UnsupportedRunFormat(f"{path} is in a run format this jaxcnn cannot read ("
                                + (f"format {version!r}" if version is not None else
                                   "no format_version and no model / data / fit sections")
-                               + f"; it reads format {FORMAT_VERSION} and migrates formats 0 and 1). Its records can "
+                               + f"; it reads format {FORMAT_VERSION} and migrates formats 0, 1 and 2). Its records can "
                                f"still be read as JSON; to use the run, train it again with this jaxcnn")
+
+
+def _from_format_2(config: dict) -> dict:
+    """A format-2 config in format 3: ``fit.warmup_epochs`` 0, ``fit.precise_bn_batches`` 0 and
+    ``fit.class_weight`` None (format 2 had none of them), and a cifar10 experiment's ``bn_momentum``: its model's (0.99, Keras',
+    where the spec names none)."""
+    new = {**config, "format_version": 3}
+    if isinstance(config.get("fit"), dict):
+        new["fit"] = {**config["fit"], "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None}
+    experiment, model = config.get("experiment"), config.get("model")
+    if isinstance(experiment, dict) and experiment.get("name") == "cifar10" and "bn_momentum" not in experiment:
+        momentum = model.get("bn_momentum", 0.99) if isinstance(model, dict) else 0.99
+        new["experiment"] = {**experiment, "bn_momentum": momentum}
+    return new
 
 
 # Format 0's loop settings, copied into "fit" as they are.
@@ -158,7 +177,7 @@ def _from_format_0(flat: dict, path) -> dict:
         experiment["model"] = flat["backbone"]
         del experiment["learning_rate"]  # the phase's rate: the optimizer's (phase1_lr / phase2_lr stay)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": 2,
         "model": model,
         "data": {"name": "offline", "source": source, "image_shape": [size, size, 3],
                  "num_classes": flat["num_classes"], "class_names": list(_OFFLINE_CLASSES[:flat["num_classes"]]),

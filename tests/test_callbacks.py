@@ -185,3 +185,34 @@ def test_fit_stops_on_script_restores_best_weights_and_keeps_latest_and_best_apa
     jax.tree.map(np.testing.assert_array_equal, final.batch_stats, best.batch_stats)
     assert not np.array_equal(np.asarray(final.params["logits"]["kernel"]), initial_kernel)
     assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == 4
+
+
+def test_fit_does_not_end_a_warming_up_run(tmp_path):
+    """FitConfig.warmup_epochs=4: the scripted validation loss is best at epoch 1 and worse after; with patience 2
+    the run is not ended before epoch 4 + 2 = 6 (without the warm-up: epoch 3), the LR is halved only after
+    epoch 5 (plateau patience 1), and the best weights are still epoch 1's."""
+    steps_per_epoch = 2
+    script = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 0.5])
+    real_eval = make_eval_step()
+
+    def scripted_eval(state, batch):
+        out = real_eval(state, batch)
+        return {**out, "loss_sum": script[state.step // steps_per_epoch - 1] * out["count"]}
+
+    model = CifarCNN(widths=(4,), dense_units=8, num_classes=3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3), key=jax.random.key(1))
+    config = FitConfig(epochs=8, batch_size=16, eval_batch_size=8, augment=None, early_stopping_patience=2,
+                       plateau_patience=1, warmup_epochs=4)
+    _, history, summary = fit(state, _tiny_dataset(), config, tmp_path, progress=False,
+                              steps=dataclasses.replace(Steps.build(config), eval=scripted_eval))
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in history] == pytest.approx([1e-3] * 5 + [5e-4])
+    assert summary["stopped_early"] and summary["stop_epoch"] == 6 and summary["best_epoch"] == 1
+    assert json.loads((tmp_path / "config.json").read_text())["fit"]["warmup_epochs"] == 4
+
+
+@pytest.mark.parametrize("field", ["warmup_epochs", "precise_bn_batches"])
+def test_warmup_and_precise_bn_settings_are_validated(field):
+    with pytest.raises(ValueError, match=rf"FitConfig: {field}=-1; must be an int >= 0"):
+        FitConfig(**{field: -1})

@@ -80,6 +80,19 @@ def test_presets_and_overrides():
         get_config("default", batch_size=0)
 
 
+def test_a_folder_run_gets_the_folder_defaults_and_the_seeds_presets_keep_the_seeds_recipe():
+    for preset in PRESETS:
+        seed = get_config(preset)
+        assert (seed.bn_momentum, seed.fit.warmup_epochs, seed.fit.precise_bn_batches) == (0.99, 0, 0)
+        folder = get_config(preset, dataset="folder", data_dir="photos")
+        assert (folder.bn_momentum, folder.fit.warmup_epochs, folder.fit.precise_bn_batches) == (0.99, 0, 20)
+        assert folder.fit.epochs == seed.fit.epochs and folder.widths == seed.widths  # the rest: the preset's
+    given = get_config("default", dataset="folder", data_dir="p", bn_momentum=0.9, warmup_epochs=2,
+                       precise_bn_batches=0)  # a flag given wins
+    assert (given.bn_momentum, given.fit.warmup_epochs, given.fit.precise_bn_batches) == (0.9, 2, 0)
+    assert cifar10.build_model(given).bn_momentum == 0.9
+
+
 def test_default_workdir_never_refuses_or_overwrites(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--preset", "smoke", "--epochs", "1", "--no_progress"]

@@ -1,5 +1,7 @@
 """Precise BatchNorm against statistics computed by hand in float64 NumPy over the same batches."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,3 +100,62 @@ def test_bad_arguments_are_named():
         precise_batch_stats(state, [], momentum=0.99, num_batches=2)
     with pytest.raises(ValueError, match=r"momentum=1.0; must be in \[0, 1\)"):
         precise_batch_stats(state, [], momentum=1.0, num_batches=2)
+
+
+def test_fit_writes_the_statistics_of_the_epochs_first_batches_into_its_checkpoint(tmp_path):
+    """FitConfig.precise_bn_batches=2: the checkpoint of epoch 1 holds, for the weights it holds, the mean of
+    the NumPy (float64) means and variances over epoch 1's first 2 training batches (in the epoch's order)."""
+    from jaxcnn.data import Dataset, Split
+    from jaxcnn.runfolder import RunFolder
+    from jaxcnn.train import FitConfig, fit, state_from_tree, state_to_tree
+    from jaxcnn.train.feed import train_plan
+
+    momentum = 0.9
+    rng = np.random.default_rng(2)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int32))
+
+    data = Dataset(name="synthetic", train=split(48), val=split(8), test=split(8), num_classes=3,
+                   class_names=("a", "b", "c"))
+    config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=None, precise_bn_batches=2, seed=3)
+    state = _state(momentum)
+    template = jax.tree.map(jnp.copy, state)  # fit donates the state it is given
+    fit(state, data, config, tmp_path, progress=False)
+    with RunFolder(tmp_path).checkpoints(read_only=True) as ckpts:
+        tree, _ = ckpts.restore("latest", target=state_to_tree(template))
+    saved = state_from_tree(template, tree)
+    assert int(saved.step) == 3  # 48 / 16 steps: the statistics were estimated after the last one
+    rows = train_plan(3, 1, 48, 16)[:2]
+    for k, name in enumerate(("block1_bn1", "block1_bn2")):
+        acts = [_np_block1(saved.params, data.train.images[r])[k] for r in rows]
+        want_mean = np.mean([a.mean(axis=(0, 1, 2)) for a in acts], 0)
+        want_var = np.mean([a.var(axis=(0, 1, 2)) for a in acts], 0)
+        amplify = (1 + momentum) / (1 - momentum)
+        for got, want in ((saved.batch_stats[name]["mean"], want_mean), (saved.batch_stats[name]["var"], want_var)):
+            got = np.asarray(got, np.float64)
+            tol = 64 * EPS32 * amplify * (np.abs(want) + want_mean ** 2 + np.abs(want_mean) + 1e-3)
+            assert np.all(np.abs(got - want) <= tol), (name, np.abs(got - want).max())
+
+
+def test_a_run_with_precise_bn_stopped_mid_epoch_and_resumed_is_the_uninterrupted_one(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """The smoke preset with --precise_bn 3 for 2 epochs, whole and stopped by SIGTERM in epoch 2 then resumed:
+    bitwise the same checkpoint (BatchNorm statistics included), history and test scores."""
+    import signal
+
+    from jaxcnn.experiments import cifar10
+    from test_reliability import SMOKE, SignalsItself, assert_same_run, cli, run_with_steps
+
+    args = SMOKE + ["--precise_bn", "3", "--epochs", "2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli(capsys, args + ["--workdir", str(whole)])[0] == 0
+    monkeypatch.setattr(cifar10, "run", run_with_steps(cifar10.run, train=SignalsItself(11, signal.SIGTERM)))
+    code, _, err = cli(capsys, args + ["--workdir", str(cut)])
+    monkeypatch.undo()
+    assert code == 143 and "stopped by SIGTERM in epoch 2 at step 4 of 8" in err
+    assert cli(capsys, args + ["--workdir", str(cut), "--resume"])[0] == 0
+    assert_same_run(cut, whole, 2)
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (whole, cut))
+    assert (a["test_loss"], a["test_accuracy"], a["best_epoch"]) == (b["test_loss"], b["test_accuracy"],
+                                                                     b["best_epoch"])

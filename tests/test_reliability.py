@@ -421,6 +421,10 @@ def _read_only_dir(tmp_path) -> pathlib.Path:
     (["--val_size", "100"], "error: --val_size applies to --dataset cifar10, not to the embedded offline data"),
     (["--data_dir", "somewhere"], "error: --data_dir applies to --dataset cifar10, not to the embedded offline data"),
     (["--resume", "--overwrite"], "error: --resume and --overwrite exclude each other"),
+    (["--bn_momentum", "1"], "error: --bn_momentum 1: must be a number in [0, 1)"),
+    (["--bn_momentum", "-0.1"], "error: --bn_momentum -0.1: must be a number in [0, 1)"),
+    (["--warmup_epochs", "-1"], "error: --warmup_epochs -1: must be an int >= 0"),
+    (["--precise_bn", "-2"], "error: --precise_bn -2: must be an int >= 0 (0: off)"),
 ])
 def test_a_bad_setting_is_one_line_and_nothing_is_created(tmp_path, capsys, args, message):
     workdir = tmp_path / "run"

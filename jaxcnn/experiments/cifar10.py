@@ -38,7 +38,7 @@ def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
     return CifarCNN(num_classes=int(num_classes), widths=tuple(int(w) for w in config.widths),
                     dense_units=config.dense_units, conv_dropout=config.conv_dropout,
                     conv_dropout_rate=float(config.conv_dropout_rate), dense_dropout=float(config.dense_dropout),
-                    dtype=PRECISIONS[config.precision])
+                    bn_momentum=float(config.bn_momentum), dtype=PRECISIONS[config.precision])
 
 
 def init_variables(model, seed: int, image_shape) -> dict:
@@ -79,6 +79,18 @@ def default_workdir(config: ExperimentConfig, *, fresh: bool = True) -> pathlib.
     return workdir
 
 
+def check_bn_flags(args) -> None:
+    """``--bn_momentum``, ``--warmup_epochs``, ``--precise_bn``: ValueError naming the flag, the value and
+    what is allowed."""
+    m = args.bn_momentum
+    if m is not None and not 0 <= m < 1:
+        raise ValueError(f"--bn_momentum {m:g}: must be a number in [0, 1) (0.99: Keras' default, the seed's)")
+    for flag in ("warmup_epochs", "precise_bn"):
+        v = getattr(args, flag)
+        if v is not None and v < 0:
+            raise ValueError(f"--{flag} {v}: must be an int >= 0" + (" (0: off)" if flag == "precise_bn" else ""))
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
@@ -97,6 +109,15 @@ def _parse(argv):
     p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
     add_folder_flags(p)
     p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
+    p.add_argument("--bn_momentum", type=float, metavar="M",
+                   help="every BatchNorm's moving-average momentum, in [0, 1) (default 0.99, Keras' and the seed's)")
+    p.add_argument("--warmup_epochs", type=int, metavar="N",
+                   help="epochs in which early stopping and the LR plateau schedule do not count an epoch without "
+                        "improvement (default 0)")
+    p.add_argument("--precise_bn", type=int, metavar="N",
+                   help="re-estimate the BatchNorm statistics over N training batches, weights fixed, before each "
+                        "validation (precise BatchNorm); 0: off (default: 20 with --dataset folder, else 0: the "
+                        "seed's recipe)")
     add_precision_flag(p)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
@@ -119,11 +140,13 @@ def main(argv: Optional[list] = None) -> int:
 
 def _main(args) -> int:
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
+    check_bn_flags(args)
     config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
                         image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        stream=args.stream, precision=args.precision)
+                        stream=args.stream, precision=args.precision, bn_momentum=args.bn_momentum,
+                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn)
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))

@@ -135,10 +135,13 @@ class EpochCallbacks:
 
     @classmethod
     def from_config(cls, config) -> "EpochCallbacks":
-        """From a ``FitConfig``'s ``early_stopping_patience`` and ``plateau_*`` / ``min_lr``."""
-        return cls(EarlyStopping(patience=config.early_stopping_patience),
+        """From a ``FitConfig``'s ``early_stopping_patience``, ``plateau_*`` / ``min_lr`` and
+        ``warmup_epochs`` (both callbacks' ``start_from_epoch``)."""
+        warmup = config.warmup_epochs
+        return cls(EarlyStopping(patience=config.early_stopping_patience, start_from_epoch=warmup),
                    ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
-                                     min_delta=config.plateau_min_delta, min_lr=config.min_lr))
+                                     min_delta=config.plateau_min_delta, min_lr=config.min_lr,
+                                     start_from_epoch=warmup))
 
     def update(self, epoch: int, val_loss: float, lr: float) -> tuple[bool, float]:
         """``(improved, next_lr)`` after epoch ``epoch``: whether it is the new best, the next rate."""

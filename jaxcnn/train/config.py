@@ -50,6 +50,15 @@ class FitConfig:
         softmax cross-entropy of a uniform guess is ln K: 2.3 for 10 classes); None: no limit
         (a loss that is not finite still stops it). The validation loss stops it only when it is
         not finite: a finite spike (BatchNorm statistics still settling) is not divergence.
+      warmup_epochs: the first epochs are a warm-up in which neither early stopping nor the
+        plateau schedule counts an epoch without improvement (their ``start_from_epoch``); the
+        best checkpoint is still the best validation loss of the whole run. 0: no warm-up.
+      precise_bn_batches: 0 (off), or re-estimate the BatchNorm population statistics over that
+        many training batches with the weights fixed before each validation evaluation
+        (precise BatchNorm, ``jaxcnn.train.precise_bn``). The estimate replaces the moving
+        statistics (as pycls does): the checkpoints hold it, the best weights are tested with
+        it, and training continues from it. The batches are the first ones of the epoch just
+        trained (they depend on (seed, epoch) only, so a resumed run is the uninterrupted one).
     """
 
     epochs: int = 50
@@ -65,6 +74,8 @@ class FitConfig:
     min_lr: float = 0.0
     keep_checkpoints: int = 3
     max_loss: Optional[float] = 1e3
+    warmup_epochs: int = 0
+    precise_bn_batches: int = 0
     class_weight: Optional[str] = None
 
     def __post_init__(self):
@@ -73,7 +84,7 @@ class FitConfig:
             v = getattr(self, field)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{name}: {field}={v!r}; must be an int >= 1")
-        for field in ("seed", "early_stopping_patience", "plateau_patience"):
+        for field in ("seed", "early_stopping_patience", "plateau_patience", "warmup_epochs", "precise_bn_batches"):
             v = getattr(self, field)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"{name}: {field}={v!r}; must be an int >= 0")

@@ -215,6 +215,10 @@ class TrainFeed:
         mid-epoch), ``{"image": (B, H, W, C) uint8, "label": (B,)}`` global arrays."""
         yield from self.source.batches(train_plan(self.seed, epoch, self.num_examples, self.batch_size, start))
 
+    def first_batches(self, epoch: int, count: int) -> Iterator[dict]:
+        """The first ``count`` batches of epoch ``epoch`` (at most the epoch's), reading no others."""
+        yield from self.source.batches(train_plan(self.seed, epoch, self.num_examples, self.batch_size)[:count])
+
 
 class EvalFeed:
     """A split padded to whole batches, with a ``mask`` of its real rows.

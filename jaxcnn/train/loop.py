@@ -53,6 +53,7 @@ from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
+from jaxcnn.train.precise_bn import bn_momentum_of, make_reestimate
 from jaxcnn.train.session import Best, RunSession
 from jaxcnn.train.state import TrainState, get_learning_rate
 from jaxcnn.train.steps import Steps, make_logits_fn
@@ -111,6 +112,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     steps.check(config)
     run = RunFolder(workdir)
     record = run_config(state, dataset, config, model=model, experiment=experiment)
+    reestimate = _precise_bn(config, record, state, steps)
     procs.check_same_config(record)
     procs.on_primary(run.check_writable)
     train_feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed, processes=procs)
@@ -118,7 +120,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     with RunSession(run, record, config, sharding.replicate(state, mesh), procs, resume=resume, overwrite=overwrite,
                     report_missing=lambda: bool(report.report_missing(run))) as session:
         out = _train(session, steps, train_feed, val_feed, config, progress=progress and procs.primary,
-                     wall_s=session.start.wall_s - t_start)
+                     wall_s=session.start.wall_s - t_start, reestimate=reestimate)
         if session.end_training():  # diverged before its first checkpoint: the run it was to overwrite is back
             raise TrainingDiverged(_diverged_message(out, session, restored=True), {})
         if not out.diverged and session.signal() is not None:  # (in the last epoch's end)
@@ -151,10 +153,24 @@ class Trained:
         return self.state.replace(params=self.best.params, batch_stats=self.best.batch_stats)
 
 
+def _precise_bn(config: FitConfig, record: dict, state: TrainState, steps: Steps) -> Optional[Callable]:
+    """``config.precise_bn_batches``' re-estimation (``jaxcnn.train.precise_bn.make_reestimate``),
+    or None (off, or a model without BatchNorm); ValueError when the model's momentum is unknown."""
+    if not config.precise_bn_batches or not state.batch_stats:
+        return None
+    return make_reestimate(bn_momentum_of(record["model"]), config.precise_bn_batches,
+                           preprocess=get_preprocess(steps.preprocess))
+
+
 def _train(session: RunSession, steps: Steps, train_feed: TrainFeed, val_feed: EvalFeed, config: FitConfig, *,
-           progress: bool, wall_s: float) -> Trained:
+           progress: bool, wall_s: float, reestimate: Optional[Callable] = None) -> Trained:
     """The epochs still to do, each ended by ``session.end_epoch``; stops early when the callbacks
-    say so, at a signal (RunInterrupted, after saving where it is), or where the loss diverged."""
+    say so, at a signal (RunInterrupted, after saving where it is), or where the loss diverged.
+
+    ``reestimate`` (precise BatchNorm): before each validation, the state's BatchNorm statistics
+    are replaced by ``reestimate(state, train_feed, epoch)``; the checkpoints and the best weights
+    hold them, so the end-of-run test scores the best weights with the statistics estimated for
+    them (re-estimating there would compute the same again)."""
     start, accumulate = session.start, _accumulator(config.max_loss)
     out = Trained(start.state, start.epoch, start.history, start.best, None, wall_s)
     position, sums = start.position, start.sums
@@ -170,6 +186,8 @@ def _train(session: RunSession, steps: Steps, train_feed: TrainFeed, val_feed: E
                                                  "history": out.history, "wall_time_s": wall_s + time.perf_counter()})
             raise session.interrupted(out.epoch + 1, ran.stopped_by, step=ran.steps_done,
                                       steps=train_feed.steps_per_epoch)
+        if reestimate is not None and ran.bad_step is None:
+            out.state = out.state.replace(batch_stats=reestimate(out.state, train_feed, out.epoch + 1))
         val = evaluate(out.state, val_feed, steps.eval) if ran.bad_step is None else None
         out.diverged = _divergence(ran, val, out.epoch + 1, train_feed.steps_per_epoch, config.max_loss)
         if out.diverged:

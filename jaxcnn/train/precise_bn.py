@@ -46,7 +46,8 @@ def make_batch_stats_step(momentum: float, *, preprocess: Callable = scale_to_un
 
 
 def precise_batch_stats(state: TrainState, batches: Iterable[dict], *, momentum: float,
-                        num_batches: int, step: Optional[Callable] = None, seed: int = 0) -> dict:
+                        num_batches: int, step: Optional[Callable] = None, seed: int = 0,
+                        key: Optional[jax.Array] = None) -> dict:
     """The population statistics of ``state``'s BatchNorm layers re-estimated over ``num_batches``
     of ``batches`` (``{"image": uint8 (B, H, W, C), ...}``, e.g. ``TrainFeed.epoch(...)``).
 
@@ -54,7 +55,8 @@ def precise_batch_stats(state: TrainState, batches: Iterable[dict], *, momentum:
     variances, as pycls and detectron2 do. A layer that did not move its statistics (frozen)
     keeps ``state.batch_stats`` exactly. ``momentum``: the model's BatchNorm momentum (the
     ``bn_momentum`` of ``jaxcnn.models``). ``step``: a jitted :func:`make_batch_stats_step`
-    (built here when None). Returns a tree like ``state.batch_stats``.
+    (built here when None). The dropout key of batch ``i`` is ``fold_in(key, i)``, ``key``
+    default ``jax.random.key(seed)``. Returns a tree like ``state.batch_stats``.
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"precise_batch_stats: num_batches={num_batches!r}; must be an int >= 1")
@@ -62,7 +64,7 @@ def precise_batch_stats(state: TrainState, batches: Iterable[dict], *, momentum:
         return state.batch_stats
     step = jax.jit(make_batch_stats_step(momentum)) if step is None else step
     total, moved, count = None, None, 0
-    key = jax.random.key(seed)
+    key = jax.random.key(seed) if key is None else key
     for batch in batches:
         stats, m = step(state, batch, jax.random.fold_in(key, count))
         total = stats if total is None else jax.tree.map(jnp.add, total, stats)
@@ -73,3 +75,42 @@ def precise_batch_stats(state: TrainState, batches: Iterable[dict], *, momentum:
     if count == 0:
         raise ValueError("precise_batch_stats: batches is empty")
     return jax.tree.map(lambda t, m, old: jnp.where(m, t / count, old), total, moved, state.batch_stats)
+
+
+def bn_momentum_of(spec: Optional[dict]) -> float:
+    """The BatchNorm momentum of a model spec (``jaxcnn.models.model_spec``; nested specs
+    searched): ValueError when the spec names none, or several different ones."""
+    found = set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            if isinstance(v.get("bn_momentum"), (int, float)):
+                found.add(float(v["bn_momentum"]))
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(spec)
+    if len(found) != 1:
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        raise ValueError(f"precise BatchNorm needs the model's BatchNorm momentum, but the model (kind {kind!r}) "
+                         + ("records none" if not found else f"records several ({sorted(found)})")
+                         + ": use precise_bn_batches=0 with it")
+    return found.pop()
+
+
+def make_reestimate(momentum: float, num_batches: int, *, preprocess: Callable = scale_to_unit) -> Callable:
+    """``reestimate(state, feed, epoch) -> batch_stats``: :func:`precise_batch_stats` over the first
+    ``num_batches`` batches of ``feed``'s epoch ``epoch`` (a ``TrainFeed``), the dropout keys
+    from ``fold_in(state.key, epoch)``: everything depends on (seed, epoch) only. The step is
+    jitted once, here."""
+    step = jax.jit(make_batch_stats_step(momentum, preprocess=preprocess))
+
+    def reestimate(state: TrainState, feed, epoch: int) -> dict:
+        key = jax.random.fold_in(jax.random.fold_in(state.key, 0xB4), epoch)
+        return precise_batch_stats(state, feed.first_batches(epoch, num_batches), momentum=momentum,
+                                   num_batches=num_batches, step=step, key=key)
+
+    return reestimate

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcnn import report
+from jaxcnn import metrics, report
 from jaxcnn.errors import RunInterrupted, TrainingDiverged
 from jaxcnn.models.spec import model_spec, module_of
 from jaxcnn.preprocess import get_preprocess
@@ -251,14 +251,11 @@ def _logits(logits_fn: Callable, variables: dict, split, batch_size: int) -> np.
 
 
 def _scores(logits: np.ndarray, labels) -> dict:
-    """``{"test_loss", "test_accuracy", "num_test"}``: the mean softmax cross-entropy (in float64)
-    and the accuracy of ``logits`` against ``labels``."""
-    z = np.asarray(logits, np.float64)
+    """``{"test_loss", "test_accuracy", "num_test"}``: the mean softmax cross-entropy (in float64,
+    ``jaxcnn.metrics.nll``) and the accuracy of ``logits`` against ``labels``."""
     labels = np.asarray(labels, np.int64)
-    z = z - z.max(-1, keepdims=True)
-    nll = np.log(np.exp(z).sum(-1)) - z[np.arange(len(labels)), labels]
-    return {"test_loss": float(nll.mean()), "test_accuracy": float(np.mean(z.argmax(-1) == labels)),
-            "num_test": int(len(labels))}
+    return {"test_loss": metrics.nll(logits, labels),
+            "test_accuracy": float(np.mean(np.asarray(logits).argmax(-1) == labels)), "num_test": int(len(labels))}
 
 
 def _signal_now(stop: dict, procs: Processes, done: int) -> Optional[int]:

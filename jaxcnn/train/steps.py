@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxcnn import freeze
@@ -189,8 +190,6 @@ class Steps:
 def balanced_class_weights(train_labels, num_classes: int):
     """float64 ``(K,)``: ``n / (K * n_c)`` for each class ``c`` with ``n_c`` of the ``n`` training
     labels (sklearn's and Keras' "balanced"; a class without examples gets weight 0)."""
-    import numpy as np
-
     counts = np.bincount(np.asarray(train_labels, np.int64), minlength=num_classes).astype(np.float64)
     return np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
 

@@ -205,13 +205,15 @@ def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> No
     RunFolder(workdir).check_start(resume=resume, overwrite=overwrite)
 
 
-def path_flag(flag: str, value) -> Optional[pathlib.Path]:
+def path_flag(flag: str, value, *, required: bool = False) -> Optional[pathlib.Path]:
     """A path-valued flag's folder or file, None when the flag was not given. An empty value is refused:
-    it is no path (``--workdir ""`` once trained silently into the default folder)."""
+    it is no path (``--workdir ""`` once trained silently into the default folder). ``required``: the
+    flag has no default to fall back on (the message does not offer one)."""
     if value is None:
         return None
     if not str(value).strip():
-        raise ValueError(f"{flag} {str(value)!r}: empty; name a path, or leave the flag out for its default")
+        raise ValueError(f"{flag} {str(value)!r}: empty; name a path"
+                         + ("" if required else ", or leave the flag out for its default"))
     return pathlib.Path(value)
 
 

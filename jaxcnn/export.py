@@ -263,7 +263,7 @@ def main(argv: Optional[list] = None) -> int:
 
 
 def _main(args) -> int:
-    out = path_flag("--out", args.out)
+    out = path_flag("--out", args.out, required=True)
     run_dir = pathlib.Path(args.run)
     check_run_flag(run_dir)
     try:

@@ -161,3 +161,8 @@ def test_without_the_extra_one_line_says_how_to_install_it(tmp_path, capsys, mon
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "jax2onnx" in err and "pip install" in err and "--no-deps jax2onnx==0.17.1" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_empty_out_is_refused_without_offering_a_default_it_does_not_have(tmp_path, capsys):
+    code, out, err = cli(capsys, ["--run", str(tmp_path / "run"), "--out", ""])
+    assert (code, out, err) == (2, "", "error: --out '': empty; name a path\n")

@@ -13,7 +13,9 @@ the fastest per shape. Every form is held to the float64 reference in
   gradient as ``kh`` GEMMs);
 * ``im2col``: one matrix product of all ``kh * kw`` shifts side by side, ``(N·H·W, kh·kw·C)``;
 * ``winograd``: Winograd's F(2×2, 3×3) (Lavin & Gray 2016), 3×3 kernels only: 16 products of
-  transformed 4×4 input tiles with the transformed kernel, 2.25× fewer multiplications.
+  transformed 4×4 input tiles with the transformed kernel, 2.25× fewer multiplications;
+* ``winograd4``: F(4×4, 3×3): 36 products of transformed 6×6 tiles, 4× fewer multiplications, a
+  transformed input 2.25× the input's size (F(2×2, 3×3)'s is 4×).
 """
 
 from __future__ import annotations
@@ -59,49 +61,71 @@ def im2col(x, w, pads, precision):
     return y.reshape(x.shape[0], h_out, w_out, c_out)
 
 
-def _input_transform(t0, t1, t2, t3):
-    """``B^T d`` along one axis of a 4-tap tile: the rows of ``B^T`` are (1, 0, -1, 0),
-    (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)."""
-    return t0 - t2, t1 + t2, t2 - t1, t1 - t3
+#: Winograd's minimal filtering F(m, 3) (Lavin & Gray 2016), as ``(B^T, G, A^T)``: a tile of
+#: ``m + 2`` inputs ``d`` and a 3-tap kernel ``g`` give the ``m`` outputs ``A^T [(G g) ⊙ (B^T d)]``.
+#: F(2, 3) interpolates at 0, 1, -1, ∞; F(4, 3) at 0, ±1, ±2, ∞ (larger coefficients: its float32
+#: rounding is larger too, ``tests/test_conv_forms.py`` bounds it).
+_WINOGRAD = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0), (0, -2, -1, 2, 1, 0),
+         (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6),
+         (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
 
 
-def _kernel_transform(g0, g1, g2):
-    """``G g`` along one axis of a 3-tap kernel: the rows of ``G`` are (1, 0, 0),
-    (1/2, 1/2, 1/2), (1/2, -1/2, 1/2), (0, 0, 1)."""
-    half_sum = (g0 + g2) * 0.5
-    return g0, half_sum + g1 * 0.5, half_sum - g1 * 0.5, g2
+def _combine(matrix, taps):
+    """``matrix @ taps`` along a list of arrays: each row's sum of its nonzero coefficients times
+    the taps (a coefficient of ±1 adds or subtracts, no multiplication)."""
+    out = []
+    for row in matrix:
+        terms = [t if c == 1 else -t if c == -1 else t * c for c, t in zip(row, taps) if c != 0]
+        out.append(functools.reduce(jnp.add, terms))
+    return out
 
 
-def _output_transform(m0, m1, m2, m3):
-    """``A^T m`` along one axis: the rows of ``A^T`` are (1, 1, 1, 0), (0, 1, -1, -1)."""
-    return m0 + m1 + m2, m1 - m2 - m3
-
-
-def winograd(x, w, pads, precision):
-    """Winograd's F(2×2, 3×3): each 2×2 block of outputs from its 4×4 input tile ``d`` as
-    ``A^T [(G g G^T) ⊙ (B^T d B)] A``, the elementwise product summed over the input channels,
-    i.e. 16 matrix products ``(N·tiles, C) @ (C, C_out)``. 3×3 kernels only."""
+def _winograd(x, w, pads, precision, m):
+    """Winograd's F(m×m, 3×3): each ``m × m`` block of outputs from its ``(m + 2)²`` input tile ``d``
+    as ``A^T [(G g G^T) ⊙ (B^T d B)] A``, the elementwise product summed over the input channels,
+    i.e. ``(m + 2)²`` matrix products ``(N·tiles, C) @ (C, C_out)``. 3×3 kernels only."""
     kh, kw, c, c_out = w.shape
     if (kh, kw) != (3, 3):
         raise ValueError(f"winograd: the kernel must be 3x3, got {kh}x{kw}")
+    bt, g_mat, at = _WINOGRAD[m]
+    a = m + 2
     n = x.shape[0]
     (top, bottom), (left, right) = pads
     h_out, w_out = x.shape[1] + top + bottom - 2, x.shape[2] + left + right - 2
-    th, tw = -(-h_out // 2), -(-w_out // 2)
-    # pad to whole tiles: 2 * tiles + 2 rows / columns, the extra ones zeros, their outputs cut off
-    xp = jnp.pad(x, ((0, 0), (top, 2 * th + 2 - x.shape[1] - top), (left, 2 * tw + 2 - x.shape[2] - left), (0, 0)))
-    along_h = _input_transform(*(xp[:, r:r + 2 * th:2] for r in range(4)))  # each (N, th, Wp, C)
-    tiles = [t for u in along_h for t in _input_transform(*(u[:, :, s:s + 2 * tw:2] for s in range(4)))]
-    v = jnp.stack(tiles).reshape(16, n * th * tw, c)
-    gh = _kernel_transform(w[0], w[1], w[2])  # each (3, C, C_out)
-    u = jnp.stack([t for g in gh for t in _kernel_transform(g[0], g[1], g[2])])  # (16, C, C_out)
-    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # (16, N·th·tw, C_out)
-    m = m.reshape(4, 4, n, th, tw, c_out)
-    out_h = _output_transform(m[0], m[1], m[2], m[3])  # each (4, N, th, tw, C_out)
-    y = jnp.stack([jnp.stack(_output_transform(o[0], o[1], o[2], o[3]), axis=-2) for o in out_h], axis=2)
-    # y: (N, th, 2 [row in tile], tw, 2 [column in tile], C_out)
-    return y.reshape(n, 2 * th, 2 * tw, c_out)[:, :h_out, :w_out]
+    th, tw = -(-h_out // m), -(-w_out // m)
+    # pad to whole tiles: m * tiles + 2 rows / columns, the extra ones zeros, their outputs cut off
+    xp = jnp.pad(x, ((0, 0), (top, m * th + 2 - x.shape[1] - top), (left, m * tw + 2 - x.shape[2] - left), (0, 0)))
+    along_h = _combine(bt, [xp[:, r:r + m * th:m] for r in range(a)])  # each (N, th, Wp, C)
+    tiles = [t for u in along_h for t in _combine(bt, [u[:, :, s:s + m * tw:m] for s in range(a)])]
+    v = jnp.stack(tiles).reshape(a * a, n * th * tw, c)
+    gh = _combine(g_mat, [w[0], w[1], w[2]])  # each (3, C, C_out)
+    u = jnp.stack([t for g in gh for t in _combine(g_mat, [g[0], g[1], g[2]])])  # (a², C, C_out)
+    prod = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)  # (a², N·th·tw, C_out)
+    prod = prod.reshape(a, a, n, th, tw, c_out)
+    out_h = _combine(at, [prod[i] for i in range(a)])  # m arrays, each (a, N, th, tw, C_out)
+    y = jnp.stack([jnp.stack(_combine(at, [o[j] for j in range(a)]), axis=-2) for o in out_h], axis=2)
+    # y: (N, th, m [row in tile], tw, m [column in tile], C_out)
+    return y.reshape(n, m * th, m * tw, c_out)[:, :h_out, :w_out]
+
+
+def winograd(x, w, pads, precision):
+    """Winograd's F(2×2, 3×3): 16 products of transformed 4×4 tiles, 2.25× fewer multiplications
+    than the direct form; the transformed input is 4× the input."""
+    return _winograd(x, w, pads, precision, 2)
+
+
+def winograd4(x, w, pads, precision):
+    """Winograd's F(4×4, 3×3): 36 products of transformed 6×6 tiles, 4× fewer multiplications
+    than the direct form; the transformed input is 2.25× the input."""
+    return _winograd(x, w, pads, precision, 4)
 
 
 #: Every form by name.
-FORMS = {"xla": xla, "rows": rows, "im2col": im2col, "winograd": winograd}
+FORMS = {"xla": xla, "rows": rows, "im2col": im2col, "winograd": winograd, "winograd4": winograd4}

@@ -226,7 +226,8 @@ _conv_by_rows = conv_forms.rows
 
 #: The formulations (``jaxcnn.conv_forms``) each direction may take on the CPU, the first of each
 #: the default: the one used without autotuning (``JAXCNN_AUTOTUNE=0``), exactly as before it.
-_CANDIDATES = {"fwd": ("xla", "winograd", "im2col"), "dx": ("xla", "winograd"), "dw": ("rows", "xla", "im2col")}
+_CANDIDATES = {"fwd": ("xla", "winograd", "winograd4", "im2col"), "dx": ("xla", "winograd", "winograd4"),
+               "dw": ("rows", "xla", "im2col")}
 
 
 def _timers(direction, names, x_shape, w_shape, pads):
@@ -261,7 +262,7 @@ def _form(direction, x, w, pads, precision):
     setting = conv_tuning.mode()
     if setting == "0" or x.dtype != jnp.float32 or precision is not None or jax.default_backend() != "cpu":
         return names[0]
-    names = tuple(n for n in names if n != "winograd" or tuple(w.shape[:2]) == (3, 3))
+    names = tuple(n for n in names if not n.startswith("winograd") or tuple(w.shape[:2]) == (3, 3))
     key = conv_tuning.shape_key(direction, x.shape, w.shape, pads, x.dtype)
     return conv_tuning.choose(key, names[0], names,
                               functools.partial(_timers, direction, names, tuple(x.shape), tuple(w.shape), pads),
@@ -335,17 +336,62 @@ def max_pool2d(
         yourself for that.)
 
     Returns:
-      ``(N, H_out, W_out, C)``; the gradient flows to the arg-max of each window.
+      ``(N, H_out, W_out, C)``; the gradient flows to the arg-max of each window (the first in
+      row-major order where several elements tie). Windows that tile ``x`` exactly (stride =
+      window, no padding, ``H`` and ``W`` multiples of it) are computed as element-wise maxima of
+      the window's taps, with that derivative as element-wise selections (faster on the CPU than
+      ``lax.reduce_window``'s; measured: ``benchmarks/README.md``); other windows use
+      :func:`jax.lax.reduce_window`. Both give the same values and gradients, bit for bit.
 
     Example (the seed's 4×4 example):
       >>> x = jnp.array([[1, 3, 2, 4], [5, 6, 7, 8], [2, 1, 4, 3], [9, 8, 6, 5]], jnp.float32)
       >>> max_pool2d(x[None, :, :, None])[0, :, :, 0]   # [[6, 8], [9, 6]]
     """
     dims, strides, pads = _pool_args("max_pool2d", x, window, stride, padding)
+    kh, kw = dims[1:3]
+    if (_POOL_TILES and strides == dims and all(p == (0, 0) for p in pads)
+            and x.shape[1] % kh == 0 and x.shape[2] % kw == 0):
+        return _max_pool_tiles(x, kh, kw)
     # The init value must be a concrete (NumPy) constant: a traced one makes lax.reduce_window
     # fall back to its generic, non-differentiable form under jit.
     init = np.array(-np.inf, dtype=x.dtype)
     return lax.reduce_window(x, init, lax.max, dims, strides, pads)
+
+
+#: Tiling windows as element-wise maxima (``_max_pool_tiles``); ``False`` gives ``lax.reduce_window``
+#: everywhere (benchmarks compare the two).
+_POOL_TILES = True
+
+
+def _window_taps(x, kh, kw):
+    """The ``kh * kw`` elements of each non-overlapping window as a list of ``(N, H/kh, W/kw, C)``
+    arrays, in row-major order within the window."""
+    n, h, w, c = x.shape
+    xr = x.reshape(n, h // kh, kh, w // kw, kw, c)
+    return [xr[:, :, i, :, j, :] for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _max_pool_tiles(x, kh, kw):
+    """Max pooling of non-overlapping ``kh × kw`` windows that tile ``x`` exactly (stride = window,
+    no padding): the maximum of the window's taps."""
+    return functools.reduce(jnp.maximum, _window_taps(x, kh, kw))
+
+
+@_max_pool_tiles.defjvp
+def _max_pool_tiles_jvp(kh, kw, primals, tangents):
+    """The tangent of each window's maximum is the tangent of its first maximal element (row-major),
+    as ``lax.reduce_window``'s derivative picks it: element-wise selections, whose transpose routes
+    each output's gradient back to that element."""
+    (x,), (dx,) = primals, tangents
+    y = _max_pool_tiles(x, kh, kw)
+    taken = jnp.zeros(y.shape, bool)
+    ty = jnp.zeros_like(y)
+    for xt, dt in zip(_window_taps(x, kh, kw), _window_taps(dx, kh, kw)):
+        pick = (xt == y) & ~taken
+        ty = jnp.where(pick, dt, ty)
+        taken = taken | pick
+    return y, ty
 
 
 def avg_pool2d(

@@ -19,12 +19,12 @@ X_SHAPE, W_SHAPE = (2, 6, 5, 3), (3, 3, 3, 4)
 @pytest.fixture
 def tuning(tmp_path, monkeypatch):
     """A cache file of the test's own, autotuning on, and the timing replaced by a count: every
-    candidate timed gets ``ms[name]`` (winograd, then im2col, then XLA fastest; rows slowest)."""
+    candidate timed gets ``ms[name]`` (winograd, then winograd4, im2col, XLA fastest; rows slowest)."""
     path = tmp_path / "conv_autotune.json"
     monkeypatch.setenv("JAXCNN_AUTOTUNE_CACHE", str(path))
     monkeypatch.setenv("JAXCNN_AUTOTUNE", "1")
     timed = []
-    ms = {"winograd": 1.0, "im2col": 2.0, "xla": 3.0, "rows": 9.0}
+    ms = {"winograd": 1.0, "winograd4": 1.5, "im2col": 2.0, "xla": 3.0, "rows": 9.0}
 
     def fake_time(timers, **kw):
         timed.append(sorted(timers))
@@ -53,8 +53,8 @@ def test_the_cache_is_used_a_second_trace_times_nothing(tuning):
     x, w = _data()
     first = _jaxpr(x, w)
     # each direction's candidates, then the winner and the default again (the fake winner always wins)
-    assert timed == [["im2col", "winograd", "xla"], ["winograd", "xla"], ["winograd", "xla"], ["winograd", "xla"],
-                     ["im2col", "rows", "xla"], ["im2col", "rows"]]
+    assert timed == [["im2col", "winograd", "winograd4", "xla"], ["winograd", "xla"], ["winograd", "winograd4", "xla"],
+                     ["winograd", "xla"], ["im2col", "rows", "xla"], ["im2col", "rows"]]
     entries = json.loads(path.read_text())["machines"][conv_tuning.machine_key()]
     assert sorted(e["choice"] for e in entries.values()) == ["im2col", "winograd", "winograd"]
     assert _jaxpr(x, w) == first  # traced again (make_jaxpr keeps nothing): read from the file
@@ -66,7 +66,7 @@ def test_a_convolution_not_differentiated_times_its_value_only(tuning):
     path, timed = tuning
     x, w = _data()
     jax.jit(lambda x, w: layers.conv2d(x, w, padding="VALID"))(x, w)
-    assert timed == [["im2col", "winograd", "xla"], ["winograd", "xla"]]
+    assert timed == [["im2col", "winograd", "winograd4", "xla"], ["winograd", "xla"]]
 
 
 def _untuned_jaxpr(x, w):

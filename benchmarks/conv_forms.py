@@ -29,8 +29,8 @@ def main(argv=None) -> int:
 
     print(f"{conv_tuning.machine_key()}; median of {args.rounds} interleaved rounds\n")
     print("| batch, size, C_in → C_out | direction | " + " | ".join(
-        f"{n} ms (GF/s)" for n in ("xla", "rows", "im2col", "winograd", "winograd4")) + " | default / best |")
-    print("|---|---|" + "---:|" * 6)
+        f"{n} ms (GF/s)" for n in ("xla", "rows", "rows_wt", "im2col", "winograd", "winograd4")) + " | default / best |")
+    print("|---|---|" + "---:|" * 7)
     pads = ((1, 1), (1, 1))
     for batch in args.batch:
         for size, cin, cout in SHAPES:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
                 timers = layers._timers(direction, names, (batch, size, size, cin), (3, 3, cin, cout), pads)
                 ms = conv_tuning.time_candidates(timers, rounds=args.rounds)
                 cells = [f"{ms[n]:.2f} ({gflop / ms[n] * 1e3:.0f})" if n in ms else "" for n in
-                         ("xla", "rows", "im2col", "winograd", "winograd4")]
+                         ("xla", "rows", "rows_wt", "im2col", "winograd", "winograd4")]
                 best = min(ms, key=ms.get)
                 print(f"| {batch}, {size} px, {cin} → {cout} | {direction} | " + " | ".join(cells) +
                       f" | {ms[names[0]] / ms[best]:.2f} ({best}) |", flush=True)

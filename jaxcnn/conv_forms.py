@@ -11,6 +11,8 @@ the fastest per shape. Every form is held to the float64 reference in
 * ``xla``: :func:`jax.lax.conv_general_dilated`, XLA's own;
 * ``rows``: ``kh`` matrix products of column-shifted input (its transpose in ``w`` is the kernel
   gradient as ``kh`` GEMMs);
+* ``rows_wt``: ``rows`` with each product written as ``(w[i]^T @ cols^T)^T`` (its kernel gradient
+  is ``g^T @ cols``, another GEMM layout);
 * ``im2col``: one matrix product of all ``kh * kw`` shifts side by side, ``(N·H·W, kh·kw·C)``;
 * ``winograd``: Winograd's F(2×2, 3×3) (Lavin & Gray 2016), 3×3 kernels only: 16 products of
   transformed 4×4 input tiles with the transformed kernel, 2.25× fewer multiplications;
@@ -47,6 +49,20 @@ def rows(x, w, pads, precision):
     cols = jnp.concatenate([xp[:, :, j:j + w_out, :] for j in range(kw)], axis=-1)
     parts = [lax.dot(cols[:, i:i + h_out].reshape(-1, kw * c), w[i].reshape(kw * c, c_out), precision=precision)
              for i in range(kh)]  # 2-D products: their transposes are plain (N * H_out * W_out)-long GEMMs
+    return functools.reduce(jnp.add, parts).reshape(x.shape[0], h_out, w_out, c_out)
+
+
+def rows_wt(x, w, pads, precision):
+    """:func:`rows` with each product written the other way round, ``(w[i]^T @ cols_i^T)^T``: the
+    same sums, but its transpose in ``w`` is the kernel gradient as ``g^T @ cols_i``
+    (``(C_out, kw·C)`` products), a layout XLA runs faster at some shapes (measured:
+    ``benchmarks/README.md``)."""
+    kh, kw, c, c_out = w.shape
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    h_out, w_out = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    cols = jnp.concatenate([xp[:, :, j:j + w_out, :] for j in range(kw)], axis=-1)
+    parts = [lax.dot_general(w[i].reshape(kw * c, c_out), cols[:, i:i + h_out].reshape(-1, kw * c),
+                             (((0,), (1,)), ((), ())), precision=precision).T for i in range(kh)]
     return functools.reduce(jnp.add, parts).reshape(x.shape[0], h_out, w_out, c_out)
 
 
@@ -128,4 +144,4 @@ def winograd4(x, w, pads, precision):
 
 
 #: Every form by name.
-FORMS = {"xla": xla, "rows": rows, "im2col": im2col, "winograd": winograd, "winograd4": winograd4}
+FORMS = {"xla": xla, "rows": rows, "rows_wt": rows_wt, "im2col": im2col, "winograd": winograd, "winograd4": winograd4}

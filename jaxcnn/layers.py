@@ -227,7 +227,7 @@ _conv_by_rows = conv_forms.rows
 #: The formulations (``jaxcnn.conv_forms``) each direction may take on the CPU, the first of each
 #: the default: the one used without autotuning (``JAXCNN_AUTOTUNE=0``), exactly as before it.
 _CANDIDATES = {"fwd": ("xla", "winograd", "winograd4", "im2col"), "dx": ("xla", "winograd", "winograd4"),
-               "dw": ("rows", "xla", "im2col")}
+               "dw": ("rows", "rows_wt", "xla", "im2col")}
 
 
 def _timers(direction, names, x_shape, w_shape, pads):

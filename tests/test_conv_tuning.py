@@ -24,7 +24,7 @@ def tuning(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCNN_AUTOTUNE_CACHE", str(path))
     monkeypatch.setenv("JAXCNN_AUTOTUNE", "1")
     timed = []
-    ms = {"winograd": 1.0, "winograd4": 1.5, "im2col": 2.0, "xla": 3.0, "rows": 9.0}
+    ms = {"winograd": 1.0, "winograd4": 1.5, "im2col": 2.0, "xla": 3.0, "rows_wt": 4.0, "rows": 9.0}
 
     def fake_time(timers, **kw):
         timed.append(sorted(timers))
@@ -54,7 +54,7 @@ def test_the_cache_is_used_a_second_trace_times_nothing(tuning):
     first = _jaxpr(x, w)
     # each direction's candidates, then the winner and the default again (the fake winner always wins)
     assert timed == [["im2col", "winograd", "winograd4", "xla"], ["winograd", "xla"], ["winograd", "winograd4", "xla"],
-                     ["winograd", "xla"], ["im2col", "rows", "xla"], ["im2col", "rows"]]
+                     ["winograd", "xla"], ["im2col", "rows", "rows_wt", "xla"], ["im2col", "rows"]]
     entries = json.loads(path.read_text())["machines"][conv_tuning.machine_key()]
     assert sorted(e["choice"] for e in entries.values()) == ["im2col", "winograd", "winograd"]
     assert _jaxpr(x, w) == first  # traced again (make_jaxpr keeps nothing): read from the file

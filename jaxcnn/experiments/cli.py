@@ -105,8 +105,9 @@ def prepare_host(args) -> None:
 def add_distributed_flags(parser) -> None:
     """``--distributed`` and how to reach the other processes (``jax.distributed.initialize``)."""
     parser.add_argument("--cpu_devices", type=int,
-                        help="split the CPU into this many XLA devices, each taking a share of every batch (measured "
-                             "on a 2-core VM in benchmarks/README.md); "
+                        help="split the CPU into this many XLA devices, each taking a share of every batch; on the "
+                             "2-core CPUs measured (benchmarks/README.md) one device per core trained faster than one "
+                             "device at batch 256, less or not at all faster at batch 64; "
                              "batch sizes must divide by it; no effect on a GPU")
     add_host_memory_flag(parser)
     g = parser.add_argument_group("several processes (one per host or per GPU; see the README)")

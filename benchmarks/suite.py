@@ -13,7 +13,9 @@ one timed window per framework per task, round after round (frameworks interleav
 minute hits them all; each round starts with the next framework, and a pause of ``--pause_s``
 before every window lets the previous framework's spinning OpenMP threads go to sleep), and
 the table gives the median images/s of ``--windows`` windows of at least ``--min_window_s``
-seconds each.
+seconds each. With ``--fresh`` every window runs in a new worker that compiles, times at once and
+exits: on a VM that takes idle memory back, a worker waiting through the other frameworks' windows
+comes back to page faults (measured: ``benchmarks/README.md``), which a training run never sees.
 
 Tasks: ``train64`` and ``train256`` (one optimizer step on a batch already in memory),
 ``infer256`` (the forward pass in inference mode). ResNet50 at 224x224 (``--resnet``, Keras
@@ -540,6 +542,10 @@ def main(argv=None) -> int:
                    help=f"also ResNet50 at 224x224 ({', '.join(RESNET_TASKS)}; Keras and jaxcnn only)")
     p.add_argument("--loop", action="store_true",
                    help="also jaxcnn's train_epoch against the bare step, with augmentation, and a checkpoint save")
+    p.add_argument("--fresh", action="store_true",
+                   help="every window in a new worker process that compiles, runs its window at once and exits: "
+                        "no worker idles between its windows (on a VM that reclaims idle memory, what a training "
+                        "run sees); a compile per window")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -558,6 +564,8 @@ def main(argv=None) -> int:
         tasks += [t for t in RESNET_TASKS if t not in tasks]
     if args.loop and "train64" not in tasks:
         raise SystemExit("--loop: the loop is compared with the bare step, train64: keep it in --tasks")
+    if args.loop and args.fresh:
+        raise SystemExit("--loop and --fresh: the loop tasks share a worker with train64; run them without --fresh")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": root}
@@ -580,6 +588,10 @@ def main(argv=None) -> int:
         groups = [[t] + ([u for u in wt if u in LOOP_TASKS] if t == "train64" else []) for t in wt
                   if t not in LOOP_TASKS]
         workers[name] = {"procs": {}, "tasks": wt, "results": {t: [] for t in wt}, "compile_s": {}}
+        if args.fresh:  # started per window below
+            workers[name].update(env=wenv, versions="")
+            print(f"{name}: one process per window", file=sys.stderr, flush=True)
+            continue
         for group in groups:
             proc = subprocess.Popen([sys.executable, "-m", "benchmarks.suite", "--worker", name, "--tasks",
                                      ",".join(group), "--min_window_s", str(args.min_window_s)], cwd=root, env=wenv,
@@ -591,6 +603,26 @@ def main(argv=None) -> int:
             for t in group:
                 workers[name]["procs"][t] = proc
         print(f"{name}: ready ({workers[name]['versions']})", file=sys.stderr, flush=True)
+
+    def fresh(name, task, gemm=False):
+        """One window of ``task`` in a new worker of ``name`` (and the GEMM rate, if asked), then it exits."""
+        w = workers[name]
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.suite", "--worker", name, "--tasks", task,
+                                 "--min_window_s", str(args.min_window_s)], cwd=root, env=w["env"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            ready = _read(proc, name)
+            w["compile_s"].setdefault(task, ready["compile_s"][task])
+            w["versions"] = ready["versions"]
+            answers = []
+            for line in [task] + (["gemm"] if gemm else []):
+                proc.stdin.write(line + "\n")
+                proc.stdin.flush()
+                answers.append(_read(proc, name))
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=120)
+        return answers
 
     def ask(name, line, task=None):
         procs = workers[name]["procs"]
@@ -612,11 +644,15 @@ def main(argv=None) -> int:
                     # OpenMP threads (TensorFlow's oneDNN, PyTorch) spin for a while after their work:
                     # a pause lets them sleep before the next framework's window starts
                     time.sleep(args.pause_s)
-                    answer = ask(name, task)
+                    if args.fresh:
+                        answer, *gemm = fresh(name, task, gemm=name == gemm_worker and task == all_tasks[0])
+                        gemms += [g["gemm_flops"] for g in gemm]
+                    else:
+                        answer = ask(name, task)
                     w["results"][task].append(answer["images_per_s"])
                     if "ratio" in answer:
                         w.setdefault("ratios", {}).setdefault(task, []).append(answer["ratio"])
-        if gemm_worker:  # the GEMM rate once per round too; the table uses the best (the least disturbed)
+        if gemm_worker and not args.fresh:  # the GEMM rate once per round too; the table uses the best
             gemms.append(ask(gemm_worker, "gemm")["gemm_flops"])
         print(f"round {r + 1}/{args.windows} done", file=sys.stderr, flush=True)
     gemm = max(gemms) if gemms else None
@@ -636,6 +672,7 @@ def _report(workers, tasks, args, gemm, ckpt, notes) -> None:
     cifar = forward_flops_per_image()
     resnet = resnet50_forward_flops() if any(t.startswith("resnet") for t in tasks) else 0.0
     print(f"\nMedian images/s of {args.windows} windows of >= {args.min_window_s:g} s, frameworks interleaved, "
+          f"{'a fresh process per window, ' if args.fresh else ''}"
           f"random data in memory, Adam; (x Keras-TF); [share of the fp32 GEMM rate"
           f"{f', {gemm / 1e9:.0f} GFLOP/s' if gemm else ''}]")
     print(f"CPU: {_cpu()}, {os.cpu_count()} cores; jax {jax.__version__}; " +

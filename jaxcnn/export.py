@@ -35,8 +35,6 @@ Max pooling: jax2onnx lowers an NHWC ``lax.reduce_window_max`` to a 4-D ONNX ``M
 window has four dims), which onnxruntime cannot run; during the export, :func:`_nhwc_max_pool`
 lowers the pooling of ``jaxcnn.layers.max_pool2d`` (window ``(1, kh, kw, 1)``) to
 ``Transpose -> 2-D MaxPool -> Transpose`` instead. The library's own numerics do not change.
-(Windows that tile the image, stride = window, as the CIFAR CNN's, are element-wise maxima in
-``max_pool2d`` and export as ``Max`` nodes.)
 """
 
 from __future__ import annotations

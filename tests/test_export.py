@@ -124,7 +124,7 @@ def test_a_wrong_export_is_refused_and_leaves_no_file(runs, tmp_path, capsys, mo
 @needs_extra
 def test_a_model_onnxruntime_cannot_run_is_refused(runs, tmp_path, capsys, monkeypatch):
     # jax2onnx's own lowering of the NHWC max pool: a 4-D MaxPool, which onnxruntime does not run
-    # (the ResNet's 3x3 stride-2 pool; the CIFAR CNN's tiling pools are element-wise maxima)
+    # (the ResNet run's: its 3x3 stride-2 pool besides the 2x2 ones)
     monkeypatch.setattr(export, "_nhwc_max_pool", contextlib.nullcontext)
     code, _, err = cli(capsys, ["--run", str(runs["resnet"]), "--out", str(tmp_path / "m.onnx")])
     assert code == 1 and "onnxruntime cannot run the exported model" in err

@@ -352,10 +352,14 @@ def max_pool2d(
     if (_POOL_TILES and strides == dims and all(p == (0, 0) for p in pads)
             and x.shape[1] % kh == 0 and x.shape[2] % kw == 0):
         return _max_pool_tiles(x, kh, kw)
-    # The init value must be a concrete (NumPy) constant: a traced one makes lax.reduce_window
-    # fall back to its generic, non-differentiable form under jit.
-    init = np.array(-np.inf, dtype=x.dtype)
-    return lax.reduce_window(x, init, lax.max, dims, strides, pads)
+    return _window_max(x, dims, strides, pads)
+
+
+def _window_max(x, dims, strides, pads):
+    """``lax.reduce_window`` max with ``-inf`` padding. The init value must be a concrete (NumPy)
+    constant: a traced one makes lax.reduce_window fall back to its generic, non-differentiable
+    form under jit."""
+    return lax.reduce_window(x, np.array(-np.inf, dtype=x.dtype), lax.max, dims, strides, pads)
 
 
 #: Tiling windows with the derivative of ``_max_pool_tiles``; ``False`` gives ``lax.reduce_window``'s
@@ -377,7 +381,7 @@ def _max_pool_tiles(x, kh, kw):
     no padding): ``lax.reduce_window``'s value (faster than the maximum of the taps on the CPU),
     with the derivative below."""
     window = (1, kh, kw, 1)
-    return lax.reduce_window(x, np.array(-np.inf, dtype=x.dtype), lax.max, window, window, ((0, 0),) * 4)
+    return _window_max(x, window, window, ((0, 0),) * 4)
 
 
 @_max_pool_tiles.defjvp

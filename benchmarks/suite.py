@@ -33,11 +33,12 @@ nothing frozen). The jaxcnn variants:
 * ``-1thread``: XLA's CPU ops without Eigen's thread pool; ``-release``: without
   ``keep_host_memory()`` (which every other jaxcnn worker applies first, as the CLIs do: glibc's
   default, the step's buffers handed back to the kernel and faulted in again every step);
-  ``-xlawgrad``: XLA's own kernel gradient for the stride-1 convolutions instead of
-  ``jaxcnn.layers``' matrix products by rows; ``-untuned``: ``JAXCNN_AUTOTUNE=0``, the convolutions'
-  formulations not chosen by timing on the machine (``jaxcnn.conv_tuning``, off by default: run
-  the suite with ``JAXCNN_AUTOTUNE=1`` and the other workers time each shape once at their first
-  trace, before any window, and use the cache after).
+  ``-xla``: ``JAXCNN_KERNELS=xla``, every convolution on XLA's path instead of the project's oneDNN
+  kernels (``jaxcnn.kernels``; the plain ``jaxcnn`` worker runs the default, ``auto``: oneDNN where it
+  is built). Each worker prints the convolution path it ran.
+
+PyTorch runs eager in channels-last layout (``torch``, its fastest on these CPUs) and in its default
+NCHW layout (``torch-nchw``).
 
 Extra tasks of jaxcnn alone (``--loop``): ``epoch64``, ``train_epoch`` over a ``TrainFeed`` as
 ``fit`` runs it (the batch gather on the device, the loss and accuracy sums, the progress bar),
@@ -68,9 +69,9 @@ TASKS = ("train64", "train256", "infer256")
 RESNET_TASKS = ("resnet_infer8", "resnet_frozen8", "resnet_train8")
 RESNET_SIZE, RESNET_CLASSES = 224, 5
 LOOP_TASKS = ("epoch64", "augment64")
-FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-compile", "jaxcnn", "jaxcnn-2dev", "jaxcnn-4dev")
+FRAMEWORKS = ("keras-tf", "keras-jax", "torch", "torch-nchw", "torch-compile", "jaxcnn", "jaxcnn-xla", "jaxcnn-2dev")
 WIDTHS, DENSE, CLASSES = (32, 64, 128), 128, 10
-VARIANT = r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?(-release)?(-xlawgrad)?(-untuned)?"  # the jaxcnn workers' names
+VARIANT = r"jaxcnn(?:-(\d+)dev)?(-bf16)?(-1thread)?(-release)?(-xla)?"  # the jaxcnn workers' names
 
 
 def forward_flops_per_image(widths=WIDTHS, dense=DENSE, classes=CLASSES, size=32) -> int:
@@ -193,7 +194,7 @@ def _keras_resnet(keras, task: str, b: int):
     return lambda n: [net.train_on_batch(x, y) for _ in range(n)][-1]
 
 
-def _torch_worker(compiled: bool, tasks):
+def _torch_worker(compiled: bool, tasks, channels_last: bool = True):
     import numpy as np
     import torch
     from torch import nn
@@ -211,7 +212,8 @@ def _torch_worker(compiled: bool, tasks):
         cin = w
     model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * 16, DENSE), nn.ReLU(),
                           nn.BatchNorm1d(DENSE, eps=1e-3, momentum=0.01), nn.Dropout(0.5), nn.Linear(DENSE, CLASSES))
-    model = model.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -230,8 +232,7 @@ def _torch_worker(compiled: bool, tasks):
         train_step, infer = torch.compile(train_step), torch.compile(infer)
     data = {}
     for b, (x, y) in _batches(np.random.default_rng(0), _sizes(tasks)).items():
-        xt = torch.from_numpy(x.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous(
-            memory_format=torch.channels_last)
+        xt = torch.from_numpy(x.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         data[b] = (xt, torch.from_numpy(y.astype(np.int64)))
 
     def run(task):
@@ -391,14 +392,10 @@ def worker(args) -> None:
     if name.startswith("keras"):
         run = _keras_worker("tensorflow" if name == "keras-tf" else "jax", tasks)
     elif name.startswith("torch"):
-        run = _torch_worker(name == "torch-compile", tasks)
+        run = _torch_worker(name == "torch-compile", tasks, channels_last=name != "torch-nchw")
     else:
         m = re.fullmatch(VARIANT, name)
         devices = int(m.group(1) or 1)
-        if m.group(5):  # XLA's own kernel gradient for the stride-1 convolutions
-            from jaxcnn import layers
-
-            layers._conv_unit_stride = lambda x, w, pads, precision: layers._xla_conv(x, w, pads, precision)
         if not m.group(4):  # as the CLIs do
             from jaxcnn.train.cpu import keep_host_memory
 
@@ -503,7 +500,10 @@ def _versions(name: str) -> str:
         return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     import jax
 
-    return f"jax {jax.__version__}, {len(jax.devices())} device(s)"
+    from jaxcnn import kernels
+
+    path, why = kernels.choose("float32")
+    return f"jax {jax.__version__}, {len(jax.devices())} device(s), convolutions: {path}" + (f" ({why})" if why else "")
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -513,7 +513,7 @@ def _available(name: str) -> str | None:
     import importlib.util
 
     need = {"keras-tf": ("keras", "tensorflow"), "keras-jax": ("keras",), "torch": ("torch",),
-            "torch-compile": ("torch",)}.get(name, ())
+            "torch-nchw": ("torch",), "torch-compile": ("torch",)}.get(name, ())
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     return f"not installed: {', '.join(missing)} (pip install -e '.[bench]')" if missing else None
 
@@ -581,8 +581,8 @@ def main(argv=None) -> int:
         wenv = env
         if name.endswith("-1thread"):  # XLA's CPU ops without Eigen's thread pool: one thread per device
             wenv = {**env, "XLA_FLAGS": (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()}
-        if name.endswith("-untuned"):  # the convolutions' formulations not chosen by timing
-            wenv = {**wenv, "JAXCNN_AUTOTUNE": "0"}
+        if name.endswith("-xla"):  # every convolution on XLA's path
+            wenv = {**wenv, "JAXCNN_KERNELS": "xla"}
         # a process per task (the loop tasks beside train64, which they are paired with), as a training
         # run has one batch size: a process alternating sizes lets its allocator's free blocks misfit
         groups = [[t] + ([u for u in wt if u in LOOP_TASKS] if t == "train64" else []) for t in wt

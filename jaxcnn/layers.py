@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxcnn import conv_forms, conv_tuning
+from jaxcnn import kernels
 
 __all__ = [
     "conv2d",
@@ -51,9 +51,6 @@ __all__ = [
 IntPair = Union[int, Tuple[int, int]]
 Padding = Union[str, int, Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]]
 Pads = Tuple[Tuple[int, int], Tuple[int, int]]
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
 
 # --------------------------------------------------------------------------- checks
 
@@ -176,12 +173,11 @@ def conv2d(
       dilation: kernel (atrous) dilation, int or ``(dh, dw)``, positive.
       precision: passed to :func:`jax.lax.conv_general_dilated` (e.g. ``"highest"`` on GPU/TPU).
 
-    The value and the input gradient are XLA's convolutions. At stride 1 without dilation, the
-    kernel gradient on the CPU is computed as ``kh`` matrix products (faster there than XLA's
-    own; measured: ``benchmarks/README.md``); derivatives of any order work as usual. In float32 on
-    the CPU, each direction of a stride-1 convolution may instead take the formulation measured
-    fastest for its shape on this machine (``jaxcnn.conv_tuning``: timed once at the first trace,
-    cached per machine; opt in with ``JAXCNN_AUTOTUNE=1``), equal to float32 rounding.
+    How it is computed is :mod:`jaxcnn.kernels`' choice: in float32 on an x86-64 CPU, the project's
+    oneDNN kernels (value, input and kernel gradient) where they were built at install, else XLA's
+    :func:`jax.lax.conv_general_dilated` (always on GPU and TPU, and for other dtypes); the switch is
+    ``JAXCNN_KERNELS=auto|onednn|xla``. Both give the same result up to float32 rounding, and
+    ``jit``, ``grad``, ``jvp`` and ``vmap`` work on both, to any order.
 
     Returns:
       ``(N, H_out, W_out, C_out)`` with ``H_out = (H + top + bottom - ((kh - 1) * dh + 1)) // sh + 1``
@@ -211,103 +207,10 @@ def conv2d(
     eff_k = tuple((k - 1) * d + 1 for k, d in zip(w.shape[:2], dilations))
     pads = resolve_padding(padding, x.shape[1:3], eff_k, strides, fn=fn)
     _check_window_fits(fn, x.shape[1:3], eff_k, pads, "dilated kernel" if dilations != (1, 1) else "kernel")
-    if strides == (1, 1) and dilations == (1, 1):
-        y = _conv_unit_stride(x, w, pads, precision)
-    else:
-        y = lax.conv_general_dilated(x, w, window_strides=strides, padding=pads, rhs_dilation=dilations,
-                                     dimension_numbers=_NHWC, precision=precision)
+    y = kernels.conv2d(x, w, strides=strides, pads=pads, dilations=dilations, precision=precision)
     if b is not None:
         y = y + b.astype(y.dtype)
     return y
-
-
-_xla_conv = conv_forms.xla
-_conv_by_rows = conv_forms.rows
-
-#: The formulations (``jaxcnn.conv_forms``) each direction may take on the CPU, the first of each
-#: the default: the one used without autotuning (``JAXCNN_AUTOTUNE=0``), exactly as before it.
-_CANDIDATES = {"fwd": ("xla", "winograd", "winograd4", "im2col"), "dx": ("xla", "winograd", "winograd4"),
-               "dw": ("rows", "rows_wt", "xla", "im2col")}
-
-
-def _timers(direction, names, x_shape, w_shape, pads):
-    """One timer per formulation of ``direction`` on random data of the shape: a jitted call of the
-    value (``fwd``), of its transpose in the input (``dx``) or in the kernel (``dw``), as the train
-    step runs them (``_conv_jvp``), blocking until done."""
-    rng = np.random.default_rng(0)  # NumPy's: nothing to compile
-    x = jnp.asarray(rng.standard_normal(x_shape, np.float32))
-    w = jnp.asarray(rng.standard_normal(w_shape, np.float32) * 0.1)
-    g = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda x, w: _xla_conv(x, w, pads, None), x, w).shape,
-                                        np.float32))
-    timers = {}
-    for name in names:
-        form = functools.partial(conv_forms.FORMS[name], pads=pads, precision=None)
-        if direction == "fwd":
-            f = jax.jit(lambda x, w, g, form=form: form(x, w))
-        elif direction == "dx":
-            f = jax.jit(lambda x, w, g, form=form: jax.vjp(lambda x: form(x, w), x)[1](g)[0])
-        else:
-            f = jax.jit(lambda x, w, g, form=jax.checkpoint(form): jax.vjp(lambda w: form(x, w), w)[1](g)[0])
-        timers[name] = functools.partial(lambda f: f(x, w, g).block_until_ready(), f)
-    return timers
-
-
-def _form(direction, x, w, pads, precision):
-    """The formulation of one direction (``fwd`` the value, ``dx`` the input gradient, ``dw`` the
-    kernel gradient) of this stride-1 convolution: the untuned one unless autotuning is on
-    (``jaxcnn.conv_tuning``), the shape float32 and the default backend the CPU; then the cached
-    choice of this machine, or the fastest, timed now. Asked for where the direction is traced, so
-    a convolution never differentiated times its value only."""
-    names = _CANDIDATES[direction]
-    setting = conv_tuning.mode()
-    if setting == "0" or x.dtype != jnp.float32 or precision is not None or jax.default_backend() != "cpu":
-        return names[0]
-    names = tuple(n for n in names if not n.startswith("winograd") or tuple(w.shape[:2]) == (3, 3))
-    key = conv_tuning.shape_key(direction, x.shape, w.shape, pads, x.dtype)
-    return conv_tuning.choose(key, names[0], names,
-                              functools.partial(_timers, direction, names, tuple(x.shape), tuple(w.shape), pads),
-                              setting=setting)
-
-
-def _on_cpu(name, x, w, pads, precision, remat=False):
-    """Formulation ``name`` of the convolution on the CPU, XLA's elsewhere; ``remat``: its inputs
-    (the kernel gradient's column copies) rebuilt in reverse mode rather than kept."""
-    if name == "xla":
-        return _xla_conv(x, w, pads, precision)
-    form = functools.partial(conv_forms.FORMS[name], pads=pads, precision=precision)
-    form = jax.checkpoint(form) if remat else form
-    return lax.platform_dependent(x, w, cpu=form, default=lambda x, w: _xla_conv(x, w, pads, precision))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _conv_unit_stride_impl(x, w, pads, precision):
-    return _on_cpu(_form("fwd", x, w, pads, precision), x, w, pads, precision)
-
-
-@functools.partial(_conv_unit_stride_impl.defjvp, symbolic_zeros=True)
-def _conv_jvp(pads, precision, primals, tangents):
-    """The convolution is linear in ``x`` and in ``w``: its tangent is ``conv(dx, w) + conv(x, dw)``,
-    each term in the formulation chosen for it (``_form``); reverse mode transposes the first into
-    the input gradient, the second into the kernel gradient. Untuned, the value and the first term
-    are XLA's convolutions; on the CPU the second is ``conv_forms.rows``, whose transpose is the
-    kernel gradient as ``kh`` matrix products, faster there than XLA's own (measured:
-    ``benchmarks/README.md``). Everything is plain JAX, so higher derivatives work as usual."""
-    x, w = primals
-    dx, dw = tangents
-    y = _on_cpu(_form("fwd", x, w, pads, precision), x, w, pads, precision)
-    zero = jax.custom_derivatives.SymbolicZero
-    ty = jnp.zeros_like(y)
-    if not isinstance(dx, zero):
-        ty = ty + _on_cpu(_form("dx", x, w, pads, precision), dx, w, pads, precision)
-    if not isinstance(dw, zero):  # cols rebuilt, not kept
-        ty = ty + _on_cpu(_form("dw", x, w, pads, precision), x, dw, pads, precision, remat=True)
-    return y, ty
-
-
-def _conv_unit_stride(x, w, pads, precision):
-    """``lax.conv_general_dilated`` at stride 1 (NHWC, HWIO), each direction in the formulation
-    chosen for its shape on this machine (``_form``)."""
-    return _conv_unit_stride_impl(x, w, tuple(map(tuple, pads)), precision)
 
 
 # --------------------------------------------------------------------------- pooling

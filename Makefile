@@ -15,7 +15,9 @@ venv: $(VENV)/.installed
 # which conflicts with jaxcnn's orbax-checkpoint>=0.12.8 (pip cannot resolve both), and it runs
 # without that pin; the export extra has the packages it does need. Python >= 3.11 only (on 3.10 the
 # export's tests are skipped).
-$(VENV)/.installed: pyproject.toml
+# `pip install -e .` compiles the oneDNN kernels (jaxcnn/kernels/: scikit-build-core, CMake, g++); a
+# change to their source installs again.
+$(VENV)/.installed: pyproject.toml jaxcnn/kernels/CMakeLists.txt jaxcnn/kernels/onednn_conv.cc
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,export]'

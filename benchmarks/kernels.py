@@ -61,7 +61,8 @@ def _torch_fns():
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=10)

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcnn import inference
+from jaxcnn import inference, kernels
 from jaxcnn.cli import check_run_flag, path_flag, run_main
 
 #: The largest difference in any probability between onnxruntime and ``restore(RUN).predict``.
@@ -173,7 +173,8 @@ def to_onnx(run: inference.Restored, *, temperature: bool = True):
     if not image_shape:
         raise ValueError("the run's config.json records no data.image_shape: cannot tell the input size")
     t = run.temperature if temperature else None
-    with _quiet(), _nhwc_max_pool():
+    # jax2onnx converts XLA's convolution, not the project's oneDNN kernels (an FFI call): trace XLA's path
+    with _quiet(), _nhwc_max_pool(), kernels.use("xla"):
         model = jax2onnx.to_onnx(probabilities_function(run, temperature=temperature),
                                  [jax.ShapeDtypeStruct(("N", *image_shape), jnp.uint8)], model_name="jaxcnn",
                                  input_names=["images"], output_names=["probabilities"])

@@ -140,8 +140,11 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(tmp_path):
     a, b = final_state(tmp_path / "2x2"), final_state(tmp_path / "1x4")
     assert sorted(a) == sorted(b)
     for k in a:
-        if "batch_stats" in k:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        if "batch_stats" in k:  # moving averages of activations of those parameters: with jax 0.10.1 the
+            # means differ by up to 1e-5 absolute, 2.4e-5 of the leaf's largest (seen: block3_bn1, dense_bn;
+            # on either convolution path; with 0.10.2 within 1e-5 of each value), while the losses, which
+            # depend on the batches alone, still agree to 1e-5
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-4 * np.abs(b[k]).max() + 1e-7, err_msg=k)
         elif "params" in k and "opt_state" not in k:  # Adam moves a parameter by at most ~3.2 lr a step
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=2 * 3.2 * lr * steps, err_msg=k)
     ha, hb = RunFolder(tmp_path / "2x2").read_history(), RunFolder(tmp_path / "1x4").read_history()

@@ -17,16 +17,22 @@ from jaxcnn.data import load_dataset
 from jaxcnn.train import FitConfig, TrainState, adam, fit, make_train_step
 
 
+#: The convolutions' primitives on either path (XLA's; the oneDNN kernels' three directions).
+CONVS = ("conv_general_dilated", "jaxcnn_onednn_conv", "jaxcnn_onednn_conv_bwd_data", "jaxcnn_onednn_conv_bwd_weights")
+
+
 def _primitives(jaxpr, name):
-    """Every equation named ``name`` in ``jaxpr`` and the jaxprs nested in its equations' parameters."""
+    """Every equation named ``name`` (or one of a tuple of names) in ``jaxpr`` and the jaxprs nested in
+    its equations' parameters."""
+    names = (name,) if isinstance(name, str) else tuple(name)
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == name:
+        if eqn.primitive.name in names:
             yield eqn
         for v in eqn.params.values():
             for sub in v if isinstance(v, (list, tuple)) else [v]:
                 sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's jaxpr, or a Jaxpr
                 if hasattr(sub, "eqns"):
-                    yield from _primitives(sub, name)
+                    yield from _primitives(sub, names)
 
 
 def _state(dtype):
@@ -45,7 +51,7 @@ def _batch(n=16, seed=0):
 def test_the_train_step_computes_convolutions_in_the_model_dtype_and_keeps_the_rest_float32(dtype):
     state, batch = _state(dtype), _batch()
     jaxpr = jax.make_jaxpr(make_train_step())(state, batch).jaxpr
-    convs = list(_primitives(jaxpr, "conv_general_dilated"))
+    convs = list(_primitives(jaxpr, CONVS))
     assert len(convs) == 4 + 3 + 4  # forward; input gradients (none for the images); weight gradients
     for eqn in convs:
         assert {v.aval.dtype for v in eqn.invars} == {jnp.dtype(dtype)}, eqn

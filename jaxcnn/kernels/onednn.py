@@ -212,6 +212,8 @@ def conv2d(x, w, *, strides, pads, dilations):
     oneDNN wants the bottom / right padding that the output actually reaches; a stride that leaves
     input rows or columns unread (``(H + pads - eff_k) % stride``) gets its padding trimmed and, where
     that is not enough, its unread rows cut off the input first (their gradient is zero)."""
+    if load() is None:
+        raise RuntimeError(f"jaxcnn.kernels.onednn.conv2d: the oneDNN kernels are not available: {_reason}")
     (pt, pb), (pl, pr) = pads
     n, h, wd, _ = x.shape
     kh, kw = w.shape[:2]

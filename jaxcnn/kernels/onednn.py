@@ -58,6 +58,10 @@ def load():
     if _loaded:
         return _module
     _loaded = True
+    # oneDNN's OpenMP threads sleep between calls instead of spinning: XLA's own thread pool runs the
+    # step's other operations on the same cores in between (measured: benchmarks/README.md). Read by
+    # libgomp when it loads, so only where nothing loaded it before; a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         _preload_libdnnl()
         module = importlib.import_module("jaxcnn.kernels._onednn")

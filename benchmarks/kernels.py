@@ -25,7 +25,6 @@ DIRECTIONS = ("fwd", "bwd_data", "bwd_weights")
 def _jax_fns(backend):
     import jax
 
-    from jaxcnn import kernels
     from jaxcnn.kernels import onednn, xla
 
     spec = dict(strides=(1, 1), pads=((1, 1), (1, 1)), dilations=(1, 1))
@@ -36,7 +35,6 @@ def _jax_fns(backend):
     fwd = jax.jit(conv)
     dx = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     dw = jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
-    del kernels
     return {"fwd": lambda x, w, g: fwd(x, w), "bwd_data": dx, "bwd_weights": dw}
 
 

@@ -160,29 +160,30 @@ for _prim, _abstract, _xla_impl, _target in (
     mlir.register_lowering(_prim, mlir.lower_fun(_xla_impl, multiple_results=False))  # every other platform
 
 
-def _ct(ct, aval):
+def _ct(ct):
+    """A cotangent as an array (a symbolic zero instantiated)."""
     return ad.instantiate_zeros(ct) if type(ct) is ad.Zero else ct
 
 
 # conv(x, w): its transpose in x is the input gradient, in w the kernel gradient.
 ad.defbilinear(
     conv_p,
-    lambda ct, x, w, **p: conv_bwd_data_p.bind(_ct(ct, None), w, in_h=x.aval.shape[1], in_w=x.aval.shape[2], **p),
-    lambda ct, x, w, **p: conv_bwd_weights_p.bind(x, _ct(ct, None), k_h=w.aval.shape[0], k_w=w.aval.shape[1], **p),
+    lambda ct, x, w, **p: conv_bwd_data_p.bind(_ct(ct), w, in_h=x.aval.shape[1], in_w=x.aval.shape[2], **p),
+    lambda ct, x, w, **p: conv_bwd_weights_p.bind(x, _ct(ct), k_h=w.aval.shape[0], k_w=w.aval.shape[1], **p),
 )
 # bwd_data(g, w) (the value of x's gradient): its transposes are the value and the kernel gradient.
 ad.defbilinear(
     conv_bwd_data_p,
-    lambda ct, g, w, *, in_h, in_w, **p: conv_p.bind(_ct(ct, None), w, **p),
-    lambda ct, g, w, *, in_h, in_w, **p: conv_bwd_weights_p.bind(_ct(ct, None), g, k_h=w.aval.shape[0],
+    lambda ct, g, w, *, in_h, in_w, **p: conv_p.bind(_ct(ct), w, **p),
+    lambda ct, g, w, *, in_h, in_w, **p: conv_bwd_weights_p.bind(_ct(ct), g, k_h=w.aval.shape[0],
                                                                  k_w=w.aval.shape[1], **p),
 )
 # bwd_weights(x, g): its transposes are the input gradient and the value.
 ad.defbilinear(
     conv_bwd_weights_p,
-    lambda ct, x, g, *, k_h, k_w, **p: conv_bwd_data_p.bind(g, _ct(ct, None), in_h=x.aval.shape[1],
+    lambda ct, x, g, *, k_h, k_w, **p: conv_bwd_data_p.bind(g, _ct(ct), in_h=x.aval.shape[1],
                                                             in_w=x.aval.shape[2], **p),
-    lambda ct, x, g, *, k_h, k_w, **p: conv_p.bind(x, _ct(ct, None), **p),
+    lambda ct, x, g, *, k_h, k_w, **p: conv_p.bind(x, _ct(ct), **p),
 )
 
 
@@ -218,18 +219,17 @@ def conv2d(x, w, *, strides, pads, dilations):
     that is not enough, its unread rows cut off the input first (their gradient is zero)."""
     if load() is None:
         raise RuntimeError(f"jaxcnn.kernels.onednn.conv2d: the oneDNN kernels are not available: {_reason}")
-    (pt, pb), (pl, pr) = pads
-    n, h, wd, _ = x.shape
+    p = dict(zip(_ATTRS, map(int, (*strides, *dilations, *pads[0], *pads[1]))))
+    _, h, wd, _ = x.shape
     kh, kw = w.shape[:2]
-    eff_h, eff_w = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
-    oh, ow = (h + pt + pb - eff_h) // strides[0] + 1, (wd + pl + pr - eff_w) // strides[1] + 1
-    pb, pr = (oh - 1) * strides[0] + eff_h - h - pt, (ow - 1) * strides[1] + eff_w - wd - pl
+    oh, ow = _out_hw(h, wd, kh, kw, p)
+    # the bottom / right padding the last output actually reaches (may be negative: rows left unread)
+    pb = (oh - 1) * p["stride_h"] + (kh - 1) * p["dilation_h"] + 1 - h - p["pad_top"]
+    pr = (ow - 1) * p["stride_w"] + (kw - 1) * p["dilation_w"] + 1 - wd - p["pad_left"]
     if pb < 0 or pr < 0:
         x = x[:, :h + min(pb, 0), :wd + min(pr, 0)]
-        pb, pr = max(pb, 0), max(pr, 0)
-    return conv_p.bind(x, w, stride_h=int(strides[0]), stride_w=int(strides[1]), dilation_h=int(dilations[0]),
-                       dilation_w=int(dilations[1]), pad_top=int(pt), pad_bottom=int(pb), pad_left=int(pl),
-                       pad_right=int(pr))
+    p.update(pad_bottom=max(pb, 0), pad_right=max(pr, 0))
+    return conv_p.bind(x, w, **p)
 
 
 def impl_names(x_shape, w_shape, *, strides=(1, 1), pads=((1, 1), (1, 1)), dilations=(1, 1)) -> dict:

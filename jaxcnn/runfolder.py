@@ -70,14 +70,16 @@ RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "ex
                        "data.source.stream", "experiment.stream"})
 
 
-#: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 3 added
+#: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 4 added the
+#: soft targets ``fit.label_smoothing``, ``fit.mixup_alpha`` and ``fit.cutmix_alpha`` (:func:`_from_format_3`:
+#: 0, what a format-3 run ran with). Format 3 added
 #: ``fit.warmup_epochs``, ``fit.precise_bn_batches``, ``fit.class_weight`` and the cifar10
 #: experiment's ``bn_momentum``: :func:`_from_format_2` gives a format-2 run them at what it ran
 #: with (0, 0, None and its model's momentum). Format 1 is format 2 without the field (runs recorded before
 #: 2026-11-29). Format 0 is the early flat config (every setting at the top level, ``"model"`` a
 #: name), written until the run-folder redesign of 2026-11-25 (a50606b): :func:`_from_format_0`
 #: migrates it to format 2.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 class UnsupportedRunFormat(ValueError):
@@ -93,18 +95,20 @@ def migrate_config(config: dict, path) -> dict:
     if version == FORMAT_VERSION:
         return config
     if version is None and {"model", "data", "fit"} <= set(config):  # format 1: format 2, unversioned
-        return _from_format_2({"format_version": 2, **config})
+        return _from_format_3(_from_format_2({"format_version": 2, **config}))
     if version is None and isinstance(config.get("model"), str) and "epochs" in config:  # format 0: flat
-        return _from_format_2(_from_format_0(config, path))
+        return _from_format_3(_from_format_2(_from_format_0(config, path)))
     if version == 2:
-        return _from_format_2(config)
+        return _from_format_3(_from_format_2(config))
+    if version == 3:
+        return _from_format_3(config)
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise UnsupportedRunFormat(f"{path} is in run format {version}, newer than this jaxcnn reads "
                                    f"({FORMAT_VERSION}): upgrade jaxcnn to use this run")
     raise UnsupportedRunFormat(f"{path} is in a run format this jaxcnn cannot read ("
                                + (f"format {version!r}" if version is not None else
                                   "no format_version and no model / data / fit sections")
-                               + f"; it reads format {FORMAT_VERSION} and migrates formats 0, 1 and 2). Its records can "
+                               + f"; it reads format {FORMAT_VERSION} and migrates formats 0 to 3). Its records can "
                                f"still be read as JSON; to use the run, train it again with this jaxcnn")
 
 
@@ -119,6 +123,15 @@ def _from_format_2(config: dict) -> dict:
     if isinstance(experiment, dict) and experiment.get("name") == "cifar10" and "bn_momentum" not in experiment:
         momentum = model.get("bn_momentum", 0.99) if isinstance(model, dict) else 0.99
         new["experiment"] = {**experiment, "bn_momentum": momentum}
+    return new
+
+
+def _from_format_3(config: dict) -> dict:
+    """A format-3 config in format 4: no label smoothing, mixup or cutmix (``fit.label_smoothing``,
+    ``fit.mixup_alpha``, ``fit.cutmix_alpha`` 0: format 3 had none of them)."""
+    new = {**config, "format_version": 4}
+    if isinstance(config.get("fit"), dict):
+        new["fit"] = {**config["fit"], "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
     return new
 
 

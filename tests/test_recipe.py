@@ -182,3 +182,78 @@ def test_the_lr_finder_says_when_the_loss_never_fell():
         recipe.suggest_learning_rate(lrs, 1.0 + lrs * 100)
     with pytest.raises(ValueError, match="positive and increasing"):
         recipe.suggest_learning_rate(lrs[::-1], np.ones(100))
+
+
+# --------------------------------------------------------------------------- in the train step
+
+import flax.linen as nn  # noqa: E402
+
+from jaxcnn.train import FitConfig, Steps, TrainState, adam  # noqa: E402
+from jaxcnn.train.steps import MIX_STREAM, make_train_step, step_keys  # noqa: E402
+
+
+class _Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def _state_and_batch():
+    model = _Linear()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 3)))
+    state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-2), key=jax.random.key(5))
+    rng = np.random.default_rng(4)
+    batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 6, 6, 3)), jnp.uint8),
+             "label": jnp.asarray(np.arange(8) % 4, jnp.int32)}
+    return state, batch
+
+
+def _loss64(state, images, targets, weights=None):
+    w = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+    b = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+    logits = np.asarray(images, np.float64).reshape(len(targets), -1) @ w + b
+    losses = -(targets * _log_softmax64(logits)).sum(-1)
+    return float((losses if weights is None else losses * (targets @ weights)).mean())
+
+
+@pytest.mark.parametrize("smoothing, mixup_alpha, cutmix_alpha", [(0.1, 0, 0), (0, 0.4, 0), (0, 0, 1.0), (0.1, 0.4, 1.0)])
+def test_the_train_steps_loss_is_the_float64_loss_of_its_soft_targets(smoothing, mixup_alpha, cutmix_alpha):
+    state, batch = _state_and_batch()
+    weights = np.array([0.5, 1.0, 2.0, 1.5])
+    step = jax.jit(make_train_step(num_classes=4, label_smoothing=smoothing, mixup_alpha=mixup_alpha,
+                                   cutmix_alpha=cutmix_alpha, class_weights=weights))
+    _, metrics = step(state, batch)
+    images = np.asarray(batch["image"], np.float32) / 255
+    targets = np.eye(4)[np.asarray(batch["label"])] * (1 - smoothing) + smoothing / 4
+    if mixup_alpha or cutmix_alpha:  # the draw (lam, the box) is the recipe's, keyed as the step keys it
+        key = jax.random.fold_in(step_keys(state.key, state.step)[1], MIX_STREAM)
+        images, targets = (np.asarray(a, np.float64) for a in recipe.mix_batch(
+            key, jnp.asarray(images), jnp.asarray(targets, jnp.float32), mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha))
+        assert not np.allclose(targets, targets.round())  # mixed
+    want = _loss64(state, images, targets, weights)
+    # float32 logits: 108 products of size <= |w| (inputs in [0, 1]) and a log-sum-exp over 4 classes
+    assert abs(float(metrics["loss"]) - want) <= 108 * 8 * EPS32 * (1 + abs(want)), (float(metrics["loss"]), want)
+
+
+def test_a_step_without_soft_targets_is_the_integer_label_step_bit_for_bit():
+    state, batch = _state_and_batch()
+    plain = jax.jit(make_train_step())(state, batch)
+    zeros = jax.jit(make_train_step(num_classes=4, label_smoothing=0.0, mixup_alpha=0.0))(state, batch)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(zeros)):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_config_checks_the_soft_target_settings_and_steps_need_the_classes():
+    with pytest.raises(ValueError, match=r"FitConfig: label_smoothing=1; must be a number in \[0, 1\)"):
+        FitConfig(label_smoothing=1)
+    with pytest.raises(ValueError, match=r"FitConfig: cutmix_alpha=-0.5; must be a finite number >= 0 \(0: off\)"):
+        FitConfig(cutmix_alpha=-0.5)
+    with pytest.raises(ValueError, match=r"Steps.build: mixup_alpha=0.2 needs num_classes="):
+        Steps.build(FitConfig(mixup_alpha=0.2, augment=None))
+    steps = Steps.build(FitConfig(mixup_alpha=0.2, label_smoothing=0.1, augment=None), num_classes=4)
+    steps.check(FitConfig(mixup_alpha=0.2, label_smoothing=0.1, augment=None))
+    with pytest.raises(ValueError, match=r"the steps apply mixup_alpha=0.2 but the FitConfig says mixup_alpha=0.0"):
+        steps.check(FitConfig(label_smoothing=0.1, augment=None))

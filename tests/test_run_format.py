@@ -15,10 +15,20 @@ from jaxcnn.runfolder import FORMAT_VERSION, RunFolder, UnsupportedRunFormat, mi
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+#: The keys format 4 added to "fit".
+FORMAT_4_FIT = ("label_smoothing", "mixup_alpha", "cutmix_alpha")
+
+
+def _as_format_3(raw: dict) -> dict:
+    """Today's config as a format-3 jaxcnn wrote it: without the keys format 4 added."""
+    return {**raw, "format_version": 3, "fit": {k: v for k, v in raw["fit"].items() if k not in FORMAT_4_FIT}}
+
+
 def _as_format_2(raw: dict) -> dict:
-    """Today's config as a format-2 jaxcnn wrote it: without the keys format 3 added."""
+    """Today's config as a format-2 jaxcnn wrote it: without the keys formats 3 and 4 added."""
     old = {**raw, "format_version": 2, "fit": {k: v for k, v in raw["fit"].items()
-                                               if k not in ("warmup_epochs", "precise_bn_batches", "class_weight")}}
+                                               if k not in ("warmup_epochs", "precise_bn_batches", "class_weight",
+                                                            *FORMAT_4_FIT)}}
     old["experiment"] = {k: v for k, v in raw["experiment"].items() if k != "bn_momentum"}
     return old
 
@@ -27,15 +37,17 @@ def test_a_run_records_its_format_and_a_format_2_run_resumes(tmp_path):
     workdir = tmp_path / "run"
     cifar10.run(get_config("smoke", epochs=1), workdir, progress=False)
     raw = json.loads((workdir / "config.json").read_text())
-    assert raw["format_version"] == FORMAT_VERSION == 3
+    assert raw["format_version"] == FORMAT_VERSION == 4
     assert (raw["fit"]["warmup_epochs"], raw["fit"]["precise_bn_batches"], raw["fit"]["class_weight"],
             raw["experiment"]["bn_momentum"]) == (0, 0, None, 0.99)
+    assert [raw["fit"][k] for k in FORMAT_4_FIT] == [0.0, 0.0, 0.0]
+    assert migrate_config(_as_format_3(raw), "x") == raw
     # the same run as format 2 wrote it (no warm-up, precise BN or momentum keys): migrated to what ran, and it resumes
     (workdir / "config.json").write_text(json.dumps(_as_format_2(raw)))
     assert RunFolder(workdir).read_config() == raw
     _, history, _ = cifar10.run(get_config("smoke", epochs=2), workdir, resume=True, progress=False)
     assert [r["epoch"] for r in history] == [1, 2]
-    assert json.loads((workdir / "config.json").read_text())["format_version"] == 3
+    assert json.loads((workdir / "config.json").read_text())["format_version"] == 4
     # format 1: format 2 without its version
     format_1 = {k: v for k, v in _as_format_2(raw).items() if k != "format_version"}
     assert migrate_config(format_1, "x") == raw
@@ -45,8 +57,9 @@ def test_the_migration_from_format_2_keeps_what_the_run_ran_with():
     old = {"format_version": 2, "model": {"kind": "cifar_cnn", "bn_momentum": 0.9}, "data": {},
            "fit": {"epochs": 3}, "experiment": {"name": "cifar10", "widths": [8]}}
     assert migrate_config(old, "x") == {
-        "format_version": 3, "model": {"kind": "cifar_cnn", "bn_momentum": 0.9}, "data": {},
-        "fit": {"epochs": 3, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None},
+        "format_version": 4, "model": {"kind": "cifar_cnn", "bn_momentum": 0.9}, "data": {},
+        "fit": {"epochs": 3, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None,
+                "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
         "experiment": {"name": "cifar10", "widths": [8], "bn_momentum": 0.9}}
     finetune = {**old, "experiment": {"name": "finetune"}}  # its own settings have no momentum
     assert migrate_config(finetune, "x")["experiment"] == {"name": "finetune"}
@@ -63,12 +76,12 @@ def test_formats_it_cannot_read_are_refused_naming_the_way_out(tmp_path):
     with pytest.raises(UnsupportedRunFormat, match=r"format 0 \(the early flat config\), but it lacks dense_units, "
                                                    r"widths:"):
         migrate_config({k: v for k, v in FLAT_DEMO.items() if k not in ("widths", "dense_units")}, "x/config.json")
-    with pytest.raises(UnsupportedRunFormat, match=r"run format 4, newer than this jaxcnn reads \(3\): upgrade"):
-        migrate_config({"format_version": 4, "model": {}, "data": {}, "fit": {}}, "x/config.json")
-    with pytest.raises(ValueError, match=r"write_config: config has format_version=1; this jaxcnn writes 3"):
+    with pytest.raises(UnsupportedRunFormat, match=r"run format 5, newer than this jaxcnn reads \(4\): upgrade"):
+        migrate_config({"format_version": 5, "model": {}, "data": {}, "fit": {}}, "x/config.json")
+    with pytest.raises(ValueError, match=r"write_config: config has format_version=1; this jaxcnn writes 4"):
         RunFolder(tmp_path / "r").write_config({"format_version": 1, "model": {}, "data": {}, "fit": {}})
     RunFolder(tmp_path / "r").write_config({"model": {}, "data": {}, "fit": {}})  # stamped with today's format
-    assert RunFolder(tmp_path / "r").read_config()["format_version"] == 3
+    assert RunFolder(tmp_path / "r").read_config()["format_version"] == 4
 
 
 def test_a_command_on_an_unreadable_run_says_so_in_one_line(tmp_path):
@@ -80,7 +93,7 @@ def test_a_command_on_an_unreadable_run_says_so_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"error: {run / 'config.json'} is in a run format this jaxcnn cannot read (no format_version and no model "
-        f"/ data / fit sections; it reads format 3 and migrates formats 0, 1 and 2). Its records can still be read "
+        f"/ data / fit sections; it reads format 4 and migrates formats 0 to 3). Its records can still be read "
         f"as JSON; to use the run, train it again with this jaxcnn"]
 
 
@@ -99,7 +112,7 @@ def test_a_format_0_config_is_migrated_key_by_key():
     from jaxcnn.models.spec import build_model
 
     new = migrate_config(FLAT_DEMO, "x/config.json")
-    assert new["format_version"] == 3 and new["optimizer"] == {"learning_rate": 0.001}
+    assert new["format_version"] == 4 and new["optimizer"] == {"learning_rate": 0.001}
     assert new["model"] == {"kind": "cifar_cnn", "num_classes": 10, "widths": [32, 64, 128], "dense_units": 128,
                             "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
                             "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 1e-3, "dtype": {"dtype": "float32"}}
@@ -111,7 +124,8 @@ def test_a_format_0_config_is_migrated_key_by_key():
     assert new["fit"] == {"epochs": 5, "batch_size": 64, "eval_batch_size": 500, "seed": 0, "augment": None,
                           "preprocess": "unit", "early_stopping_patience": 5, "plateau_factor": 0.5,
                           "plateau_patience": 3, "plateau_min_delta": 0.0001, "min_lr": 0.0, "keep_checkpoints": 3,
-                          "max_loss": None, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None}
+                          "max_loss": None, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None,
+                          "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
     # augmentation off: its unused ranges stay with the experiment's settings, as every other unmapped key
     assert new["experiment"] == {"name": "cifar10", "learning_rate": 0.001, "rotation": 15.0, "width_shift": 0.1,
                                  "height_shift": 0.1, "horizontal_flip": True, "preset": "demo", "dataset": "offline",

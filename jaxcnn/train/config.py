@@ -22,6 +22,10 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """The loop's settings (saved as the ``"fit"`` section of a run's ``config.json``).
@@ -59,6 +63,11 @@ class FitConfig:
         statistics (as pycls does): the checkpoints hold it, the best weights are tested with
         it, and training continues from it. The batches are the first ones of the epoch just
         trained (they depend on (seed, epoch) only, so a resumed run is the uninterrupted one).
+      label_smoothing: ``s`` in [0, 1): train on ``(1 - s) one_hot + s / K`` (Szegedy et al. 2016;
+        Keras' ``label_smoothing``); the validation and test losses stay plain cross-entropy.
+      mixup_alpha, cutmix_alpha: > 0 mixes each training batch, after augmentation, with itself in
+        reverse order, ``lam ~ Beta(alpha, alpha)``: mixup blends whole images, cutmix pastes a box;
+        both > 0: one of the two per batch at random (timm's ``Mixup``). 0: off.
     """
 
     epochs: int = 50
@@ -77,6 +86,9 @@ class FitConfig:
     warmup_epochs: int = 0
     precise_bn_batches: int = 0
     class_weight: Optional[str] = None
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
     def __post_init__(self):
         name = type(self).__name__
@@ -99,6 +111,12 @@ class FitConfig:
                 raise ValueError(f"{name}: {field}={v!r}; must be a finite number >= 0")
         if self.augment is not None and not isinstance(self.augment, AugmentConfig):
             raise TypeError(f"{name}: augment={self.augment!r}; must be a jaxcnn.data.AugmentConfig or None")
+        if not _is_number(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"{name}: label_smoothing={self.label_smoothing!r}; must be a number in [0, 1)")
+        for field in ("mixup_alpha", "cutmix_alpha"):
+            v = getattr(self, field)
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: {field}={v!r}; must be a finite number >= 0 (0: off)")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"{name}: class_weight={self.class_weight!r}; allowed: None, 'balanced'")
         if self.preprocess not in PREPROCESS:

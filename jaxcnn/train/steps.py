@@ -25,6 +25,7 @@ import optax
 from jaxcnn import freeze
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.preprocess import get_preprocess, scale_to_unit
+from jaxcnn.train import recipe
 from jaxcnn.train.state import TrainState
 
 PyTree = Any
@@ -51,8 +52,14 @@ def _forward(state: TrainState, params, images, *, train: bool, dropout_key=None
     return logits.astype(jnp.float32), new_stats
 
 
+#: What ``fold_in`` adds to a step's augment key for its mixup / cutmix key (a stream of its own:
+#: the dropout and augment keys of a run without mixing stay what they were).
+MIX_STREAM = 0x6D6978
+
+
 def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Callable] = None,
-                    preprocess: Callable = scale_to_unit, class_weights=None) -> Callable:
+                    preprocess: Callable = scale_to_unit, class_weights=None, num_classes: Optional[int] = None,
+                    label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, pure; jit it with ``donate_argnums=0``.
 
     Args:
@@ -64,11 +71,22 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
         ``functools.partial(jaxcnn.data.augment.random_augment, rotation=15.0)``; None: no augmentation.
       preprocess: uint8 images -> float model input (default ``scale_to_unit``).
       class_weights: float ``(K,)``: each example's cross-entropy is multiplied by its class's
-        weight before the batch mean (Keras' ``class_weight``); None: all 1.
+        weight before the batch mean (Keras' ``class_weight``); None: all 1. With soft targets
+        (below) an example's weight is its target's mix of class weights, ``targets @ weights``.
+      num_classes: K, needed by the soft targets below.
+      label_smoothing: ``s`` in [0, 1): the targets are ``(1 - s) one_hot + s / K``
+        (``jaxcnn.train.recipe.smoothed_targets``).
+      mixup_alpha, cutmix_alpha: > 0 mixes each batch after augmentation (``recipe.mix_batch``: mixup,
+        cutmix, or one of the two at random when both are given), keyed by
+        ``fold_in(augment_key, MIX_STREAM)``. All three 0: integer labels, as without them.
 
-    ``metrics``: ``{"loss": the (weighted) mean softmax cross-entropy, "accuracy": fraction correct}``
-    of the batch.
+    ``metrics``: ``{"loss": the (weighted) mean softmax cross-entropy against the targets, "accuracy":
+    fraction of the batch's own labels predicted}`` (of the mixed images, when mixing).
     """
+    soft = bool(label_smoothing or mixup_alpha or cutmix_alpha)
+    if soft and not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"make_train_step: label smoothing, mixup and cutmix need num_classes= (>= 2), got "
+                         f"{num_classes!r}")
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_key, augment_key = step_keys(state.key, state.step)
@@ -76,11 +94,19 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
         if augment_fn is not None:
             images = augment_fn(augment_key, images)
         targets = batch["label"]  # (B,)
+        if soft:
+            soft_targets = recipe.smoothed_targets(targets, num_classes, label_smoothing)  # (B, K)
+            images, soft_targets = recipe.mix_batch(jax.random.fold_in(augment_key, MIX_STREAM), images,
+                                                    soft_targets, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
 
         def loss_fn(params):
             logits, new_stats = _forward(state, params, images, train=True, dropout_key=dropout_key)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B,)
-            loss = (losses if weights is None else losses * weights[targets]).mean()
+            if soft:
+                losses = recipe.soft_cross_entropy(logits, soft_targets)  # (B,)
+                loss = (losses if weights is None else losses * (soft_targets @ weights)).mean()
+            else:
+                losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # (B,)
+                loss = (losses if weights is None else losses * weights[targets]).mean()
             return loss, (logits, new_stats)
 
         if labels is None:
@@ -124,6 +150,10 @@ def make_eval_step(*, preprocess: Callable = scale_to_unit) -> Callable:
     return eval_step
 
 
+#: ``FitConfig``'s settings of the train step's soft targets (0: off).
+SOFT_TARGETS = ("label_smoothing", "mixup_alpha", "cutmix_alpha")
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """The steps of a ``fit`` and the settings they apply: one value, so that what ``config.json``
@@ -138,6 +168,8 @@ class Steps:
       labels: the ``"trainable"``/``"frozen"`` label tree the train step freezes by, or None.
       class_weight: ``None`` or ``"balanced"`` (``FitConfig.class_weight``), and ``class_weights``
         the per-class loss weights it gave (``balanced_class_weights``).
+      label_smoothing, mixup_alpha, cutmix_alpha: the soft targets the train step trains on
+        (``FitConfig``'s; 0: off).
 
     Build them with :meth:`build`; to wrap a step (a test, a study sharing compiled steps over
     runs), ``dataclasses.replace(steps, train=wrapper)`` keeps the settings.
@@ -150,6 +182,9 @@ class Steps:
     labels: Optional[PyTree] = None
     class_weight: Optional[str] = None
     class_weights: Optional[tuple] = None
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
     def __post_init__(self):
         if not hasattr(self.train, "lower"):  # a plain function: jitted here (a jitted one has .lower)
@@ -167,20 +202,24 @@ class Steps:
         preprocess = get_preprocess(config.preprocess)
         augment_fn = None if config.augment is None else config.augment.fn()
         weights = None
+        soft = {name: getattr(config, name) for name in SOFT_TARGETS}
+        if any(soft.values()) and num_classes is None:
+            raise ValueError(f"Steps.build: {', '.join(f'{k}={v}' for k, v in soft.items() if v)} needs num_classes= "
+                             f"(the dataset's number of classes)")
         if config.class_weight == "balanced":
             if train_labels is None or num_classes is None:
                 raise ValueError("Steps.build: class_weight='balanced' needs train_labels= and num_classes= (the "
                                  "training split's labels and its number of classes)")
             weights = balanced_class_weights(train_labels, num_classes)
         return cls(train=make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess,
-                                         class_weights=weights),
+                                         class_weights=weights, num_classes=num_classes, **soft),
                    eval=make_eval_step(preprocess=preprocess), augment=config.augment,
                    preprocess=config.preprocess, labels=labels, class_weight=config.class_weight,
-                   class_weights=None if weights is None else tuple(float(w) for w in weights))
+                   class_weights=None if weights is None else tuple(float(w) for w in weights), **soft)
 
     def check(self, config) -> None:
         """ValueError when these steps apply other settings than ``config`` records."""
-        for name in ("augment", "preprocess", "class_weight"):
+        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS):
             if getattr(self, name) != getattr(config, name):
                 raise ValueError(f"fit: the steps apply {name}={getattr(self, name)!r} but the FitConfig says "
                                  f"{name}={getattr(config, name)!r}; build the steps from the config "

@@ -26,7 +26,8 @@ from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags
                                    add_precision_flag, with_class_weight,
                                    check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
                                    run_main)
-from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
+from jaxcnn.experiments.configs import (DATASETS, PRECISIONS, PRESETS, ExperimentConfig, bn_momentum_float32_error,
+                                       get_config, load_data)
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
@@ -85,6 +86,9 @@ def check_bn_flags(args) -> None:
     m = args.bn_momentum
     if m is not None and not 0 <= m < 1:
         raise ValueError(f"--bn_momentum {m:g}: must be a number in [0, 1) (0.99: Keras' default, the seed's)")
+    why = None if m is None else bn_momentum_float32_error(m)
+    if why is not None:
+        raise ValueError(f"--bn_momentum {m!r} {why}")
     for flag in ("warmup_epochs", "precise_bn"):
         v = getattr(args, flag)
         if v is not None and v < 0:

@@ -134,3 +134,16 @@ def test_a_bn_momentum_that_float32_cannot_hold_is_refused_before_the_data_loads
         get_config("smoke", bn_momentum=float(value))
     for fine in (0.0, 0.99, 0.99999994, 1.5e-45):  # float32's largest below 1, its smallest above 0
         assert get_config("smoke", bn_momentum=fine).bn_momentum == fine
+
+
+def test_the_folder_default_of_precise_bn_beyond_an_epoch_is_named_as_the_default(monkeypatch):
+    import argparse
+
+    notes = []
+    monkeypatch.setattr(cifar10.log, "warning", notes.append)
+    folder = get_config("smoke", dataset="folder", data_dir="photos")  # FOLDER_DEFAULTS: 20 batches
+    used = cifar10._precise_bn_in_epoch(folder, argparse.Namespace(precise_bn=None), 7 * 32 + 5, True)
+    assert used.fit.precise_bn_batches == 7 and used.fit.epochs == folder.fit.epochs
+    assert notes == ["--precise_bn 20 (--dataset folder's default): an epoch has only 7 batches; using 7"]
+    assert cifar10._precise_bn_in_epoch(folder, argparse.Namespace(precise_bn=None), 20 * 32, False) == folder
+    assert len(notes) == 1

@@ -58,7 +58,9 @@ class FitConfig:
         (precise BatchNorm, ``jaxcnn.train.precise_bn``). The estimate replaces the moving
         statistics (as pycls does): the checkpoints hold it, the best weights are tested with
         it, and training continues from it. The batches are the first ones of the epoch just
-        trained (they depend on (seed, epoch) only, so a resumed run is the uninterrupted one).
+        trained (they depend on (seed, epoch) only, so a resumed run is the uninterrupted one):
+        at most the epoch's batches, so ``fit`` uses and records the epoch's when asked for more,
+        and says so in one line.
     """
 
     epochs: int = 50

@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import dataclasses
+import json
 import logging
 import os
 import pathlib

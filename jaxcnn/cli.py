@@ -88,10 +88,14 @@ def setup_logging() -> None:
 DISK_ERRORS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT", errno.EROFS: "EROFS"}
 
 
-def disk_error(e: BaseException) -> Optional[str]:
+def disk_error(e: BaseException, *, folder=None, resume: bool = True) -> Optional[str]:
     """One line for an error (or its cause) that is a full or read-only disk: the folder and the
     cause; None for any other error. Orbax's writes fail in tensorstore, whose error is a
-    ValueError naming the file and ``[os_error_code='28']``."""
+    ValueError naming the file and ``[os_error_code='28']``.
+
+    ``folder``: the folder to name when no error in the chain names a file (a Python write names
+    none; default "the run's folder"); ``resume``: the line says that a run stopped by this
+    continues with ``--resume`` (False for a command that has no ``--resume``: the export)."""
     chain = []
     while e is not None and all(e is not c for c in chain):  # the error, its cause, its cause's ...
         chain.append(e)
@@ -107,9 +111,9 @@ def disk_error(e: BaseException) -> Optional[str]:
                 code, path = code or int(m.group(1)), path or (files[-1] if files else None)
     if code is None:
         return None
-    where = _folder_of(path) if path else "the run's folder"
+    where = _folder_of(path) if path else (folder or "the run's folder")
     return (f"cannot write in {where}: {os.strerror(code)} ({DISK_ERRORS[code]}). Free some space or "
-            f"choose another folder; a run stopped by this continues with --resume")
+            f"choose another folder" + ("; a run stopped by this continues with --resume" if resume else ""))
 
 
 def _folder_of(path) -> str:

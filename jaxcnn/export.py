@@ -21,8 +21,15 @@ Verified before it is kept: onnxruntime runs the file on seeded random uint8 ima
 and a batch of 5, and the export fails (exit 1, one ``error:`` line) when any probability differs
 from ``restore(RUN).predict``'s (computed with full float32 matmuls, as onnxruntime's) by more
 than ``TOLERANCE``. The file is written under a temporary
-name beside ``--out`` and moved into place only once verified: a failed export leaves no file, and
-an existing ``--out`` unchanged.
+name beside ``--out`` (``.<name>.jaxcnn-tmp-<pid>``) and moved into place only once verified: a
+failed export leaves no file, and an existing ``--out`` unchanged. An export that was killed
+(SIGKILL, a power cut) cannot remove its temporary file: the next export to the same ``--out``
+removes those whose process is gone, and says so. ``--out`` is checked before the run is
+restored: a path under a file, or a folder this process cannot write in, is one line at once.
+
+A run trained in bfloat16 (``--precision bfloat16``) is exported in float32, its weights
+unchanged (onnxruntime's CPU convolutions take no bfloat16): one line says so, and the check is
+against the run's model computed in float32.
 
 Needs the optional ``export`` extra and jax2onnx (installed without its own dependencies: its pin
 ``orbax-checkpoint<0.11.37`` conflicts with this project's, and it runs without them)::
@@ -41,11 +48,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import pathlib
+import re
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Optional
 
@@ -54,7 +64,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn import inference, kernels
-from jaxcnn.cli import check_run_flag, path_flag, run_main
+from jaxcnn.cli import check_run_flag, disk_error, path_flag, run_main
+from jaxcnn.models.spec import build_model, model_spec
+
+log = logging.getLogger("jaxcnn")
 
 #: The largest difference in any probability between onnxruntime and ``restore(RUN).predict``.
 TOLERANCE = 1e-4
@@ -81,6 +94,94 @@ def _import_extra():
         raise ExportUnavailableError(f"the ONNX export needs the optional packages jax2onnx and onnxruntime "
                                      f"({e}); install them: {INSTALL}") from None
     return jax2onnx, onnx, onnxruntime
+
+
+def check_out(out: pathlib.Path) -> None:
+    """``--out`` can be written: not a folder, and its nearest existing parent is a folder that takes
+    a new file (a real write: permission bits do not tell for root or a read-only filesystem).
+    ValueError naming ``--out`` and that folder; checked before the run is restored."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a .onnx file")
+    where = out.absolute().parent
+    while not os.path.lexists(where):
+        where = where.parent
+    if not where.is_dir():
+        raise ValueError(f"--out {out}: {where} is a file, not a folder; name a .onnx file in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+        why = None
+    except OSError as e:
+        why = e.strerror or str(e)
+    if why is not None:  # (raised here, not in the except: a read-only disk's EROFS would name the probe)
+        raise ValueError(f"--out {out}: cannot write in {where} ({why}); choose a folder you can write in")
+
+
+#: The temporary file beside ``--out`` that an export writes and verifies: ``.<name>.jaxcnn-tmp-<pid>``.
+TMP_SUFFIX = ".jaxcnn-tmp-"
+
+
+def tmp_path(out: pathlib.Path, pid: int) -> pathlib.Path:
+    """The temporary file of process ``pid``'s export to ``out``."""
+    return out.with_name(f".{out.name}{TMP_SUFFIX}{pid}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (this one included); a pid no process can have counts as
+    alive, so that its file is left alone."""
+    if pid == os.getpid() or not 0 < pid < 2 ** 22:  # (Linux's largest pid_max)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process
+        return True
+    return True
+
+
+def remove_stale(out: pathlib.Path) -> list[pathlib.Path]:
+    """Removes the temporary files (:func:`tmp_path`) of exports to ``out`` whose process is gone
+    (killed: SIGKILL, a power cut, which no ``finally`` survives); returns them. Only regular files
+    named exactly ``.<out's name>.jaxcnn-tmp-<pid>`` count: any other file stays."""
+    folder = out.parent
+    if not folder.is_dir():
+        return []
+    ours = re.compile(re.escape(f".{out.name}{TMP_SUFFIX}") + r"([0-9]+)")
+    removed = []
+    for p in sorted(folder.iterdir()):
+        m = ours.fullmatch(p.name)
+        if m and not p.is_symlink() and p.is_file() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def float32_run(run: inference.Restored) -> tuple[inference.Restored, Optional[str]]:
+    """``(run, None)``, or for a run whose model computes in another dtype (``--precision
+    bfloat16``): the run with its model rebuilt from its spec computing in float32 (every ``dtype``
+    argument, nested models' included; the weights are the same) and the dtype it had."""
+    spec = model_spec(run.model)
+    if spec.get("kind") is None:  # a model outside jaxcnn.models: exported as it is
+        return run, None
+    found = set()
+
+    def walk(v):
+        if isinstance(v, dict):
+            out = {}
+            for k, x in v.items():
+                if k == "dtype" and isinstance(x, dict) and set(x) == {"dtype"} and x["dtype"] != "float32":
+                    found.add(x["dtype"])
+                    x = {"dtype": "float32"}
+                out[k] = walk(x)
+            return out
+        return [walk(x) for x in v] if isinstance(v, list) else v
+
+    spec = walk(spec)
+    if not found:
+        return run, None
+    return dataclasses.replace(run, model=build_model(spec)), ", ".join(sorted(found))
 
 
 def probabilities_function(run: inference.Restored, *, temperature: bool = True) -> Callable:
@@ -227,16 +328,23 @@ def verify(path, run: inference.Restored, *, temperature: bool = True, seed: int
 def export(run_dir, out, *, which: str = "best", temperature: bool = True, model=None
            ) -> tuple[inference.Restored, float]:
     """Writes the run at ``run_dir`` to the ONNX file ``out`` once :func:`verify` passes;
-    returns the restored run and the largest difference found. ``model``: as in
-    ``jaxcnn.inference.restore`` (a model outside ``jaxcnn.models``)."""
+    returns the restored run (its model in float32: :func:`float32_run`) and the largest
+    difference found. ``model``: as in ``jaxcnn.inference.restore`` (a model outside
+    ``jaxcnn.models``). A write that fails (a full disk) raises its OSError, the temporary file removed."""
     _import_extra()  # before the run is restored: the missing extra is said first
     out = pathlib.Path(out)
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; name a .onnx file")
-    run = inference.restore(run_dir, which=which, model=model)
+    check_out(out)
+    stale = remove_stale(out)
+    if stale:
+        log.warning(f"removed {len(stale)} temporary file(s) of an export to {out} that was killed: "
+                    + ", ".join(p.name for p in stale))
+    run, dtype = float32_run(inference.restore(run_dir, which=which, model=model))
+    if dtype is not None:
+        log.warning(f"{run_dir} computes in {dtype}, which onnxruntime's CPU convolutions do not take: exporting "
+                    f"it in float32 (the same weights), checked against the run's model computed in float32")
     proto = to_onnx(run, temperature=temperature)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = tmp_path(out, os.getpid())
     try:
         tmp.write_bytes(proto.SerializeToString())
         diff = verify(tmp, run, temperature=temperature)
@@ -272,6 +380,12 @@ def _main(args) -> int:
     except ExportMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk: --out's folder, and no --resume to offer (the run's folder is untouched)
+        line = disk_error(e, folder=out.absolute().parent, resume=False)
+        if line is None or os.environ.get("JAXCNN_TRACEBACK"):
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     t = None if args.no_temperature else run.temperature
     print(f"wrote {out}: {run_dir} ({run.which} epoch {run.epoch}), uint8 (N, "
           f"{', '.join(map(str, run.config['data']['image_shape']))}) -> {len(run.class_names)} class probabilities"

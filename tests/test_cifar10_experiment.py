@@ -114,3 +114,36 @@ def test_cli_bad_setting_is_an_error_message_not_a_traceback(tmp_path, capsys, f
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("value, f32, allowed", [
+    ("0.99999999", "1", "at most 0.99999994 (float32's largest number below 1)"),
+    ("1e-50", "0", "0 or at least 1.4e-45 (float32's smallest number above 0)"),
+])
+def test_a_bn_momentum_that_float32_cannot_hold_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch,
+                                                                                 value, f32, allowed):
+    # 0.99999999 is 1.0 in float32, where BatchNorm's statistics update: every variance stayed at 1
+    monkeypatch.setattr(cifar10, "load_data", lambda config: pytest.fail("the data was loaded"))
+    workdir = tmp_path / "run"
+    code = cifar10.main(["--preset", "smoke", "--workdir", str(workdir), "--no_progress", "--bn_momentum", value])
+    err = capsys.readouterr().err
+    assert code == 2 and not workdir.exists()
+    assert err == (f"error: --bn_momentum {float(value)!r} is {f32} in float32, where BatchNorm's statistics update; "
+                   f"must be {allowed}\n")
+    with pytest.raises(ValueError, match=rf"^bn_momentum={float(value)!r} is {f32} in float32"):
+        get_config("smoke", bn_momentum=float(value))
+    for fine in (0.0, 0.99, 0.99999994, 1.5e-45):  # float32's largest below 1, its smallest above 0
+        assert get_config("smoke", bn_momentum=fine).bn_momentum == fine
+
+
+def test_the_folder_default_of_precise_bn_beyond_an_epoch_is_named_as_the_default(monkeypatch):
+    import argparse
+
+    notes = []
+    monkeypatch.setattr(cifar10.log, "warning", notes.append)
+    folder = get_config("smoke", dataset="folder", data_dir="photos")  # FOLDER_DEFAULTS: 20 batches
+    used = cifar10._precise_bn_in_epoch(folder, argparse.Namespace(precise_bn=None), 7 * 32 + 5, True)
+    assert used.fit.precise_bn_batches == 7 and used.fit.epochs == folder.fit.epochs
+    assert notes == ["--precise_bn 20 (--dataset folder's default): an epoch has only 7 batches; using 7"]
+    assert cifar10._precise_bn_in_epoch(folder, argparse.Namespace(precise_bn=None), 20 * 32, False) == folder
+    assert len(notes) == 1

@@ -4,9 +4,13 @@ metadata; a wrong export is refused and leaves no file; without the extra, one l
 
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import io
 import json
+import os
+import pathlib
+import subprocess
 import sys
 
 import jax
@@ -167,3 +171,114 @@ def test_without_the_extra_one_line_says_how_to_install_it(tmp_path, capsys, mon
 def test_an_empty_out_is_refused_without_offering_a_default_it_does_not_have(tmp_path, capsys):
     code, out, err = cli(capsys, ["--run", str(tmp_path / "run"), "--out", ""])
     assert (code, out, err) == (2, "", "error: --out '': empty; name a path\n")
+
+
+# --------------------------------------------------------------------------- --out, a full disk, a killed export
+
+
+def _no_restore(monkeypatch):
+    monkeypatch.setattr(inference, "restore", lambda *a, **k: pytest.fail("the run was restored"))
+
+
+@needs_extra
+def test_an_out_under_a_file_is_one_line_before_the_run_is_restored(tmp_path, capsys, monkeypatch):
+    _no_restore(monkeypatch)
+    a_file = tmp_path / "somefile.txt"
+    a_file.write_text("mine")
+    for out in (a_file / "m.onnx", a_file / "deeper" / "m.onnx"):
+        code, stdout, err = cli(capsys, ["--run", str(tmp_path / "run"), "--out", str(out)])
+        assert (code, stdout) == (2, "")
+        assert err == f"error: --out {out}: {a_file} is a file, not a folder; name a .onnx file in a folder\n"
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["somefile.txt"]
+
+
+@needs_extra
+def test_an_out_in_a_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    _no_restore(monkeypatch)
+    if os.geteuid() == 0:  # root writes through permission bits: a filesystem that takes no files
+        folder = pathlib.Path("/sys")
+    else:
+        folder = tmp_path / "read_only"
+        folder.mkdir()
+        folder.chmod(0o555)
+    out = folder / "m.onnx"
+    code, stdout, err = cli(capsys, ["--run", str(tmp_path / "run"), "--out", str(out)])
+    assert (code, stdout) == (2, "") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --out {out}: cannot write in {folder} (") and ".jaxcnn" not in err, err
+    assert err.endswith("); choose a folder you can write in\n") and not out.exists()
+
+
+@needs_extra
+def test_a_full_disk_names_outs_folder_and_offers_no_resume(runs, tmp_path, capsys, monkeypatch):
+    own = pathlib.Path.write_bytes
+
+    def full(self, data):  # the write of the export's temporary file: a disk that is full
+        if export.TMP_SUFFIX in self.name:
+            with open(self, "wb") as f:
+                f.write(data[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return own(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the previous export")
+    code, stdout, err = cli(capsys, ["--run", str(runs["cifar10"]), "--out", str(out)])
+    assert (code, stdout) == (2, "")
+    assert err == (f"error: cannot write in {tmp_path}: No space left on device (ENOSPC). Free some space or "
+                   f"choose another folder\n")
+    assert out.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@needs_extra
+def test_the_next_export_removes_a_killed_exports_temporary_file_and_no_other(runs, tmp_path, capsys):
+    import onnxruntime as ort
+
+    gone = subprocess.Popen(["true"])  # a pid whose process has ended
+    gone.wait()
+    dead, alive = gone.pid, os.getppid()
+    stale = [tmp_path / f".m.onnx.jaxcnn-tmp-{dead}"]
+    kept = [tmp_path / f".m.onnx.jaxcnn-tmp-{alive}",      # its process is alive: an export under way
+            tmp_path / f".m.onnx.jaxcnn-tmp-{dead}.bak",   # names that only look like ours
+            tmp_path / f".m.onnx.jaxcnn-tmp-x{dead}",
+            tmp_path / f"m.onnx.jaxcnn-tmp-{dead}",
+            tmp_path / f".n.onnx.jaxcnn-tmp-{dead}",       # another --out's
+            tmp_path / "sub" / f".m.onnx.jaxcnn-tmp-{dead}"]
+    for p in stale + kept:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x" * 1000)
+    code, stdout, err = cli(capsys, ["--run", str(runs["cifar10"]), "--out", str(tmp_path / "m.onnx")])
+    assert code == 0, err
+    assert err == (f"removed 1 temporary file(s) of an export to {tmp_path / 'm.onnx'} that was killed: "
+                   f"{stale[0].name}\n")
+    assert not any(p.exists() for p in stale) and all(p.read_bytes() == b"x" * 1000 for p in kept)
+    images = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images})[0]
+    np.testing.assert_allclose(got, inference.restore(runs["cifar10"]).predict(images), rtol=0, atol=1e-4)
+
+
+@needs_extra
+def test_a_bfloat16_run_is_exported_in_float32_and_says_so(tmp_path, capsys):
+    import onnxruntime as ort
+
+    run_dir = tmp_path / "bf16"
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = cifar10.main(["--dataset", "offline", "--preset", "smoke", "--epochs", "1", "--no_progress",
+                             "--precision", "bfloat16", "--workdir", str(run_dir)])
+    assert code == 0, err.getvalue()[-3000:]
+    code, stdout, err = cli(capsys, ["--run", str(run_dir), "--out", str(tmp_path / "m.onnx"), "--no_temperature"])
+    assert code == 0, err
+    assert err == (f"{run_dir} computes in bfloat16, which onnxruntime's CPU convolutions do not take: exporting "
+                   f"it in float32 (the same weights), checked against the run's model computed in float32\n")
+    assert stdout.startswith(f"wrote {tmp_path / 'm.onnx'}")
+    run = inference.restore(run_dir)
+    assert run.model.dtype == jnp.bfloat16  # the run itself is left as it was
+    images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"images": images})[0]
+    # the oracle: the run's module and weights with its compute dtype set to float32 by hand
+    f32 = dataclasses.replace(run, model=run.model.clone(dtype=jnp.float32))
+    with jax.default_matmul_precision("float32"):
+        np.testing.assert_allclose(got, f32.predict(images, temperature=False), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, run.predict(images, temperature=False), rtol=0, atol=0.05)  # bfloat16's own

@@ -159,3 +159,49 @@ def test_a_run_with_precise_bn_stopped_mid_epoch_and_resumed_is_the_uninterrupte
     a, b = (json.loads((p / "summary.json").read_text()) for p in (whole, cut))
     assert (a["test_loss"], a["test_accuracy"], a["best_epoch"]) == (b["test_loss"], b["test_accuracy"],
                                                                      b["best_epoch"])
+
+
+def test_precise_bn_beyond_an_epoch_says_so_and_records_the_epochs_batches(tmp_path, capsys):
+    """The smoke preset's epoch has 8 batches (256 / 32): --precise_bn 100 says it uses 8 (one line, before
+    training) and records 8 in config.json (fit then runs 8: the next test); --resume with the same flag
+    continues it (the same config, not a changed one)."""
+    from jaxcnn.runfolder import RunFolder
+    from test_reliability import SMOKE, cli
+
+    workdir = tmp_path / "run"
+    code, _, err = cli(capsys, SMOKE + ["--precise_bn", "100", "--epochs", "1", "--workdir", str(workdir)])
+    assert code == 0, err
+    assert err.splitlines()[0] == "--precise_bn 100: an epoch has only 8 batches; using 8", err
+    assert err.count("an epoch has only") == 1
+    assert RunFolder(workdir).read_config()["fit"]["precise_bn_batches"] == 8
+    code, _, err = cli(capsys, SMOKE + ["--precise_bn", "100", "--epochs", "2", "--workdir", str(workdir), "--resume"])
+    assert code == 0, err
+    assert len(RunFolder(workdir).read_history()) == 2 and RunFolder(workdir).read_config()["fit"]["epochs"] == 2
+
+
+def test_fit_uses_and_records_at_most_an_epochs_batches_of_precise_bn(tmp_path, monkeypatch):
+    """FitConfig(precise_bn_batches=5) over 3 batches an epoch (48 / 16): one note, config.json records 3, and
+    the checkpoint is bitwise the one of precise_bn_batches=3."""
+    from jaxcnn.data import Dataset, Split
+    from jaxcnn.runfolder import RunFolder
+    from jaxcnn.train import FitConfig, fit, loop
+
+    notes = []
+    monkeypatch.setattr(loop.log, "warning", lambda msg, *args: notes.append(msg % args))
+    rng = np.random.default_rng(4)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int32))
+
+    data = Dataset(name="synthetic", train=split(48), val=split(8), test=split(8), num_classes=3,
+                   class_names=("a", "b", "c"))
+    leaves = {}
+    for n in (5, 3):
+        config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=None, precise_bn_batches=n, seed=3)
+        fit(_state(0.9), data, config, tmp_path / str(n), progress=False)
+        assert RunFolder(tmp_path / str(n)).read_config()["fit"]["precise_bn_batches"] == 3
+        with RunFolder(tmp_path / str(n)).checkpoints(read_only=True) as ckpts:
+            tree, _ = ckpts.restore("latest")
+        leaves[n] = [np.asarray(a).tobytes() for a in jax.tree.leaves(tree["batch_stats"])]
+    assert [n for n in notes if "precise_bn" in n] == ["precise_bn_batches=5: an epoch has only 3 batches; using 3"]
+    assert leaves[5] == leaves[3]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import pathlib
 from typing import Optional
 
@@ -26,11 +27,15 @@ from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags
                                    add_precision_flag, with_class_weight,
                                    check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
                                    run_main)
-from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
+from jaxcnn.experiments.configs import (DATASETS, PRECISIONS, PRESETS, ExperimentConfig, bn_momentum_float32_error,
+                                       get_config, load_data)
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
 from jaxcnn.train.distributed import load_in_turn
+from jaxcnn.train.precise_bn import batches_in_epoch
+
+log = logging.getLogger("jaxcnn")
 
 
 def build_model(config: ExperimentConfig, num_classes: int = 10) -> CifarCNN:
@@ -85,10 +90,26 @@ def check_bn_flags(args) -> None:
     m = args.bn_momentum
     if m is not None and not 0 <= m < 1:
         raise ValueError(f"--bn_momentum {m:g}: must be a number in [0, 1) (0.99: Keras' default, the seed's)")
+    why = None if m is None else bn_momentum_float32_error(m)
+    if why is not None:
+        raise ValueError(f"--bn_momentum {m!r} {why}")
     for flag in ("warmup_epochs", "precise_bn"):
         v = getattr(args, flag)
         if v is not None and v < 0:
             raise ValueError(f"--{flag} {v}: must be an int >= 0" + (" (0: off)" if flag == "precise_bn" else ""))
+
+
+def _precise_bn_in_epoch(config: ExperimentConfig, args, num_train: int, primary: bool) -> ExperimentConfig:
+    """``config`` with at most an epoch's batches of precise BatchNorm (it reads the epoch's first
+    ones), said in one line naming the flag when fewer than asked: the run records what it uses."""
+    n = config.fit.precise_bn_batches
+    what = f"--precise_bn {n}" + ("" if args.precise_bn is not None else " (--dataset folder's default)")
+    used, note = batches_in_epoch(n, num_train // config.fit.batch_size, what)
+    if note is None:
+        return config
+    if primary:
+        log.warning(note)
+    return dataclasses.replace(config, fit=dataclasses.replace(config.fit, precise_bn_batches=used))
 
 
 def _parse(argv):
@@ -116,8 +137,8 @@ def _parse(argv):
                         "improvement (default 0)")
     p.add_argument("--precise_bn", type=int, metavar="N",
                    help="re-estimate the BatchNorm statistics over N training batches, weights fixed, before each "
-                        "validation (precise BatchNorm); 0: off (default: 20 with --dataset folder, else 0: the "
-                        "seed's recipe)")
+                        "validation (precise BatchNorm), at most an epoch's (more: the epoch's, said and recorded); 0: off "
+                        "(default: 20 with --dataset folder, else 0: the seed's recipe)")
     add_precision_flag(p)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
@@ -169,6 +190,7 @@ def _main(args) -> int:
         pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)
+    config = _precise_bn_in_epoch(config, args, len(dataset.train), procs.primary)
     _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
                         dataset=dataset, mesh=make_mesh())  # (with its end-of-run report: plots, per-class results)
     if not procs.primary:  # process 0 tells the result

@@ -36,6 +36,7 @@ import dataclasses
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.train.config import FitConfig
@@ -107,10 +108,30 @@ def check_precision(precision) -> None:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
 
 
+#: The largest BatchNorm momentum taken: float32's largest number below 1 (0.99999994). BatchNorm's
+#: statistics update in float32, where a momentum closer to 1 is 1 (0.99999999 froze every variance at 1).
+MAX_BN_MOMENTUM = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
+def bn_momentum_float32_error(momentum) -> Optional[str]:
+    """Why a momentum in [0, 1) is not one in float32, where the statistics update (``"is 1 in
+    float32 ..."``: one that rounds to 1, or to 0 from above 0); None when float32 keeps it."""
+    f32 = float(np.float32(momentum))
+    if f32 < 1 and (momentum == 0 or f32 > 0):
+        return None
+    allowed = (f"at most {MAX_BN_MOMENTUM:.8g} (float32's largest number below 1)" if f32 else
+               f"0 or at least {float(np.finfo(np.float32).smallest_subnormal):.2g} (float32's smallest number above 0)")
+    return f"is {f32:g} in float32, where BatchNorm's statistics update; must be {allowed}"
+
+
 def check_bn_momentum(momentum, name: str = "bn_momentum") -> None:
-    """A BatchNorm momentum: a number in [0, 1) (1 would freeze the moving statistics)."""
+    """A BatchNorm momentum: a number in [0, 1) (1 would freeze the moving statistics), and still one in
+    float32 (:func:`bn_momentum_float32_error`)."""
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ValueError(f"{name}={momentum!r}; must be a number in [0, 1) (0.99: Keras' default, the seed's)")
+    why = bn_momentum_float32_error(momentum)
+    if why is not None:
+        raise ValueError(f"{name}={momentum!r} {why}")
 
 
 def check_folder_settings(config) -> None:

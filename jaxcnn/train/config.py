@@ -62,7 +62,9 @@ class FitConfig:
         (precise BatchNorm, ``jaxcnn.train.precise_bn``). The estimate replaces the moving
         statistics (as pycls does): the checkpoints hold it, the best weights are tested with
         it, and training continues from it. The batches are the first ones of the epoch just
-        trained (they depend on (seed, epoch) only, so a resumed run is the uninterrupted one).
+        trained (they depend on (seed, epoch) only, so a resumed run is the uninterrupted one):
+        at most the epoch's batches, so ``fit`` uses and records the epoch's when asked for more,
+        and says so in one line.
       label_smoothing: ``s`` in [0, 1): train on ``(1 - s) one_hot + s / K`` (Szegedy et al. 2016;
         Keras' ``label_smoothing``); the validation and test losses stay plain cross-entropy.
       mixup_alpha, cutmix_alpha: > 0 mixes each training batch, after augmentation, with itself in

@@ -53,7 +53,7 @@ from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
-from jaxcnn.train.precise_bn import bn_momentum_of, make_reestimate
+from jaxcnn.train.precise_bn import batches_in_epoch, bn_momentum_of, make_reestimate
 from jaxcnn.train.session import Best, RunSession
 from jaxcnn.train.state import TrainState, get_learning_rate
 from jaxcnn.train.steps import Steps, make_logits_fn
@@ -110,6 +110,12 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes) \
         if steps is None else steps
     steps.check(config)
+    used, note = batches_in_epoch(config.precise_bn_batches, len(dataset.train) // config.batch_size,
+                                  f"precise_bn_batches={config.precise_bn_batches}")
+    if note is not None:  # config.json records the batches the re-estimate uses
+        config = dataclasses.replace(config, precise_bn_batches=used)
+        if procs.primary:
+            log.warning(note)
     run = RunFolder(workdir)
     record = run_config(state, dataset, config, model=model, experiment=experiment)
     reestimate = _precise_bn(config, record, state, steps)

@@ -101,6 +101,16 @@ def bn_momentum_of(spec: Optional[dict]) -> float:
     return found.pop()
 
 
+def batches_in_epoch(num_batches: int, steps_per_epoch: int, what: str) -> tuple[int, Optional[str]]:
+    """``(batches, note)``: the re-estimate reads the first batches of the epoch just trained, so it
+    uses at most the epoch's ``steps_per_epoch``: ``(num_batches, None)`` when the epoch has them,
+    else ``(steps_per_epoch, note)`` with a one-line note starting with ``what`` (the setting as the
+    caller names it, ``"--precise_bn 100"``), so that the run records and says what it uses."""
+    if num_batches <= steps_per_epoch or steps_per_epoch < 1:  # (an epoch without a batch is refused elsewhere)
+        return num_batches, None
+    return steps_per_epoch, f"{what}: an epoch has only {steps_per_epoch} batches; using {steps_per_epoch}"
+
+
 def make_reestimate(momentum: float, num_batches: int, *, preprocess: Callable = scale_to_unit) -> Callable:
     """``reestimate(state, feed, epoch) -> batch_stats``: :func:`precise_batch_stats` over the first
     ``num_batches`` batches of ``feed``'s epoch ``epoch`` (a ``TrainFeed``), the dropout keys

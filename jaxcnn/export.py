@@ -233,7 +233,7 @@ def export(run_dir, out, *, which: str = "best", temperature: bool = True, model
     out = pathlib.Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a .onnx file")
-    run = inference.restore(run_dir, which=which, model=model)
+    run = inference.restore(run_dir, which=which, model=model, temperature=temperature)
     proto = to_onnx(run, temperature=temperature)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

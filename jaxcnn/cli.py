@@ -82,6 +82,9 @@ def setup_logging() -> None:
         sys.unraisablehook = _unraisable(sys.unraisablehook)
     if not os.environ.get("JAXCNN_TRACEBACK"):  # the writes Orbax had not started when another one failed
         warnings.filterwarnings("ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning)
+    # Pillow's DecompressionBombWarning: jaxcnn.data.folder.decode_image names the file and its size in one line
+    warnings.filterwarnings("ignore", r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels, could be "
+                                      r"decompression bomb")
 
 
 #: What a full or read-only disk is called (the errno, its name) by the OS and by tensorstore (Orbax).

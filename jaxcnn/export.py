@@ -338,7 +338,8 @@ def export(run_dir, out, *, which: str = "best", temperature: bool = True, model
     if stale:
         log.warning(f"removed {len(stale)} temporary file(s) of an export to {out} that was killed: "
                     + ", ".join(p.name for p in stale))
-    run, dtype = float32_run(inference.restore(run_dir, which=which, model=model))
+    run, dtype = float32_run(inference.restore(run_dir, which=which, model=model,
+                                                      temperature=temperature))
     if dtype is not None:
         log.warning(f"{run_dir} computes in {dtype}, which onnxruntime's CPU convolutions do not take: exporting "
                     f"it in float32 (the same weights), checked against the run's model computed in float32")

@@ -33,6 +33,7 @@ import concurrent.futures
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -72,7 +73,8 @@ class ImageReadError(ValueError):
         self.path, self.reason = str(path), reason
 
 
-def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[int]]) -> np.ndarray:
+def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[int]], *,
+                 warn_large: bool = True) -> np.ndarray:
     """Reads one JPEG or PNG as uint8 RGB ``(H, W, 3)`` of the requested size.
 
     The steps, in order: EXIF orientation applied (``PIL.ImageOps.exif_transpose``); the mode
@@ -81,6 +83,12 @@ def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[
     ``(rgb * a + 255 * (255 - a) + 127) // 255``; then, when the size differs, Pillow's
     ``resize(..., Image.BILINEAR)`` (a triangle filter widened by the scale factor when
     shrinking, so it is antialiased). The aspect ratio is not kept.
+
+    An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (Pillow's guard against
+    decompression bombs, which it states in a ``DecompressionBombWarning``) is decoded anyway,
+    as a file the user chose, with one warning on the ``jaxcnn`` logger naming it and its size
+    (``warn_large=False``: none; the commands silence Pillow's own, ``jaxcnn.cli.setup_logging``);
+    one of more than twice that, which Pillow refuses to open, is an ImageReadError saying so.
 
     Args:
       path: the image file.
@@ -98,7 +106,18 @@ def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[
         with Image.open(path) as im:
             kind = im.format
             if kind in FORMATS:
+                limit = Image.MAX_IMAGE_PIXELS
+                if warn_large and limit and im.size[0] * im.size[1] > limit:
+                    logger.warning("warning: %s is %dx%d pixels (%s), more than PIL.Image.MAX_IMAGE_PIXELS (%s), "
+                                   "Pillow's guard against decompression bombs: decoded anyway, as a file you chose",
+                                   path, im.size[0], im.size[1], f"{im.size[0] * im.size[1]:,}", f"{limit:,}")
                 rgb = _to_rgb(ImageOps.exif_transpose(im))  # exif_transpose decodes (a copy)
+    except Image.DecompressionBombError as e:  # more than twice the limit: Pillow does not open it
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(pixels.group(1)):,}" if pixels else "more"
+        raise ImageReadError(path, f"too large: {pixels} pixels, more than "
+                                   f"twice PIL.Image.MAX_IMAGE_PIXELS, the most Pillow opens; shrink it first "
+                                   f"(or raise PIL.Image.MAX_IMAGE_PIXELS in a script of your own)") from None
     except UnidentifiedImageError:
         raise ImageReadError(path, f"not a {' or '.join(FORMATS)} image") from None
     except FileNotFoundError:
@@ -323,8 +342,10 @@ def warn_skipped(root, skipped: Sequence[tuple[str, str]]) -> None:
     logger.warning("%s: skipped %d file(s) that are not usable images:\n%s", root, len(skipped), "\n".join(lines))
 
 
-def decode_images(paths: Sequence[str], image_size, *, workers: int | None = None) -> tuple[np.ndarray, list]:
-    """:func:`decode_image` of each path, in threads (Pillow decodes without the GIL).
+def decode_images(paths: Sequence[str], image_size, *, workers: int | None = None,
+                  warn_large: bool = True) -> tuple[np.ndarray, list]:
+    """:func:`decode_image` of each path, in threads (Pillow decodes without the GIL); ``warn_large``
+    as there (False for images decoded, and warned about, once already).
 
     Returns ``(images uint8 (n, H, W, 3), errors)``: ``errors`` lists ``(index, reason)`` of the
     paths that could not be decoded; their rows of ``images`` are zeros.
@@ -335,7 +356,7 @@ def decode_images(paths: Sequence[str], image_size, *, workers: int | None = Non
 
     def one(i):
         try:
-            images[i] = decode_image(paths[i], (height, width))
+            images[i] = decode_image(paths[i], (height, width), warn_large=warn_large)
         except ImageReadError as e:
             errors.append((i, e.reason))
 

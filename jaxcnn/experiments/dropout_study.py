@@ -122,7 +122,7 @@ def experiment_config(study: StudyConfig, variant: str):
 
 def train_accuracy_inference(workdir: pathlib.Path, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(accuracy, loss) on ``images`` of the run's **latest** (final-epoch) weights, dropout off."""
-    probs = inference.restore(workdir, which="latest").predict(images, temperature=False)  # (N, K), raw softmax
+    probs = inference.restore(workdir, which="latest", temperature=False).predict(images)  # (N, K), raw softmax
     acc = float(np.mean(probs.argmax(-1) == labels))
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
     return acc, loss

@@ -236,7 +236,7 @@ def load_run(run: Path, *, which: str = "best") -> tuple[inference.Restored, Opt
     from jaxcnn.data import DatasetUnavailableError, load_dataset
     from jaxcnn.experiments import cifar10
 
-    restored = inference.restore(run, which=which)
+    restored = inference.restore(run, which=which, temperature=False)  # (the weights only)
     config = restored.config
     dataset = None
     source = config.get("data", {}).get("source")

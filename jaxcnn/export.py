@@ -55,7 +55,6 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Optional
 
@@ -100,21 +99,14 @@ def check_out(out: pathlib.Path) -> None:
     """``--out`` can be written: not a folder, and its nearest existing parent is a folder that takes
     a new file (a real write: permission bits do not tell for root or a read-only filesystem).
     ValueError naming ``--out`` and that folder; checked before the run is restored."""
+    from jaxcnn.runfolder import nearest_existing, write_refused
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a .onnx file")
-    where = out.absolute().parent
-    while not os.path.lexists(where):
-        where = where.parent
+    where = nearest_existing(out.absolute().parent)
     if not where.is_dir():
         raise ValueError(f"--out {out}: {where} is a file, not a folder; name a .onnx file in a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=where)
-        os.close(fd)
-        os.unlink(probe)
-        why = None
-    except OSError as e:
-        why = e.strerror or str(e)
-    if why is not None:  # (raised here, not in the except: a read-only disk's EROFS would name the probe)
+    why = write_refused(where)
+    if why is not None:
         raise ValueError(f"--out {out}: cannot write in {where} ({why}); choose a folder you can write in")
 
 

@@ -42,7 +42,6 @@ import csv
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -73,20 +72,15 @@ def find_images(paths) -> list[str]:
 
 
 def check_writable(flag: str, folder: pathlib.Path) -> None:
-    """``folder``, or its first existing parent when it is still to be made, takes a new file (a real
-    write: permission bits do not tell for root or a read-only filesystem); ValueError naming ``flag``."""
-    where = folder.absolute()
-    while not where.exists():
-        where = where.parent
+    """``folder``, or its first existing parent when it is still to be made, takes a new file
+    (``jaxcnn.runfolder.write_refused``: a real write); ValueError naming ``flag``."""
+    from jaxcnn.runfolder import nearest_existing, write_refused
+    where = nearest_existing(folder)
     if not where.is_dir():
         raise ValueError(f"{flag}: {where} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=where)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot write into {where} ({e.strerror or e}); name a folder you can write "
-                         f"to") from None
+    why = write_refused(where)
+    if why is not None:
+        raise ValueError(f"{flag}: cannot write into {where} ({why}); name a folder you can write to")
 
 
 def check_out(out: pathlib.Path) -> None:

@@ -334,6 +334,28 @@ def _write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def nearest_existing(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` (absolute) if it exists, else its nearest parent that does (a link counts)."""
+    where = pathlib.Path(path).absolute()
+    while not os.path.lexists(where):
+        where = where.parent
+    return where
+
+
+def write_refused(folder: pathlib.Path) -> Optional[str]:
+    """Why the existing folder ``folder`` takes no new file (the OS's reason), or None when it does.
+    A real write, removed again: permission bits do not tell for root or a read-only filesystem.
+    (The callers raise their own error outside any ``except``: a read-only disk's EROFS in its
+    context would otherwise be taken for a full disk's by ``jaxcnn.cli.disk_error``.)"""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as strict, indented JSON (non-finite floats as null), written atomically."""
     _write_text(pathlib.Path(path), json.dumps(_finite(obj), indent=1, allow_nan=False, default=str) + "\n")
@@ -445,16 +467,10 @@ class RunFolder:
         file, or the folder (or its nearest existing parent) does not take a new file."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"workdir={str(self.path)!r} is a file, not a folder")
-        where = self.path
-        while not where.exists():
-            where = where.parent
-        try:  # a real write: permission bits do not tell for root or a read-only filesystem
-            fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=where)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise ValueError(f"workdir={str(self.path)!r} cannot be written: {where} does not take a new file "
-                             f"({e.strerror or e})") from None
+        where = nearest_existing(self.path)
+        why = write_refused(where)
+        if why is not None:
+            raise ValueError(f"workdir={str(self.path)!r} cannot be written: {where} does not take a new file ({why})")
 
     @contextlib.contextmanager
     def lock(self):

@@ -47,7 +47,7 @@ def _parse(argv):
     p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")
     p.add_argument("--out", help="also write the predictions to this CSV file")
     p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
-    p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (64)")
+    p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (default 64)")
     p.add_argument("--no_temperature", action="store_true",
                    help="the raw softmax; default: softmax(logits / T) with the temperature T fitted on the run's "
                         "validation split (summary.json), when it has one")

@@ -62,7 +62,7 @@ def _parser() -> ArgumentParser:
                    help="the filters' colour scale: layer (one min / max over the whole layer, as the seed) or "
                         "filter (each filter its own); default layer")
     p.add_argument("--image_index", type=int, default=0, help="which validation image to show activations for")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --resnet_weights random")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --resnet_weights random (default 0)")
     return p
 
 

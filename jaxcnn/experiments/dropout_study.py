@@ -66,7 +66,8 @@ def _parse(argv):
                        allow_abbrev=False)
     p.add_argument("--preset", default="default", choices=PRESETS,
                    help="default: the study on a subset of the embedded offline data; smoke: a tiny model, seconds "
-                        "(the tests'); their settings: this module's get_config (default: default)")
+                        "(the tests'); their settings: get_config in jaxcnn/experiments/dropout_study.py "
+                        "(default: default)")
     p.add_argument("--num_train", type=int,
                    help="the training images every variant trains on; default: the preset's")
     p.add_argument("--epochs", type=int,

@@ -77,7 +77,7 @@ def _parse(argv):
     p.add_argument("--preset", default="default", choices=PRESETS,
                    help="default: tf_flowers at 224 from ImageNet weights (wants a GPU); offline: the embedded data "
                         "at 32x32; quick: a small ResNet from random weights, no download; smoke: a tiny one, for the "
-                        "tests (their settings: this module's get_config; default: default)")
+                        "tests (their settings: get_config in jaxcnn/experiments/finetune.py; default: default)")
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
     p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none (random weights); "
                                      "default: the preset's (imagenet for 'default')")

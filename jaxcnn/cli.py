@@ -244,7 +244,11 @@ def description(doc: str) -> str:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, whose errors are one line on stderr, exit 2, instead of the whole usage:
     ``error: MESSAGE (see PROG --help)``. A flag that does not exist is named with the nearest one
-    there is (``--epoch``: ``did you mean --epochs?``)."""
+    there is (``--epoch``: ``did you mean --epochs?``). No flag is taken abbreviated
+    (``allow_abbrev=False`` unless told otherwise: ``--epoch 3`` is no ``--epochs 3``)."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)

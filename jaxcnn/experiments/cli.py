@@ -22,7 +22,7 @@ from jaxcnn import cli
 from jaxcnn.cli import (USER_ERRORS, check_run_flag, check_workdir, disk_error, exit_process,  # noqa: F401
                         path_flag, setup_logging)
 from jaxcnn.experiments.flags import (add_class_weight_flag, add_distributed_flags, add_folder_flags,  # noqa: F401
-                                     add_host_memory_flag, add_max_loss_flag, add_precision_flag)
+                                      add_host_memory_flag, add_max_loss_flag, add_precision_flag)
 from jaxcnn.train import distributed
 from jaxcnn.train.distributed import Processes, initialize
 from jaxcnn.train.cpu import backend_started, keep_host_memory, use_cpu_devices

@@ -46,7 +46,6 @@ lowers the pooling of ``jaxcnn.layers.max_pool2d`` (window ``(1, kh, kw, 1)``) t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -58,13 +57,30 @@ import sys
 from collections.abc import Callable
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from jaxcnn.cli import ArgumentParser, description
 
-from jaxcnn import inference, kernels
-from jaxcnn.cli import check_run_flag, disk_error, path_flag, run_main
-from jaxcnn.models.spec import build_model, model_spec
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.export", description=description(__doc__), allow_abbrev=False)
+    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
+    p.add_argument("--out", required=True, help="the ONNX file to write (replaced once the new one is verified)")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
+    p.add_argument("--no_temperature", action="store_true",
+                   help="output the raw softmax; default: softmax(logits / T) with the run's fitted temperature "
+                        "T, when it has one (as restore(RUN).predict)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcnn import inference, kernels  # noqa: E402
+from jaxcnn.cli import check_run_flag, disk_error, path_flag, run_main  # noqa: E402
+from jaxcnn.models.spec import build_model, model_spec  # noqa: E402
 
 log = logging.getLogger("jaxcnn")
 
@@ -345,18 +361,6 @@ def export(run_dir, out, *, which: str = "best", temperature: bool = True, model
     finally:
         tmp.unlink(missing_ok=True)
     return run, diff
-
-
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.export", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
-    p.add_argument("--out", required=True, help="the ONNX file to write (replaced once the new one is verified)")
-    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
-    p.add_argument("--no_temperature", action="store_true",
-                   help="output the raw softmax; default: softmax(logits / T) with the run's fitted temperature "
-                        "T, when it has one (as restore(RUN).predict)")
-    return p.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -37,18 +37,44 @@ a bad flag, or when no image could be read.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import pathlib
 import sys
 from typing import Optional
 
-import numpy as np
+from jaxcnn.cli import ArgumentParser, description
 
-from jaxcnn import explain, inference, viz
-from jaxcnn.data.folder import decode_images
-from jaxcnn.cli import check_run_flag, path_flag, run_main
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.predict", description=description(__doc__), allow_abbrev=False)
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG) and folders of them")
+    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
+    p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")
+    p.add_argument("--out", help="also write the predictions to this CSV file")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
+    p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (default 64)")
+    p.add_argument("--no_temperature", action="store_true",
+                   help="the raw softmax; default: softmax(logits / T) with the temperature T fitted on the run's "
+                        "validation split (summary.json), when it has one")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write a PNG per image into DIR: the image, its Grad-CAM heat map, the top-k classes")
+    p.add_argument("--explain_class", metavar="NAME", help="with --explain: the class the maps explain "
+                                                           "(default: each image's predicted class)")
+    p.add_argument("--explain_layer", metavar="PATH",
+                   help="with --explain: the feature map explained, a submodule path (default: the CIFAR CNN's last "
+                        "conv block, block3_bn2; a ResNet's last stage, backbone/conv5_block3_out)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import numpy as np  # noqa: E402
+
+from jaxcnn import explain, inference, viz  # noqa: E402
+from jaxcnn.cli import check_run_flag, path_flag, run_main  # noqa: E402
+from jaxcnn.data.folder import decode_images  # noqa: E402
 
 #: The PNG text chunk that marks a figure ``--explain`` wrote: a later call may replace such a file,
 #: and no other.
@@ -215,28 +241,6 @@ def explain_images(run: inference.Restored, tops: dict, out_dir: pathlib.Path, *
                                                                 title=str(path)), out_dir / file_names[path],
                                                  metadata=EXPLAIN_MARK))
     return written
-
-
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("images", nargs="+", help="image files (JPEG, PNG) and folders of them")
-    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
-    p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")
-    p.add_argument("--out", help="also write the predictions to this CSV file")
-    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
-    p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (64)")
-    p.add_argument("--no_temperature", action="store_true",
-                   help="the raw softmax; default: softmax(logits / T) with the temperature T fitted on the run's "
-                        "validation split (summary.json), when it has one")
-    p.add_argument("--explain", metavar="DIR",
-                   help="also write a PNG per image into DIR: the image, its Grad-CAM heat map, the top-k classes")
-    p.add_argument("--explain_class", metavar="NAME", help="with --explain: the class the maps explain "
-                                                           "(default: each image's predicted class)")
-    p.add_argument("--explain_layer", metavar="PATH",
-                   help="with --explain: the feature map explained, a submodule path (default: the CIFAR CNN's last "
-                        "conv block, block3_bn2; a ResNet's last stage, backbone/conv5_block3_out)")
-    return p.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -13,6 +13,9 @@ from typing import Optional
 
 import numpy as np
 
+from jaxcnn.errors import DatasetUnavailableError  # noqa: F401 (raised by the loaders; its home is light)
+
+
 def seeded_parts(n: int, sizes, seed: int) -> list[np.ndarray]:
     """A seeded split of ``n`` rows: ``[rest, part_1, ..., part_k]`` index arrays, part ``i`` of
     ``sizes[i]`` rows, each in ascending order (every dataset splits off val / test this way)."""
@@ -20,13 +23,6 @@ def seeded_parts(n: int, sizes, seed: int) -> list[np.ndarray]:
     bounds = np.cumsum([0, *sizes])
     return [np.sort(perm[bounds[-1]:])] + [np.sort(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
-
-class DatasetUnavailableError(RuntimeError):
-    """A dataset cannot be had here (no network and no manually placed file).
-
-    The message says how to get it. jaxcnn never falls back to another dataset
-    silently: the caller decides (e.g. ``--dataset offline``).
-    """
 
 
 @dataclasses.dataclass(frozen=True)

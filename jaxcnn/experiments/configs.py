@@ -39,11 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn.data.augment import AugmentConfig
+from jaxcnn.experiments.flags import DATASETS, PRECISION_NAMES, PRESETS  # (the parser's, without JAX)
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.state import check_learning_rate
-
-PRESETS = ("default", "demo", "smoke")
-DATASETS = ("cifar10", "offline", "folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +98,7 @@ class ExperimentConfig:
 
 #: ``--precision``: the models' compute dtype. ``bfloat16`` computes convolutions and dense layers
 #: in bfloat16; parameters, optimizer state, BatchNorm statistics and the loss stay float32.
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRECISIONS = {name: getattr(jnp, name) for name in PRECISION_NAMES}  # {"float32": jnp.float32, ...}
 
 
 def check_precision(precision) -> None:

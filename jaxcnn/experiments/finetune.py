@@ -62,25 +62,79 @@ import time
 from collections.abc import Callable
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
-
-from jaxcnn import freeze, inference
-from jaxcnn.checkpoint import tree_checksum
-from jaxcnn.data.augment import AugmentConfig
-from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
-                                   add_precision_flag, with_class_weight,
-                                   exit_process, join_processes, max_loss_setting, path_flag, run_main)
-from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
-from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
-from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: F401 (re-exported)
-from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh
-from jaxcnn.train.distributed import Processes, load_in_turn
-from jaxcnn.train.state import check_learning_rate
+from jaxcnn.cli import ArgumentParser, description
+from jaxcnn.experiments.flags import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
+                                      add_precision_flag)
 
 PRESETS = ("default", "offline", "quick", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
 MODELS = ("resnet50", "small", "tiny")  # ResNet50, ResNetSmall (the quick preset's), ResNetTiny (tests)
+
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=description(__doc__),
+                       allow_abbrev=False)
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="default: tf_flowers at 224 from ImageNet weights (wants a GPU); offline: the embedded data "
+                        "at 32x32; quick: a small ResNet from random weights, no download; smoke: a tiny one, for the "
+                        "tests (their settings: get_config in jaxcnn/experiments/finetune.py; default: default)")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
+    p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none (random weights); "
+                                     "default: the preset's (imagenet for 'default')")
+    p.add_argument("--image_size", type=int, help="the square size the images are resized to (at least 32); "
+                                                  "default: the preset's")
+    p.add_argument("--phase1_epochs", type=int,
+                   help="epochs of phase 1 (the backbone frozen, the new head trains); default: the preset's")
+    p.add_argument("--phase2_epochs", type=int,
+                   help="epochs of phase 2 (all but --phase2_frozen_layers train); default: the preset's")
+    p.add_argument("--phase2_frozen_layers", type=int,
+                   help="Keras base_model.layers[:n] frozen in phase 2; default: the preset's (100 for 'default')")
+    p.add_argument("--batch_size", type=int,
+                   help="the training batch of both phases (a multiple of the device count); default: the preset's")
+    p.add_argument("--seed", type=int, help="the seed of the new head's initial weights, the epoch order and the "
+                                            "dropout and augmentation keys; default: the preset's")
+    add_max_loss_flag(p)
+    add_class_weight_flag(p)
+    p.add_argument("--model", choices=MODELS,
+                   help="resnet50, small (the quick preset's) or tiny (tests); default: the preset's (resnet50 for "
+                        "'default')")
+    p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
+                                      "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
+                                      "class subfolders of JPEG / PNG images (required)")
+    add_folder_flags(p)
+    p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
+    add_precision_flag(p)
+    p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --workdir phase by phase (a finished phase is not repeated)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --workdir that holds a run: the old run (both phases) is set aside in "
+                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new phase 1 has "
+                        "ended; if the new run stops before its first checkpoint, the old one is put back")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_distributed_flags(p)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxcnn import freeze, inference  # noqa: E402
+from jaxcnn.checkpoint import tree_checksum  # noqa: E402
+from jaxcnn.data.augment import AugmentConfig  # noqa: E402
+from jaxcnn.experiments.cli import (exit_process, join_processes, max_loss_setting, path_flag,  # noqa: E402
+                                    run_main, with_class_weight)
+from jaxcnn.experiments.configs import (PRECISIONS, check_folder_settings, check_precision, load_data,  # noqa: E402
+                                        with_overrides)
+from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables  # noqa: E402
+from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: E402, F401 (re-exported)
+from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh  # noqa: E402
+from jaxcnn.train.distributed import Processes, load_in_turn  # noqa: E402
+from jaxcnn.train.state import check_learning_rate  # noqa: E402
+
 log = logging.getLogger("jaxcnn")
 
 
@@ -393,39 +447,6 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
         if procs.primary:
             FinetuneFolder(workdir).write_summary(summary)
     return summary
-
-
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("--preset", default="default", choices=PRESETS)
-    p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
-    p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none")
-    p.add_argument("--image_size", type=int)
-    p.add_argument("--phase1_epochs", type=int)
-    p.add_argument("--phase2_epochs", type=int)
-    p.add_argument("--phase2_frozen_layers", type=int, help="Keras base_model.layers[:n] frozen in phase 2 (100)")
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--seed", type=int)
-    add_max_loss_flag(p)
-    add_class_weight_flag(p)
-    p.add_argument("--model", choices=MODELS, help="resnet50 (default), small (the quick preset's) or tiny (tests)")
-    p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
-                                      "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
-                                      "class subfolders of JPEG / PNG images (required)")
-    add_folder_flags(p)
-    p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
-    add_precision_flag(p)
-    p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --workdir phase by phase (a finished phase is not repeated)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a --workdir that holds a run: the old run (both phases) is set aside in "
-                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new phase 1 has "
-                        "ended; if the new run stops before its first checkpoint, the old one is put back")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    add_distributed_flags(p)
-    return p.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> int:

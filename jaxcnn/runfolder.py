@@ -65,6 +65,7 @@ LOCK = ".lock"
 PREVIOUS = ".previous"  # an old run set aside by --overwrite (SetAside)
 SETTING_ASIDE = ".previous.partial"
 PUTTING_BACK = ".previous.returning"
+UNFINISHED = ".unfinished-overwrite"  # what a killed --overwrite's new run wrote, kept by SetAside.recover
 #: config.json entries (dotted paths) that may change between a run and its resume.
 RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "experiment.data_dir",
                        "data.source.stream", "experiment.stream"})
@@ -230,17 +231,23 @@ class SetAside:
 
     * ``.previous.partial/``: the set-aside was cut short; its entries are moved back;
     * ``.previous/``: deleted when the new run has a checkpoint (``has_new_run()``: it is the
-      run now), else put back (:meth:`put_back`);
+      run now), else brought back;
     * ``.previous.returning/``: a put-back was cut short; it is finished.
 
-    :meth:`put_back` removes the new run's entries first (while ``.previous/`` exists, every
-    one of ``names`` in the folder is the new run's), then renames ``.previous/`` to
-    ``.previous.returning/`` and moves its entries back. A move never replaces an entry: if
-    one is in the way, it raises and both stay.
+    Bringing a run back never deletes a file this call did not write. :meth:`put_back` (the
+    same call that set the run aside, its new run stopped before a checkpoint) removes the new
+    run's entries first (every one of ``names`` in the folder is this call's), then renames
+    ``.previous/`` to ``.previous.returning/`` and moves its entries back. :meth:`recover` (a
+    later call) deletes nothing: an entry of the folder in the way of one coming back (what a
+    killed new run wrote) is moved into ``.unfinished-overwrite/`` (``-2``, ... when taken) and
+    the note says so; an entry with nothing of its name set aside stays where it is (an earlier
+    jaxcnn set a run aside entry by entry, straight into ``.previous/``: a crash half way left
+    the records in the folder).
     """
 
     def __init__(self, folder: str | os.PathLike, names, has_new_run):
         self.folder, self.names, self.has_new_run = pathlib.Path(folder), tuple(names), has_new_run
+        self.moved = False  # this object set the old run aside (the new run's entries are then this call's)
 
     def _dir(self, name: str) -> pathlib.Path:
         return self.folder / name
@@ -259,6 +266,7 @@ class SetAside:
         for name in present:
             os.rename(self.folder / name, partial / name)
         os.rename(partial, self._dir(PREVIOUS))  # the set-aside's one moment: from here the new run may write
+        self.moved = True
         return True
 
     def discard(self) -> None:
@@ -267,10 +275,14 @@ class SetAside:
             shutil.rmtree(self._dir(PREVIOUS))
 
     def put_back(self) -> bool:
-        """Remove the new run's entries and put the old run back; True if there was one."""
+        """Remove the new run's entries and put the old run back; True if there was one. Only after
+        :meth:`set_aside` in this call (else False, and a run set aside earlier stays for
+        :meth:`recover`, which deletes nothing)."""
+        if not self.moved:
+            return False
         aside, back = self._dir(PREVIOUS), self._dir(PUTTING_BACK)
         if aside.is_dir():
-            for name in self.names:  # the new run's (the old run's are all in .previous/)
+            for name in self.names:  # the new run's, written in this call (the old run's are all in .previous/)
                 target = self.folder / name
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
@@ -280,27 +292,50 @@ class SetAside:
         if not back.is_dir():
             return False
         self._move_back(back)
+        self.moved = False
         return True
 
-    def _move_back(self, source: pathlib.Path) -> None:
+    def _move_back(self, source: pathlib.Path, keep: Optional[list] = None) -> None:
+        """Move ``source``'s entries into the folder. An entry in the way raises (``keep`` None: both
+        stay), or with ``keep`` (a list) is moved into a fresh ``.unfinished-overwrite/`` folder,
+        whose path is appended to ``keep``."""
         for entry in sorted(source.iterdir()):
             target = self.folder / entry.name
             if os.path.lexists(target):
-                raise FileExistsError(f"{target} is in the way of the old run's {entry}, which an interrupted "
-                                      f"--overwrite had set aside; move one of them out of the way by hand")
+                if keep is None:
+                    raise FileExistsError(f"{target} is in the way of the old run's {entry}, which an interrupted "
+                                          f"--overwrite had set aside; move one of them out of the way by hand")
+                if not keep:
+                    keep.append(self._unfinished())
+                    keep[0].mkdir()
+                os.rename(target, keep[0] / entry.name)
             os.rename(entry, target)
         source.rmdir()
 
+    def _unfinished(self) -> pathlib.Path:
+        """The first of ``.unfinished-overwrite``, ``-2``, ``-3``, ... that is not there."""
+        path, n = self._dir(UNFINISHED), 2
+        while os.path.lexists(path):
+            path, n = self._dir(f"{UNFINISHED}-{n}"), n + 1
+        return path
+
     def recover(self) -> Optional[str]:
-        """Finish or undo what a killed ``--overwrite`` left (see the class); a note for the user, or None."""
-        note = None
+        """Finish or undo what a killed ``--overwrite`` left (see the class), deleting nothing but an
+        old run whose new run has a checkpoint; a note for the user, or None."""
+        note, keep = None, []
         if self._dir(SETTING_ASIDE).is_dir():  # the new run never started
-            self._move_back(self._dir(SETTING_ASIDE))
+            self._move_back(self._dir(SETTING_ASIDE), keep)
             note = f"{self.folder}: put back the run that an interrupted --overwrite was setting aside"
         if self._dir(PREVIOUS).is_dir() and self.has_new_run():  # the new run had its first checkpoint
             self.discard()
-        elif self.put_back():
+        elif self._dir(PREVIOUS).is_dir() or self._dir(PUTTING_BACK).is_dir():
+            if self._dir(PREVIOUS).is_dir():
+                os.rename(self._dir(PREVIOUS), self._dir(PUTTING_BACK))
+            self._move_back(self._dir(PUTTING_BACK), keep)
             note = f"{self.folder}: brought back the run that an interrupted --overwrite had set aside"
+        if keep:
+            note += (f"; what the interrupted run had written in its place ("
+                     f"{', '.join(sorted(p.name for p in keep[0].iterdir()))}) is kept in {keep[0]}")
         return note
 
 
@@ -353,6 +388,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        self._aside: Optional[SetAside] = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -536,7 +572,10 @@ class RunFolder:
         return notes
 
     def _set_aside(self) -> SetAside:
-        return SetAside(self.path, RUN_FILES, self.has_checkpoints)
+        """The folder's one :class:`SetAside` (it knows whether this object set the old run aside)."""
+        if self._aside is None:
+            self._aside = SetAside(self.path, RUN_FILES, self.has_checkpoints)
+        return self._aside
 
     def has_set_aside(self) -> bool:
         """True when an interrupted ``overwrite`` left a run set aside here (``prepare`` deals with it)."""
@@ -547,7 +586,8 @@ class RunFolder:
         self._set_aside().discard()
 
     def restore(self) -> bool:
-        """Put back the run an ``overwrite`` set aside, removing what the new run wrote; True if there was one."""
+        """Put back the run that this object's ``prepare(overwrite=True)`` set aside, removing what the
+        new run wrote; True if there was one (a run set aside by an earlier call is left to ``prepare``)."""
         return self._set_aside().put_back()
 
     def write_config(self, config: dict) -> None:

@@ -286,6 +286,23 @@ def test_resume_after_a_crash_half_way_through_the_set_aside_keeps_the_old_recor
     assert snapshot(run) == before
 
 
+def test_resume_of_a_run_an_earlier_jaxcnn_half_set_aside_keeps_its_records_byte_for_byte(run, capsys, hooked):
+    """Issue 26: an earlier jaxcnn moved a run's entries one by one straight into .previous/; a crash
+    after checkpoints/ and tensorboard/ left the records in the folder. Bringing the run back
+    must not take them for the new run's and delete them: nothing is lost, the run resumes."""
+    before = snapshot(run)
+    (run / ".previous").mkdir()
+    for name in ("checkpoints", "tensorboard"):
+        os.rename(run / name, run / ".previous" / name)
+    code, out, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "2"])
+    assert code == 0 and out.startswith("nothing to do:"), err
+    assert err == f"{run}: brought back the run that an interrupted --overwrite had set aside\n"
+    assert snapshot(run) == before
+    code, _, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "3"])  # and it goes on
+    assert code == 0, err
+    assert len(RunFolder(run).read_history()) == 3
+
+
 def test_a_new_run_in_a_folder_with_a_half_set_aside_run_is_refused_and_changes_nothing(run, capsys, monkeypatch):
     with monkeypatch.context() as mp:
         _crash_after(mp, 2)
@@ -375,6 +392,7 @@ def test_finetune_overwrite_killed_in_phase_1_gives_the_old_run_back_and_says_so
     killed_in_epoch(1, new + ["--overwrite"])  # phase 1 before its first checkpoint
     code, _, err = cli(capsys, new + ["--resume"], main=finetune.main)  # the new settings: refused
     assert code == 2
-    assert f"{workdir}: brought back the run that an interrupted --overwrite had set aside; nothing else was " \
+    assert f"{workdir}: brought back the run that an interrupted --overwrite had set aside; what the interrupted " \
+           f"run had written in its place (phase1) is kept in {workdir / '.unfinished-overwrite'}; nothing else was " \
            f"changed" in err.splitlines()[-1] and "(nothing was changed)" not in err
-    assert snapshot(workdir) == before
+    assert snapshot(workdir, skip=(".lock", ".unfinished-overwrite")) == before

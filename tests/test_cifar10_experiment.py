@@ -114,3 +114,27 @@ def test_cli_bad_setting_is_an_error_message_not_a_traceback(tmp_path, capsys, f
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not workdir.exists()
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_a_changed_one_in_one_line(tmp_path, capsys):
+    """Issue 26: the README's ``--workdir W --epochs N --resume`` with no other flag continues the
+    run with its recorded settings (a smoke run: no preset or dataset given), bitwise the
+    uninterrupted run; a flag that differs from the run and may not change is one line."""
+    from test_reliability import assert_same_run, snapshot
+
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    assert cifar10.main(["--preset", "smoke", "--no_progress", "--workdir", str(whole)]) == 0
+    assert cifar10.main(["--preset", "smoke", "--no_progress", "--workdir", str(cut), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cifar10.main(["--workdir", str(cut), "--epochs", "2", "--resume", "--no_progress"]) == 0, \
+        capsys.readouterr().err
+    assert_same_run(cut, whole, 2)
+    capsys.readouterr()
+    before = snapshot(cut)
+    assert cifar10.main(["--workdir", str(cut), "--epochs", "3", "--resume", "--dataset", "offline", "--seed", "1",
+                         "--no-augment", "--learning_rate", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --resume: --seed 1 (the run's: 0), --no-augment (the run's: on): a run continues with its "
+                   "own settings and these cannot change (what can: --data_dir, --epochs, --max_loss, --stream); leave "
+                   "them out, or start a new run with another --workdir (nothing was changed)\n")
+    assert snapshot(cut) == before

@@ -22,11 +22,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxcnn.data import AugmentConfig
 from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
                                    add_precision_flag, with_class_weight,
                                    check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
                                    run_main)
-from jaxcnn.experiments.configs import DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data
+from jaxcnn.experiments.configs import (DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data,
+                                       recorded_config, resumed_config)
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
@@ -91,10 +93,50 @@ def check_bn_flags(args) -> None:
             raise ValueError(f"--{flag} {v}: must be an int >= 0" + (" (0: off)" if flag == "precise_bn" else ""))
 
 
+#: The settings a ``--resume`` may change (``jaxcnn.runfolder.RESUMABLE``); any other flag given must be the run's.
+RESUMABLE_SETTINGS = frozenset({"epochs", "max_loss", "data_dir", "stream"})
+#: The flags that set a setting of the config, as (flag, setting) where the two names differ.
+_FLAG_SETTINGS = {"precise_bn": "precise_bn_batches"}
+
+
+def config_of_flags(args) -> ExperimentConfig:
+    """The config the flags make: the preset's, with the flags given."""
+    config = get_config(args.preset or "default", dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
+                        val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
+                        image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                        stream=args.stream, precision=args.precision, bn_momentum=args.bn_momentum,
+                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn)
+    given, max_loss = max_loss_setting(args.max_loss)
+    if given:
+        config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
+    return with_class_weight(config, args.class_weight)
+
+
+def given_settings(args) -> dict:
+    """The settings the command line gave: ``{flag as given: (setting, value)}`` (for ``resumed_config``)."""
+    given = {}
+    for flag in ("preset", "dataset", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "val_size",
+                 "image_size", "val_fraction", "test_fraction", "stream", "conv_dropout", "bn_momentum",
+                 "warmup_epochs", "precise_bn", "precision", "augment", "max_loss", "class_weight"):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if flag == "augment":
+            v = AugmentConfig() if v else None
+        elif flag == "max_loss":
+            v = max_loss_setting(v)[1]
+        elif flag == "class_weight":
+            v = None if v == "none" else v
+        given[f"--no-{flag}" if v is False or (flag == "augment" and v is None) else f"--{flag}"] = \
+            (_FLAG_SETTINGS.get(flag, flag), v)
+    return given
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
-    p.add_argument("--preset", default="default", choices=PRESETS)
+    p.add_argument("--preset", choices=PRESETS, help="default: default (--resume: the run's settings, whatever its preset)")
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (cifar10 for 'default')")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch_size", type=int)
@@ -141,16 +183,16 @@ def main(argv: Optional[list] = None) -> int:
 def _main(args) -> int:
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
     check_bn_flags(args)
-    config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
-                        val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
-                        image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        stream=args.stream, precision=args.precision, bn_momentum=args.bn_momentum,
-                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn)
-    given, max_loss = max_loss_setting(args.max_loss)
-    if given:
-        config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
-    config = with_class_weight(config, args.class_weight)
+    workdir = path_flag("--workdir", args.workdir)
+    if workdir is None:
+        workdir = pathlib.Path(procs.share(str(default_workdir(config_of_flags(args), fresh=not args.resume))))
+    recorded = procs.on_primary(lambda: RunFolder(workdir).read_config() if args.resume and RunFolder(workdir).is_run()
+                                else None)
+    if recorded is None:
+        config = config_of_flags(args)
+    else:  # --resume: the run's own settings, and of the flags given those that may change
+        config = resumed_config(recorded_config(ExperimentConfig, recorded, "cifar10", workdir), given_settings(args),
+                                may_change=RESUMABLE_SETTINGS)
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):
@@ -165,8 +207,6 @@ def _main(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset} (its images are "
                                  f"32x32 and its splits are its own)")
-    workdir = path_flag("--workdir", args.workdir) or \
-        pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)
     _, _, summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,

@@ -68,7 +68,10 @@ PUTTING_BACK = ".previous.returning"
 UNFINISHED = ".unfinished-overwrite"  # what a killed --overwrite's new run wrote, kept by SetAside.recover
 #: config.json entries (dotted paths) that may change between a run and its resume.
 RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "experiment.data_dir",
-                       "data.source.stream", "experiment.stream"})
+                       "data.source.stream", "experiment.stream", "experiment.phase1_epochs",
+                       "experiment.phase2_epochs"})
+#: Patiences that may change on resume with the epochs when they equal them (``config_differences``).
+FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 
 
 #: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 3 added
@@ -373,10 +376,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, new: dict, *, allowed=RESUMABLE) -> list[str]:
-    """``"key (old -> new)"`` for every dotted config entry that differs, except ``allowed``."""
+    """``"key (old -> new)"`` for every dotted config entry that differs, except ``allowed``. With
+    ``fit.epochs`` allowed, a patience (``FOLLOW_EPOCHS``) that equals the epochs in both (a fixed
+    schedule: no early stop, no LR drop, as a fine-tuning phase runs) may follow them."""
     a, b = _flatten(saved), _flatten(new)
+    follow = {k for k in FOLLOW_EPOCHS if "fit.epochs" in allowed
+              and a.get(k) == a.get("fit.epochs") and b.get(k) == b.get("fit.epochs")}
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
-            if k not in allowed and a.get(k) != b.get(k)]
+            if k not in allowed and k not in follow and a.get(k) != b.get(k)]
 
 
 class RunFolder:

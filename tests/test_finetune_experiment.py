@@ -310,3 +310,29 @@ def test_filters_of_a_finetune_phase(smoke_run, tmp_path, capsys):
         "test_accuracy"]
     for name in record["files"]:
         assert (out / name).stat().st_size > 1000
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_a_changed_one_in_one_line(tmp_path, capsys):
+    """Issue 26: ``--workdir W --phase2_epochs 2 --resume`` and no other flag continues a smoke run
+    with its recorded settings, bitwise the run trained with 2 phase-2 epochs at once; a flag
+    that differs from the run and may not change is one line (--phase1_epochs, once phase 2 ran)."""
+    from test_reliability import assert_same_run, snapshot
+
+    ft = ["--preset", "smoke", "--no_progress", "--phase1_epochs", "1"]
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    assert finetune.main(ft + ["--phase2_epochs", "2", "--workdir", str(whole)]) == 0
+    assert finetune.main(ft + ["--phase2_epochs", "1", "--workdir", str(cut)]) == 0
+    capsys.readouterr()
+    assert finetune.main(["--workdir", str(cut), "--phase2_epochs", "2", "--resume", "--no_progress"]) == 0, \
+        capsys.readouterr().err
+    assert_same_run(cut / "phase1", whole / "phase1", 1)
+    assert_same_run(cut / "phase2", whole / "phase2", 2)
+    capsys.readouterr()
+    before = snapshot(cut)
+    assert finetune.main(["--workdir", str(cut), "--resume", "--seed", "1", "--phase1_epochs", "2",
+                          "--model", "tiny"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --resume: --phase1_epochs 2 (the run's: 1), --seed 1 (the run's: 0): a run continues with its own "
+        "settings and these cannot change (what can: --data_dir, --max_loss, --phase2_epochs, --stream); leave them "
+        "out, or start a new run with another --workdir (nothing was changed)\n")
+    assert snapshot(cut) == before

@@ -71,7 +71,8 @@ from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
                                    add_precision_flag, with_class_weight,
                                    exit_process, join_processes, max_loss_setting, path_flag, run_main)
-from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
+from jaxcnn.experiments.configs import (PRECISIONS, check_folder_settings, check_precision, load_data, recorded_config,
+                                       resumed_config, with_overrides)
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: F401 (re-exported)
 from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh
@@ -398,7 +399,7 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0],
                                 allow_abbrev=False)
-    p.add_argument("--preset", default="default", choices=PRESETS)
+    p.add_argument("--preset", choices=PRESETS, help="default: default (--resume: the run's settings, whatever its preset)")
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
     p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none")
     p.add_argument("--image_size", type=int)
@@ -433,10 +434,10 @@ def main(argv: Optional[list] = None) -> int:
     return run_main(lambda: _main(args), user_errors=(WeightsUnavailableError,))
 
 
-def _main(args) -> int:
-    procs = join_processes(args)  # first: JAX must not start before the processes are joined
-    config = get_config(args.preset, dataset=args.dataset, weights=args.weights, image_size=args.image_size,
-                        phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
+def config_of_flags(args) -> FinetuneConfig:
+    """The config the flags make: the preset's, with the flags given."""
+    config = get_config(args.preset or "default", dataset=args.dataset, weights=args.weights,
+                        image_size=args.image_size, phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
                         augment=False if args.no_augment else None, val_fraction=args.val_fraction,
@@ -444,15 +445,62 @@ def _main(args) -> int:
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
-    config = with_class_weight(config, args.class_weight)
+    return with_class_weight(config, args.class_weight)
+
+
+def given_settings(args) -> dict:
+    """The settings the command line gave: ``{flag as given: (setting, value)}`` (for ``resumed_config``)."""
+    given = {}
+    for flag in ("preset", "dataset", "weights", "image_size", "phase1_epochs", "phase2_epochs",
+                 "phase2_frozen_layers", "batch_size", "seed", "model", "data_dir", "val_fraction", "test_fraction",
+                 "stream", "precision", "max_loss", "class_weight"):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if flag == "max_loss":
+            v = max_loss_setting(v)[1]
+        elif flag == "class_weight":
+            v = None if v == "none" else v
+        given[f"--no-{flag}" if v is False else f"--{flag}"] = (flag, v)
+    if args.no_augment:
+        given["--no_augment"] = ("augment", None)
+    return given
+
+
+def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneConfig]:
+    """With ``--resume`` of a run in ``workdir``: its recorded settings, with those of the flags given
+    that may change (``configs.resumed_config``); None when there is no run to take them from.
+    ``--phase2_epochs`` may change, ``--phase1_epochs`` until phase 2 has started."""
+    def read():
+        ft = FinetuneFolder(workdir)
+        runs = [p for p in ft.phases if p.is_run()]
+        return None if not runs else [runs[0].read_config(), ft.phase(2).is_run() or ft.phase(2).has_checkpoints()]
+
+    got = procs.on_primary(read) if args.resume else None
+    if got is None:
+        return None
+    record, phase2_started = got
+    fresh = FitConfig()  # (each phase sets its epochs and patiences: phase_fit)
+    recorded = recorded_config(FinetuneConfig, record, "finetune", workdir, epochs=fresh.epochs,
+                               early_stopping_patience=fresh.early_stopping_patience,
+                               plateau_patience=fresh.plateau_patience)
+    may_change = {"max_loss", "data_dir", "stream", "phase2_epochs"} | ({"phase1_epochs"} if not phase2_started else set())
+    return resumed_config(recorded, given_settings(args), may_change=may_change)
+
+
+def _main(args) -> int:
+    procs = join_processes(args)  # first: JAX must not start before the processes are joined
+    workdir = path_flag("--workdir", args.workdir)
+    if workdir is None:
+        flags = config_of_flags(args)
+        workdir = pathlib.Path(f"checkpoints/finetune-{flags.dataset}-{flags.preset}")
+    config = resumed(args, workdir, procs) or config_of_flags(args)
     if config.dataset == "offline" and args.data_dir is not None:
         raise ValueError("--data_dir applies to --dataset tf_flowers or folder, not to the embedded offline data")
     if config.dataset != "folder":
         for flag in ("val_fraction", "test_fraction", "stream"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset}")
-    workdir = path_flag("--workdir", args.workdir) or pathlib.Path(f"checkpoints/finetune-{config.dataset}-"
-                                                                    f"{config.preset}")
     summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     s1, s2 = summary["phase1"], summary["phase2"]
     print(f"\n{summary['dataset']} {summary['image_size']}px, "

@@ -19,7 +19,8 @@ A two-phase fine-tuning run is a folder of two run folders (:class:`FinetuneFold
 
 The rules of starting a run live here too (:meth:`RunFolder.prepare`): a folder that holds
 checkpoints is never trained into afresh; a resumed run must have the saved config, except
-for the settings in ``RESUMABLE``; ``overwrite`` sets the old run aside (:class:`SetAside`,
+for the settings in ``RESUMABLE`` (a resume on other devices than the last start's is said in a warning:
+not bitwise); ``overwrite`` sets the old run aside (:class:`SetAside`,
 ``<run>/.previous/``, still on disk) until the new one has saved its first checkpoint; one run
 at a time holds the folder's lock (:meth:`RunFolder.lock`). A command checks the same rules
 before it loads anything (:meth:`RunFolder.check_start`, :meth:`FinetuneFolder.check_start`).
@@ -69,7 +70,7 @@ UNFINISHED = ".unfinished-overwrite"  # what a killed --overwrite's new run wrot
 #: config.json entries (dotted paths) that may change between a run and its resume.
 RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "experiment.data_dir",
                        "data.source.stream", "experiment.stream", "experiment.phase1_epochs",
-                       "experiment.phase2_epochs"})
+                       "experiment.phase2_epochs", "devices"})
 #: Patiences that may change on resume with the epochs when they equal them (``config_differences``).
 FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 
@@ -567,11 +568,17 @@ class RunFolder:
         notes = [note] if note else []
         if resume:
             if self.is_run():
-                diff = config_differences(self.read_config(), config)
+                saved = self.read_config()
+                diff = config_differences(saved, config)
                 if diff:
                     raise ValueError("resume: the config differs from the run's saved config.json in "
                                      + ", ".join(diff) + "; only " + ", ".join(sorted(RESUMABLE))
                                      + f" may change on resume ({_unchanged(notes)})")
+                was, now = saved.get("devices"), config.get("devices")
+                if was and now and was != now:
+                    notes.append(f"{self.path}: the run trained on {was} and resumes on {now}: the same data order, "
+                                 f"but not bitwise what it would have been on {was} (a batch's sums are split "
+                                 f"differently); resume on {was} for that (on a CPU: --cpu_devices)")
             if not self.has_checkpoints():
                 notes.append(f"{self.path}: the run was stopped before its first checkpoint; starting it over")
         elif self.has_checkpoints():  # (overwrite: refused above otherwise)

@@ -70,7 +70,7 @@ UNFINISHED = ".unfinished-overwrite"  # what a killed --overwrite's new run wrot
 #: config.json entries (dotted paths) that may change between a run and its resume.
 RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "experiment.data_dir",
                        "data.source.stream", "experiment.stream", "experiment.phase1_epochs",
-                       "experiment.phase2_epochs", "devices"})
+                       "experiment.phase2_epochs", "experiment.phase2_frozen_layers", "devices"})
 #: Patiences that may change on resume with the epochs when they equal them (``config_differences``).
 FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 

@@ -140,6 +140,7 @@ class FinetuneConfig:
         if self.image_size < 32:
             raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
         check_folder_settings(self)
+        check_frozen_layers(self.phase2_frozen_layers, self.model)
         if self.model != "resnet50" and self.weights == "imagenet":
             raise ValueError(f"FinetuneConfig: weights='imagenet' is a ResNet50 file; with model={self.model!r} use "
                              "'none' or a path to a file of that model")
@@ -153,6 +154,25 @@ class FinetuneConfig:
         (no early stop, no LR drop: the patiences are the phase's length)."""
         epochs = self.phase1_epochs if phase == 1 else self.phase2_epochs
         return dataclasses.replace(self.fit, epochs=epochs, early_stopping_patience=epochs, plateau_patience=epochs)
+
+
+BACKBONES = {"resnet50": ResNet50, "small": ResNetSmall, "tiny": ResNetTiny}  # MODELS' modules
+
+
+def check_frozen_layers(n, model: str) -> None:
+    """``phase2_frozen_layers`` (``--phase2_frozen_layers``): Keras ``base_model.layers[:n]`` of
+    ``model``'s backbone, so 0 .. its number of Keras layers. Checked when the config is made,
+    before phase 1 trains, rather than when phase 2 builds its rule."""
+    count = len(BACKBONES[model](include_top=False, pooling="avg").layer_order())
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= count:
+        raise ValueError(f"phase2_frozen_layers={n!r} (--phase2_frozen_layers): the {model} model has {count} Keras "
+                         f"layers; allowed 0 .. {count} (0: phase 2 trains every layer)")
+
+
+#: What ``--model small`` / ``tiny`` brings when the preset's model is another (a flag given still
+#: wins): no ImageNet file exists for them, so a random backbone (``weights`` none), trained whole in
+#: phase 2 at the ``quick`` preset's rate, at the 32x32 input they were made for (the quick preset's).
+MODEL_DEFAULTS = {"weights": "none", "phase2_frozen_layers": 0, "phase2_lr": 1e-3, "image_size": 32}
 
 
 def get_config(name: str = "default", **overrides) -> FinetuneConfig:
@@ -183,6 +203,8 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
         raise ValueError(f"get_config: {per_phase} are set per phase; use phase1_epochs / phase2_epochs")
     if overrides.get("augment") is True:  # --augment: the seed's flips and shifts, not the rotation
         overrides["augment"] = AugmentConfig(rotation=0.0)
+    if overrides.get("model") not in (None, "resnet50", base.model) and overrides.get("weights") in (None, "none"):
+        overrides = {**MODEL_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}  # (a file: as given)
     return with_overrides(base, overrides)
 
 
@@ -191,8 +213,7 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
 
 def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
     """The fine-tuning ``Classifier``: backbone (no top, average pooling) + the seed's head."""
-    make = {"resnet50": ResNet50, "small": ResNetSmall, "tiny": ResNetTiny}[config.model]
-    return Classifier(make(include_top=False, pooling="avg", dtype=PRECISIONS[config.precision]),
+    return Classifier(BACKBONES[config.model](include_top=False, pooling="avg", dtype=PRECISIONS[config.precision]),
                       num_classes=int(num_classes),
                       dropout_rate=float(config.dropout), hidden=int(config.hidden))
 
@@ -405,12 +426,16 @@ def _parse(argv):
     p.add_argument("--image_size", type=int)
     p.add_argument("--phase1_epochs", type=int)
     p.add_argument("--phase2_epochs", type=int)
-    p.add_argument("--phase2_frozen_layers", type=int, help="Keras base_model.layers[:n] frozen in phase 2 (100)")
+    p.add_argument("--phase2_frozen_layers", type=int,
+                   help="Keras base_model.layers[:n] frozen in phase 2 (100; 0 .. the model's Keras layers)")
     p.add_argument("--batch_size", type=int)
     p.add_argument("--seed", type=int)
     add_max_loss_flag(p)
     add_class_weight_flag(p)
-    p.add_argument("--model", choices=MODELS, help="resnet50 (default), small (the quick preset's) or tiny (tests)")
+    p.add_argument("--model", choices=MODELS,
+                   help="resnet50 (default), small (the quick preset's) or tiny (tests); small and tiny, where the "
+                        "preset's model is another, default to --weights none, --phase2_frozen_layers 0, --image_size "
+                        "32 and the quick preset's phase-2 rate (1e-3)")
     p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
                                       "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
                                       "class subfolders of JPEG / PNG images (required)")
@@ -470,7 +495,7 @@ def given_settings(args) -> dict:
 def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneConfig]:
     """With ``--resume`` of a run in ``workdir``: its recorded settings, with those of the flags given
     that may change (``configs.resumed_config``); None when there is no run to take them from.
-    ``--phase2_epochs`` may change, ``--phase1_epochs`` until phase 2 has started."""
+    ``--phase2_epochs`` may change, ``--phase1_epochs`` and ``--phase2_frozen_layers`` until phase 2 has started."""
     def read():
         ft = FinetuneFolder(workdir)
         runs = [p for p in ft.phases if p.is_run()]
@@ -484,7 +509,8 @@ def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneC
     recorded = recorded_config(FinetuneConfig, record, "finetune", workdir, epochs=fresh.epochs,
                                early_stopping_patience=fresh.early_stopping_patience,
                                plateau_patience=fresh.plateau_patience)
-    may_change = {"max_loss", "data_dir", "stream", "phase2_epochs"} | ({"phase1_epochs"} if not phase2_started else set())
+    may_change = {"max_loss", "data_dir", "stream", "phase2_epochs"} | (
+        {"phase1_epochs", "phase2_frozen_layers"} if not phase2_started else set())
     return resumed_config(recorded, given_settings(args), may_change=may_change)
 
 

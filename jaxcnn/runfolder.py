@@ -569,6 +569,9 @@ class RunFolder:
         if resume:
             if self.is_run():
                 saved = self.read_config()
+                if "fingerprint" not in (saved.get("data") or {}) and "fingerprint" in (config.get("data") or {}):
+                    # a run recorded before data fingerprints: nothing to compare (this start records one)
+                    config = {**config, "data": {k: v for k, v in config["data"].items() if k != "fingerprint"}}
                 diff = config_differences(saved, config)
                 if diff:
                     raise ValueError("resume: the config differs from the run's saved config.json in "

@@ -27,8 +27,8 @@ from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags
                                    add_precision_flag, with_class_weight,
                                    check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
                                    run_main)
-from jaxcnn.experiments.configs import (DATASETS, PRECISIONS, PRESETS, ExperimentConfig, get_config, load_data,
-                                       recorded_config, resumed_config)
+from jaxcnn.experiments.configs import (DATASETS, PRECISIONS, PRESETS, ExperimentConfig, check_same_folder, get_config,
+                                       load_data, recorded_config, resumed_config)
 from jaxcnn.models.cifar_cnn import CifarCNN
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import TrainState, adam, fit, make_mesh
@@ -193,6 +193,7 @@ def _main(args) -> int:
     else:  # --resume: the run's own settings, and of the flags given those that may change
         config = resumed_config(recorded_config(ExperimentConfig, recorded, "cifar10", workdir), given_settings(args),
                                 may_change=RESUMABLE_SETTINGS)
+        procs.on_primary(lambda: check_same_folder(recorded, config, workdir))
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):

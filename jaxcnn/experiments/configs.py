@@ -255,3 +255,21 @@ def resumed_config(recorded, given: dict, *, may_change=frozenset()):
     fit = {k: v for k, v in keep.items() if k not in top}
     return dataclasses.replace(recorded, **{k: v for k, v in keep.items() if k in top},
                                **({"fit": dataclasses.replace(recorded.fit, **fit)} if fit else {}))
+
+
+def check_same_folder(recorded: dict, config, path) -> None:
+    """A ``--resume`` of the run ``path`` (its ``config.json``: ``recorded``) on ``--dataset folder``:
+    ValueError in one line, before anything is loaded, when the folder's images are not those the
+    run trained on (``jaxcnn.data.folder.fingerprint``: classes, file count, names and sizes)."""
+    from jaxcnn.data.folder import changes, fingerprint, scan_folder
+
+    old = (recorded.get("data") or {}).get("fingerprint")
+    if config.dataset != "folder" or not old:
+        return
+    listing = scan_folder(config.data_dir, seed=config.fit.seed, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction)
+    what = changes(old, fingerprint(listing, config.data_dir))
+    if what:
+        raise ValueError(f"--resume: the images in {config.data_dir} are not those {path} trained on ({what}); a run "
+                         f"resumes on its own data: put the folder back as it was, or train on it as it is now with "
+                         f"another --workdir (nothing was changed)")

@@ -71,8 +71,8 @@ from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
                                    add_precision_flag, with_class_weight,
                                    exit_process, join_processes, max_loss_setting, path_flag, run_main)
-from jaxcnn.experiments.configs import (PRECISIONS, check_folder_settings, check_precision, load_data, recorded_config,
-                                       resumed_config, with_overrides)
+from jaxcnn.experiments.configs import (PRECISIONS, check_folder_settings, check_precision, check_same_folder, load_data,
+                                       recorded_config, resumed_config, with_overrides)
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
 from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: F401 (re-exported)
 from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh
@@ -511,7 +511,9 @@ def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneC
                                plateau_patience=fresh.plateau_patience)
     may_change = {"max_loss", "data_dir", "stream", "phase2_epochs"} | (
         {"phase1_epochs", "phase2_frozen_layers"} if not phase2_started else set())
-    return resumed_config(recorded, given_settings(args), may_change=may_change)
+    config = resumed_config(recorded, given_settings(args), may_change=may_change)
+    procs.on_primary(lambda: check_same_folder(record, config, workdir))
+    return config
 
 
 def _main(args) -> int:

@@ -260,6 +260,13 @@ class SetAside:
         """True when an old run is set aside here, or half set aside, or half put back."""
         return any(self._dir(n).is_dir() for n in (SETTING_ASIDE, PREVIOUS, PUTTING_BACK))
 
+    def coming_back(self) -> Optional[pathlib.Path]:
+        """The folder holding the old run's entries when :meth:`recover` will bring it back (its new run
+        has no checkpoint), else None. (An entry that is not there was never set aside: it is in the folder.)"""
+        if self.has_new_run():
+            return None
+        return next((self._dir(n) for n in (SETTING_ASIDE, PREVIOUS, PUTTING_BACK) if self._dir(n).is_dir()), None)
+
     def set_aside(self) -> bool:
         """Move the old run's entries into ``.previous/`` (see the class); False if it has none."""
         present = [n for n in self.names if os.path.lexists(self.folder / n)]
@@ -451,6 +458,15 @@ class RunFolder:
         FileNotFoundError naming the file when there is none, :class:`UnsupportedRunFormat` when
         it is in a format this jaxcnn cannot read."""
         return migrate_config(self._read_json(CONFIG, "a training run folder"), self.path / CONFIG)
+
+    def config_to_resume(self) -> Optional[dict]:
+        """The config a resume here continues (:meth:`read_config`), or None when there is none: that
+        of the run an interrupted ``overwrite`` set aside when it is the one :meth:`prepare` will
+        bring back (its new run saved no checkpoint), else the folder's ``config.json``."""
+        back = self._set_aside().coming_back()
+        if back is not None and (back / CONFIG).is_file():
+            return RunFolder(back).read_config()
+        return self.read_config() if self.is_run() else None
 
     def read_history(self) -> list[dict]:
         """The per-epoch rows of ``history.json`` (FileNotFoundError when the run has none yet)."""
@@ -690,6 +706,18 @@ class FinetuneFolder:
         """The two phases and the summary as ``--overwrite`` sets them aside, one unit; the new run
         is the run once a phase has a checkpoint."""
         return SetAside(self.path, (*PHASES, SUMMARY), lambda: any(p.has_checkpoints() for p in self.phases))
+
+    def config_to_resume(self) -> Optional[list]:
+        """``[config, phase 2 started]`` of the run a resume here continues (the first phase's config
+        that there is, :meth:`RunFolder.config_to_resume`; that of the run an interrupted
+        ``overwrite`` set aside when it comes back), or None when there is none."""
+        back = self.set_aside().coming_back()
+        phases = FinetuneFolder(back).phases if back is not None and any(
+            (back / name).exists() for name in PHASES) else self.phases
+        configs = [p.config_to_resume() for p in phases]
+        if not any(configs):
+            return None
+        return [next(c for c in configs if c), phases[1].is_run() or phases[1].has_checkpoints()]
 
     def check_start(self, *, resume: bool, overwrite: bool) -> None:
         """:meth:`RunFolder.check_start` for the two phases: each can be written, ``resume`` needs a

@@ -144,7 +144,8 @@ def test_an_overwrite_killed_before_its_first_checkpoint_is_undone_at_the_next_s
     folder.prepare(folder.read_config(), resume=False, overwrite=True)
     folder.write_config({"the": "new run's config"})
     assert not folder.has_checkpoints() and (run / ".previous" / "checkpoints").is_dir()
-    code, out, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "2"])
+    # (no --preset: a resume takes the settings of the run that comes back, not the new run's config.json)
+    code, out, err = cli(capsys, ["--no_progress", "--workdir", str(run), "--resume", "--epochs", "2"])
     assert code == 0 and "brought back the run that an interrupted --overwrite had set aside; what the " \
                          f"interrupted run had written in its place (config.json) is kept in " \
                          f"{run / '.unfinished-overwrite'}" in err

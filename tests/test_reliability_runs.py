@@ -390,9 +390,17 @@ def test_finetune_overwrite_killed_in_phase_1_gives_the_old_run_back_and_says_so
     before = snapshot(workdir)
     new = FT + ["--workdir", str(workdir), "--seed", "1"]
     killed_in_epoch(1, new + ["--overwrite"])  # phase 1 before its first checkpoint
-    code, _, err = cli(capsys, new + ["--resume"], main=finetune.main)  # the new settings: refused
-    assert code == 2
+    killed = snapshot(workdir)
+    code, _, err = cli(capsys, new + ["--resume"], main=finetune.main)  # the new settings: refused, nothing changed
+    assert code == 2 and err.splitlines()[-1] == (
+        "error: --resume: --seed 1 (the run's: 0): a run continues with its own settings and this cannot change "
+        "(what can: --data_dir, --max_loss, --phase2_epochs, --stream); leave it out, or start a new run with another "
+        "--workdir (nothing was changed)")  # (of the run that comes back: seed 0, its phase 2 done)
+    assert snapshot(workdir) == killed
+    code, out, err = cli(capsys, FT + ["--workdir", str(workdir), "--resume"], main=finetune.main)  # its own settings
+    assert code == 0, err
     assert f"{workdir}: brought back the run that an interrupted --overwrite had set aside; what the interrupted " \
-           f"run had written in its place (phase1) is kept in {workdir / '.unfinished-overwrite'}; nothing else was " \
-           f"changed" in err.splitlines()[-1] and "(nothing was changed)" not in err
-    assert snapshot(workdir, skip=(".lock", ".unfinished-overwrite")) == before
+           f"run had written in its place (phase1) is kept in {workdir / '.unfinished-overwrite'}" in err
+    assert "phase 1: already complete" in out and "phase 2: already complete" in out
+    for phase in ("phase1", "phase2"):  # (summary.json is written again: the run's wall time)
+        assert snapshot(workdir / phase) == {k[len(phase) + 1:]: v for k, v in before.items() if k.startswith(phase)}

@@ -186,8 +186,7 @@ def _main(args) -> int:
     workdir = path_flag("--workdir", args.workdir)
     if workdir is None:
         workdir = pathlib.Path(procs.share(str(default_workdir(config_of_flags(args), fresh=not args.resume))))
-    recorded = procs.on_primary(lambda: RunFolder(workdir).read_config() if args.resume and RunFolder(workdir).is_run()
-                                else None)
+    recorded = procs.on_primary(lambda: RunFolder(workdir).config_to_resume() if args.resume else None)
     if recorded is None:
         config = config_of_flags(args)
     else:  # --resume: the run's own settings, and of the flags given those that may change

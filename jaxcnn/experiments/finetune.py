@@ -496,12 +496,7 @@ def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneC
     """With ``--resume`` of a run in ``workdir``: its recorded settings, with those of the flags given
     that may change (``configs.resumed_config``); None when there is no run to take them from.
     ``--phase2_epochs`` may change, ``--phase1_epochs`` and ``--phase2_frozen_layers`` until phase 2 has started."""
-    def read():
-        ft = FinetuneFolder(workdir)
-        runs = [p for p in ft.phases if p.is_run()]
-        return None if not runs else [runs[0].read_config(), ft.phase(2).is_run() or ft.phase(2).has_checkpoints()]
-
-    got = procs.on_primary(read) if args.resume else None
+    got = procs.on_primary(FinetuneFolder(workdir).config_to_resume) if args.resume else None
     if got is None:
         return None
     record, phase2_started = got

@@ -236,7 +236,8 @@ def weights_path(config: FinetuneConfig) -> Optional[pathlib.Path]:
         return resolve_weights(None if config.weights == "none" else config.weights, include_top=False)
     except (RuntimeError, FileNotFoundError) as e:
         raise WeightsUnavailableError(f"{e} Or fine-tune without pretrained weights: --weights none (a random "
-                                      f"backbone; what to expect: experiments/finetune/README.md)") from None
+                                      f"backbone; what to expect: experiments/finetune/README.md), or --model small "
+                                      f"(a small random one at 32x32, quick on a CPU)") from None
 
 
 def initial_variables(config: FinetuneConfig, model: Classifier, image_shape,

@@ -79,6 +79,8 @@ class Dataset:
       class_names: ``num_classes`` human-readable names, index = label.
       source: how to load it again, ``load_dataset(**source)`` (set by ``load_dataset``;
         None for a dataset built by hand). Runs record it in their ``config.json``.
+      fingerprint: what its files were, to tell a changed copy from the same data (a folder's:
+        ``jaxcnn.data.folder.fingerprint``; None for the others). Runs record it too.
     """
 
     name: str
@@ -88,6 +90,7 @@ class Dataset:
     num_classes: int
     class_names: tuple[str, ...]
     source: Optional[dict] = None
+    fingerprint: Optional[dict] = None
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:

@@ -29,10 +29,10 @@ from jaxcnn.experiments.flags import (DATASETS, PRESETS, add_class_weight_flag, 
 def _parse(argv):
     p = ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=description(__doc__),
                        allow_abbrev=False)
-    p.add_argument("--preset", default="default", choices=PRESETS,
+    p.add_argument("--preset", choices=PRESETS,
                    help="default: the seed's experiment; demo: the seed's model for a few epochs on the embedded "
                         "offline data; smoke: a tiny model, seconds (their settings: jaxcnn/experiments/configs.py; "
-                        "default: default)")
+                        "default: default; with --resume: the run's own settings, whatever its preset)")
     p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (cifar10 for 'default')")
     p.add_argument("--epochs", type=int, help="the most epochs to train (early stopping may end the run sooner); "
                                               "default: the preset's")
@@ -86,8 +86,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxcnn.experiments.cli import (check_workdir, exit_process, join_processes, max_loss_setting,  # noqa: E402
                                     path_flag, run_main, with_class_weight)
+from jaxcnn.data import AugmentConfig  # noqa: E402
 from jaxcnn.experiments.configs import (PRECISIONS, ExperimentConfig, bn_momentum_float32_error,  # noqa: E402
-                                        get_config, load_data)
+                                        check_same_folder, get_config, load_data, recorded_config, resumed_config)
 from jaxcnn.models.cifar_cnn import CifarCNN  # noqa: E402
 from jaxcnn.runfolder import RunFolder  # noqa: E402
 from jaxcnn.train import TrainState, adam, fit, make_mesh  # noqa: E402
@@ -171,15 +172,15 @@ def _precise_bn_in_epoch(config: ExperimentConfig, args, num_train: int, primary
     return dataclasses.replace(config, fit=dataclasses.replace(config.fit, precise_bn_batches=used))
 
 
-def main(argv: Optional[list] = None) -> int:
-    args = _parse(argv)
-    return run_main(lambda: _main(args))
+#: The settings a ``--resume`` may change (``jaxcnn.runfolder.RESUMABLE``); any other flag given must be the run's.
+RESUMABLE_SETTINGS = frozenset({"epochs", "max_loss", "data_dir", "stream"})
+#: The flags that set a setting of the config, as (flag, setting) where the two names differ.
+_FLAG_SETTINGS = {"precise_bn": "precise_bn_batches"}
 
 
-def _main(args) -> int:
-    procs = join_processes(args)  # first: JAX must not start before the processes are joined
-    check_bn_flags(args)
-    config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+def config_of_flags(args) -> ExperimentConfig:
+    """The config the flags make: the preset's, with the flags given."""
+    config = get_config(args.preset or "default", dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
                         image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
@@ -188,7 +189,59 @@ def _main(args) -> int:
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
-    config = with_class_weight(config, args.class_weight)
+    return with_class_weight(config, args.class_weight)
+
+
+def given_settings(args) -> dict:
+    """The settings the command line gave: ``{flag as given: (setting, value)}`` (for ``resumed_config``)."""
+    given = {}
+    for flag in ("preset", "dataset", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "val_size",
+                 "image_size", "val_fraction", "test_fraction", "stream", "conv_dropout", "bn_momentum",
+                 "warmup_epochs", "precise_bn", "precision", "augment", "max_loss", "class_weight"):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if flag == "augment":
+            v = AugmentConfig() if v else None
+        elif flag == "max_loss":
+            v = max_loss_setting(v)[1]
+        elif flag == "class_weight":
+            v = None if v == "none" else v
+        given[f"--no-{flag}" if v is False or (flag == "augment" and v is None) else f"--{flag}"] = \
+            (_FLAG_SETTINGS.get(flag, flag), v)
+    return given
+
+
+def _as_recorded_precise_bn(args, recorded: dict):
+    """``args`` with ``--precise_bn N`` as the run recorded it when the run used an epoch's batches
+    for it (fewer than N: ``_precise_bn_in_epoch``), so that the run's own command line resumes it."""
+    fit, data = recorded.get("fit", {}), recorded.get("data", {})
+    used, n = fit.get("precise_bn_batches"), args.precise_bn
+    if n is None or not isinstance(used, int) or not 0 < used < n:
+        return args
+    if data.get("num_train") and fit.get("batch_size") and used == data["num_train"] // fit["batch_size"]:
+        return argparse.Namespace(**{**vars(args), "precise_bn": used})
+    return args
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = _parse(argv)
+    return run_main(lambda: _main(args))
+
+
+def _main(args) -> int:
+    procs = join_processes(args)  # first: JAX must not start before the processes are joined
+    check_bn_flags(args)
+    workdir = path_flag("--workdir", args.workdir)
+    if workdir is None:
+        workdir = pathlib.Path(procs.share(str(default_workdir(config_of_flags(args), fresh=not args.resume))))
+    recorded = procs.on_primary(lambda: RunFolder(workdir).config_to_resume() if args.resume else None)
+    if recorded is None:
+        config = config_of_flags(args)
+    else:  # --resume: the run's own settings, and of the flags given those that may change
+        config = resumed_config(recorded_config(ExperimentConfig, recorded, "cifar10", workdir),
+                                given_settings(_as_recorded_precise_bn(args, recorded)), may_change=RESUMABLE_SETTINGS)
+        procs.on_primary(lambda: check_same_folder(recorded, config, workdir))
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):
@@ -203,8 +256,6 @@ def _main(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset} (its images are "
                                  f"32x32 and its splits are its own)")
-    workdir = path_flag("--workdir", args.workdir) or \
-        pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)
     config = _precise_bn_in_epoch(config, args, len(dataset.train), procs.primary)

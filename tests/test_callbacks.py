@@ -267,8 +267,12 @@ def test_a_cosine_run_records_the_rate_of_each_epochs_last_step_and_the_plateau_
     assert meta["plateau"] is None
     assert get_learning_rate(state_from_tree(final, tree).opt_state) == float(np.float32(1e-3))  # never halved
     assert json.loads((tmp_path / "config.json").read_text())["fit"]["lr_schedule"] == "cosine"
-    lr_panel = curves[-1].axes[2]
-    assert [line.get_label() for line in lr_panel.lines][0] == "learning rate (warm-up + cosine)"
+    assert curves[-1].axes[2].lines[0].get_label() == "learning rate (warm-up + cosine)"
+    # the report made again from the folder alone (jaxcnn.results) says it too, from config.json
+    from jaxcnn import results
+
+    results.write_test_results(tmp_path, _tiny_dataset())
+    assert len(curves) == 2 and curves[-1].axes[2].lines[0].get_label() == "learning rate (warm-up + cosine)"
 
 
 class _SignalsAt:

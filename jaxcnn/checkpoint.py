@@ -42,6 +42,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcnn.errors import DamagedCheckpointError  # noqa: F401 (raised here; its home is light)
+
 PyTree = Any
 LATEST, BEST, INTERRUPTED = "latest", "best", "interrupted"
 #: Files every complete checkpoint has (Orbax's metadata of the arrays, and the JSON item).
@@ -72,14 +74,6 @@ def _on_this_device(path: pathlib.Path) -> PyTree:
         absl.setLevel(level)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-
-
-class DamagedCheckpointError(RuntimeError):
-    """A saved checkpoint cannot be read back whole. ``path``: its folder; ``reason``: what is wrong."""
-
-    def __init__(self, path: pathlib.Path, reason: str):
-        super().__init__(f"checkpoint {path} is damaged: {reason}")
-        self.path, self.reason = path, reason
 
 
 def _name(entry) -> str:

@@ -16,10 +16,18 @@ stops it where that is safe, and later ones are ignored until the process has en
 
 This layer sits below the commands and above what they raise (``jaxcnn.errors``); it knows no
 training: a command of several processes passes them in (``run_main(..., peers=...)``).
+
+It imports nothing heavy (no JAX, Orbax or TensorFlow; the run folder only inside the functions
+that use it), nor may what a command imports to build its parser: a command parses its flags
+before it imports what it runs, so that ``--help`` and a mistyped flag answer at once. Its parser
+is :class:`ArgumentParser`: an argparse error is one line, with the nearest flag for one that
+does not exist.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import errno
 import logging
 import os
@@ -31,10 +39,8 @@ import warnings
 from collections.abc import Callable
 from typing import Optional, Protocol
 
-from jaxcnn.checkpoint import DamagedCheckpointError
-from jaxcnn.data.core import DatasetUnavailableError
-from jaxcnn.errors import DistributedError, NothingToDo, RunBusyError, RunInterrupted, SignalStop, TrainingDiverged
-from jaxcnn.runfolder import FinetuneFolder, RunFolder
+from jaxcnn.errors import (DamagedCheckpointError, DatasetUnavailableError, DistributedError, NothingToDo, RunBusyError,
+                           RunInterrupted, SignalStop, TrainingDiverged)
 from jaxcnn.signals import catching_signals, ignore_signals
 
 #: Errors a user's input or machine causes: one line, exit 2.
@@ -82,6 +88,9 @@ def setup_logging() -> None:
         sys.unraisablehook = _unraisable(sys.unraisablehook)
     if not os.environ.get("JAXCNN_TRACEBACK"):  # the writes Orbax had not started when another one failed
         warnings.filterwarnings("ignore", r"coroutine 'async_serialize_from_host\.", RuntimeWarning)
+    # Pillow's DecompressionBombWarning: jaxcnn.data.folder.decode_image names the file and its size in one line
+    warnings.filterwarnings("ignore", r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels, could be "
+                                      r"decompression bomb")
 
 
 #: What a full or read-only disk is called (the errno, its name) by the OS and by tensorstore (Orbax).
@@ -206,6 +215,8 @@ def _run(body: Callable[[], int], user_errors: tuple) -> int:
 def check_workdir(workdir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
     """The workdir checks a training command makes before it loads anything
     (``jaxcnn.runfolder.RunFolder.check_start``: each error names the folder and the way out)."""
+    from jaxcnn.runfolder import RunFolder  # (it loads Orbax: not before the flags are parsed)
+
     RunFolder(workdir).check_start(resume=resume, overwrite=overwrite)
 
 
@@ -224,7 +235,51 @@ def path_flag(flag: str, value, *, required: bool = False) -> Optional[pathlib.P
 def check_run_flag(run: pathlib.Path) -> None:
     """A clearer error than a missing config.json for ``--run`` given a fine-tuning run's folder
     (``jaxcnn.runfolder.FinetuneFolder``: a run folder per phase)."""
+    from jaxcnn.runfolder import FinetuneFolder  # (it loads Orbax: not before the flags are parsed)
+
     folder = FinetuneFolder(run)
     if folder.holds_phases():
         raise FileNotFoundError(f"{run} is a fine-tuning run's folder; pass one of its phases: --run "
                                 f"{folder.final.path} (or {folder.phase(1).path})")
+
+
+def description(doc: str) -> str:
+    """A command's ``--help`` description: the first paragraph of its module's docstring, one line."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line on stderr, exit 2, instead of the whole usage:
+    ``error: MESSAGE (see PROG --help)``. A flag that does not exist is named with the nearest one
+    there is (``--epoch``: ``did you mean --epochs?``). No flag is taken abbreviated
+    (``allow_abbrev=False`` unless told otherwise: ``--epoch 3`` is no ``--epochs 3``)."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unrecognized(extras))
+        return namespace
+
+    def _unrecognized(self, extras: list) -> str:
+        # the values after an unknown flag are left over too: name the flags ("--epoch 3": --epoch)
+        flags = [a.split("=", 1)[0] for a in extras if a.startswith("-") and not _is_number(a)] or extras
+        known = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        near = {f: (difflib.get_close_matches(f, known, n=1) if f.startswith("-") else []) for f in flags}
+        if len(flags) == 1:
+            return f"unrecognized argument {flags[0]}" + "".join(f"; did you mean {n}?" for n in near[flags[0]])
+        return "unrecognized arguments " + ", ".join(f + "".join(f" (did you mean {n}?)" for n in near[f])
+                                                     for f in flags)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -5,11 +5,16 @@ command's exit status (no traceback). They live here, with no jaxcnn import, so 
 command layer and the code that raises them need not import each other: the run folder raises
 :class:`NothingToDo` and :class:`RunBusyError`, training :class:`TrainingDiverged` and
 :class:`RunInterrupted`, the signal handler :class:`SignalStop`, the joining of several
-processes :class:`DistributedError`. Each is also importable from where it is raised
-(``jaxcnn.runfolder.NothingToDo``, ``jaxcnn.train.TrainingDiverged``, ...).
+processes :class:`DistributedError`, the checkpoint store :class:`DamagedCheckpointError`, the
+data loaders :class:`DatasetUnavailableError`. Each is also importable from where it is raised
+(``jaxcnn.runfolder.NothingToDo``, ``jaxcnn.train.TrainingDiverged``,
+``jaxcnn.checkpoint.DamagedCheckpointError``, ``jaxcnn.data.DatasetUnavailableError``, ...); being
+here, with nothing heavy imported, lets ``jaxcnn.cli`` name them without loading JAX or Orbax.
 """
 
 from __future__ import annotations
+
+import pathlib
 
 
 class NothingToDo(Exception):
@@ -49,3 +54,19 @@ class SignalStop(KeyboardInterrupt):
 
 class DistributedError(RuntimeError):
     """The processes could not be joined (the coordinator unreachable, a wrong process id)."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A saved checkpoint cannot be read back whole. ``path``: its folder; ``reason``: what is wrong."""
+
+    def __init__(self, path: pathlib.Path, reason: str):
+        super().__init__(f"checkpoint {path} is damaged: {reason}")
+        self.path, self.reason = path, reason
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset cannot be had here (no network and no manually placed file).
+
+    The message says how to get it. jaxcnn never falls back to another dataset
+    silently: the caller decides (e.g. ``--dataset offline``).
+    """

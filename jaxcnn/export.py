@@ -46,7 +46,6 @@ lowers the pooling of ``jaxcnn.layers.max_pool2d`` (window ``(1, kh, kw, 1)``) t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -55,17 +54,33 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from jaxcnn.cli import ArgumentParser, description
 
-from jaxcnn import inference, kernels
-from jaxcnn.cli import check_run_flag, disk_error, path_flag, run_main
-from jaxcnn.models.spec import build_model, model_spec
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.export", description=description(__doc__), allow_abbrev=False)
+    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
+    p.add_argument("--out", required=True, help="the ONNX file to write (replaced once the new one is verified)")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
+    p.add_argument("--no_temperature", action="store_true",
+                   help="output the raw softmax; default: softmax(logits / T) with the run's fitted temperature "
+                        "T, when it has one (as restore(RUN).predict)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcnn import inference, kernels  # noqa: E402
+from jaxcnn.cli import check_run_flag, disk_error, path_flag, run_main  # noqa: E402
+from jaxcnn.models.spec import build_model, model_spec  # noqa: E402
 
 log = logging.getLogger("jaxcnn")
 
@@ -100,21 +115,14 @@ def check_out(out: pathlib.Path) -> None:
     """``--out`` can be written: not a folder, and its nearest existing parent is a folder that takes
     a new file (a real write: permission bits do not tell for root or a read-only filesystem).
     ValueError naming ``--out`` and that folder; checked before the run is restored."""
+    from jaxcnn.runfolder import nearest_existing, write_refused
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a .onnx file")
-    where = out.absolute().parent
-    while not os.path.lexists(where):
-        where = where.parent
+    where = nearest_existing(out.absolute().parent)
     if not where.is_dir():
         raise ValueError(f"--out {out}: {where} is a file, not a folder; name a .onnx file in a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=where)
-        os.close(fd)
-        os.unlink(probe)
-        why = None
-    except OSError as e:
-        why = e.strerror or str(e)
-    if why is not None:  # (raised here, not in the except: a read-only disk's EROFS would name the probe)
+    why = write_refused(where)
+    if why is not None:
         raise ValueError(f"--out {out}: cannot write in {where} ({why}); choose a folder you can write in")
 
 
@@ -338,7 +346,8 @@ def export(run_dir, out, *, which: str = "best", temperature: bool = True, model
     if stale:
         log.warning(f"removed {len(stale)} temporary file(s) of an export to {out} that was killed: "
                     + ", ".join(p.name for p in stale))
-    run, dtype = float32_run(inference.restore(run_dir, which=which, model=model))
+    run, dtype = float32_run(inference.restore(run_dir, which=which, model=model,
+                                                      temperature=temperature))
     if dtype is not None:
         log.warning(f"{run_dir} computes in {dtype}, which onnxruntime's CPU convolutions do not take: exporting "
                     f"it in float32 (the same weights), checked against the run's model computed in float32")
@@ -352,18 +361,6 @@ def export(run_dir, out, *, which: str = "best", temperature: bool = True, model
     finally:
         tmp.unlink(missing_ok=True)
     return run, diff
-
-
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.export", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
-    p.add_argument("--out", required=True, help="the ONNX file to write (replaced once the new one is verified)")
-    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
-    p.add_argument("--no_temperature", action="store_true",
-                   help="output the raw softmax; default: softmax(logits / T) with the run's fitted temperature "
-                        "T, when it has one (as restore(RUN).predict)")
-    return p.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> int:

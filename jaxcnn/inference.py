@@ -17,7 +17,9 @@ and the first mismatch is named.
 Probabilities are calibrated when the run has a temperature: the end-of-run report fits ``T`` on
 the validation split (``summary.json``'s ``temperature``, for the weights it scored, the best
 epoch's), and ``run.predict`` returns ``softmax(logits / T)``; ``run.predict(x, temperature=False)``
-gives the raw ``softmax(logits)``. The ranking of the classes is the same either way.
+gives the raw ``softmax(logits)``. The ranking of the classes is the same either way. A
+temperature outside ``jaxcnn.metrics.TEMPERATURE_RANGE`` (a hand-edited summary) is refused by
+``restore``; ``restore(workdir, temperature=False)`` does not read it (the commands' ``--no_temperature``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn.checkpoint import BEST, LATEST, check_which
+from jaxcnn.metrics import TEMPERATURE_RANGE, check_temperature
 from jaxcnn.models.spec import build_model
 from jaxcnn.preprocess import get_preprocess, scale_to_unit
 from jaxcnn.runfolder import RunFolder
@@ -51,7 +54,8 @@ class Restored:
       epoch: the epoch whose weights these are; ``which``: ``"best"`` or ``"latest"``.
       temperature: the run's fitted temperature (``summary.json``'s ``temperature``, fitted on the
         validation split by the end-of-run report) when these are the weights it was fitted for
-        (the summary's ``best_epoch``); None otherwise, or when the run has none.
+        (the summary's ``best_epoch``); None otherwise, when the run has none, or when restored
+        with ``temperature=False``.
     """
 
     model: nn.Module
@@ -83,7 +87,7 @@ class Restored:
                        return_logits=return_logits, temperature=t)
 
 
-def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) -> Restored:
+def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None, temperature: bool = True) -> Restored:
     """The model and weights of a run folder, from the folder alone.
 
     Args:
@@ -91,15 +95,21 @@ def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) ->
       which: ``"best"`` (default: the weights the run reports) or ``"latest"``.
       model: the Flax module; default: rebuilt from the spec in ``config.json``. Pass it for
         a model outside ``jaxcnn.models.MODEL_KINDS``.
+      temperature: read the run's temperature (``Restored.temperature``); False: leave it None
+        and unread (the raw softmax, also when the recorded one is unusable).
 
     Raises:
       FileNotFoundError: no ``config.json`` (not a run folder) or no such checkpoint.
       jaxcnn.checkpoint.DamagedCheckpointError: the checkpoint cannot be read back whole (the
         message names its folder and what is wrong).
-      ValueError: the config has no usable model spec and no ``model`` was given, or the
-        restored variables do not fit the model (the first mismatch is named).
+      ValueError: the config has no usable model spec and no ``model`` was given, the
+        restored variables do not fit the model (the first mismatch is named), or the summary's
+        temperature for these weights is outside ``jaxcnn.metrics.TEMPERATURE_RANGE`` (checked
+        before the weights are read).
     """
     check_which(which, "restore", allowed=(BEST, LATEST))
+    if not isinstance(temperature, bool):
+        raise TypeError(f"restore: temperature must be True (the run's) or False (none), got {temperature!r}")
     run = RunFolder(workdir)
     config = run.read_config()
     if model is None:
@@ -113,6 +123,7 @@ def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) ->
         epoch = ckpts.latest_epoch(which)
         if epoch is None:
             raise FileNotFoundError(f"restore: no {which!r} checkpoint under {ckpts.directory}")
+        t = _temperature(run, int(epoch)) if temperature else None  # (before the weights are read)
         tree, _ = ckpts.restore(which, epoch)  # as saved, checksum checked; the optimizer state is dropped below
     variables = {"params": tree["params"]}
     if tree.get("batch_stats"):
@@ -121,18 +132,23 @@ def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None) ->
     if image_shape:
         check_variables(model, variables, image_shape)
     return Restored(model=model, variables=jax.device_put(variables), config=config, epoch=int(epoch), which=which,
-                    temperature=_temperature(run, int(epoch)))
+                    temperature=t)
 
 
 def _temperature(run: RunFolder, epoch: int) -> Optional[float]:
-    """The summary's fitted temperature if it was fitted for ``epoch``'s weights, else None."""
+    """The summary's fitted temperature if it was fitted for ``epoch``'s weights, else None;
+    ValueError, one line, for one outside ``TEMPERATURE_RANGE`` (it would be applied)."""
     summary = run.read_summary()
     t = summary.get("temperature")
     if t is None or summary.get("best_epoch") != epoch:
         return None
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
-        raise ValueError(f"restore: {run.path / 'summary.json'} has temperature={t!r}; must be a number > 0")
-    return float(t)
+    try:
+        return check_temperature(t, "temperature")
+    except ValueError:
+        lo, hi = TEMPERATURE_RANGE
+        raise ValueError(f"restore: {run.path / 'summary.json'} has temperature={t!r}; a run's temperature is a "
+                         f"number in [{lo:g}, {hi:g}]: correct or remove it, or pass --no_temperature "
+                         f"(restore(..., temperature=False)) for the raw softmax") from None
 
 
 def check_variables(model: nn.Module, variables: dict, image_shape) -> None:
@@ -166,17 +182,15 @@ def predict(model: nn.Module, variables: dict, images, *, preprocess: Callable =
     (the last one padded, its padding dropped), jitted once per model, preprocessing and
     input shape (JAX's own jit cache): repeated calls do not compile again. Pass the run's
     preprocessing (``Restored.predict`` does). ``return_logits``: the logits instead.
-    ``temperature``: ``T > 0`` gives ``softmax(logits / T)`` (temperature scaling; None: ``T = 1``).
+    ``temperature``: ``T`` in ``jaxcnn.metrics.TEMPERATURE_RANGE`` gives ``softmax(logits / T)``
+    (temperature scaling; None: ``T = 1``).
     """
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"predict: images must be (N, H, W, C), got shape {images.shape}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"predict: batch_size={batch_size!r}; must be an int >= 1")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not 0 < temperature < float("inf")):
-        raise ValueError(f"predict: temperature={temperature!r}; must be None or a number > 0")
-    t = jnp.float32(1.0 if temperature is None else temperature)
+    t = jnp.float32(1.0 if temperature is None else check_temperature(temperature, "predict: temperature"))
     n = images.shape[0]
     batch_size = min(batch_size, max(n, 1))
     outs = []

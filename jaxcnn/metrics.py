@@ -8,6 +8,7 @@ and ``jaxcnn.predict`` call these on values they already hold.
     per_class(confusion_matrix(labels, probs.argmax(-1), K))
     expected_calibration_error(probs, labels)         # 15 equal-width confidence bins
     t = fit_temperature(logits_val, labels_val)       # on the validation split, never the test split
+    choose_temperature(logits_val, labels_val)        # the fit, or why it is not used
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ import numpy as np
 #: The bins of :func:`expected_calibration_error` (Guo et al., "On Calibration of Modern Neural
 #: Networks", 2017, use 15).
 ECE_BINS = 15
+
+#: The temperatures :func:`fit_temperature` searches and a run may apply (``[lo, hi]``): far
+#: from float32's limits (``logits / T`` neither overflows nor rounds to 0), and wide enough for
+#: any model the report fits (a model at chance reaches ``hi``, the near-uniform answer).
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+#: The fewest validation examples :func:`choose_temperature` fits a temperature on. Whether the
+#: fit helped is judged by the ECE, over :data:`ECE_BINS` bins: with fewer than about 100
+#: examples a bin holds a handful (100 / 15 is about 7), one image moves its accuracy by a
+#: seventh, and the ECE of ``T = 1`` and of the fit differ by less than that noise; the fitted
+#: ``T`` then follows those few images, and can make the test split's calibration worse.
+MIN_TEMPERATURE_EXAMPLES = 100
 
 
 def _labels(labels, n: int, what: str) -> np.ndarray:
@@ -173,7 +186,19 @@ def nll(logits, labels, temperature: float = 1.0) -> float:
     return float(np.mean(log_norm - z[np.arange(z.shape[0]), labels]))
 
 
-def fit_temperature(logits, labels, *, lo: float = 0.05, hi: float = 20.0, tol: float = 1e-6) -> float:
+def check_temperature(t, what: str) -> float:
+    """``t`` as a float when it is a real number in :data:`TEMPERATURE_RANGE`; ValueError naming
+    ``what`` and the value otherwise (0, ``1e-300`` or ``1e300`` would give NaN or uniform
+    probabilities in float32)."""
+    lo, hi = TEMPERATURE_RANGE
+    ok = not isinstance(t, bool) and isinstance(t, (int, float, np.floating, np.integer)) and lo <= t <= hi
+    if not ok:
+        raise ValueError(f"{what}={t!r}; must be a number in [{lo:g}, {hi:g}] (the range fit_temperature searches)")
+    return float(t)
+
+
+def fit_temperature(logits, labels, *, lo: float = TEMPERATURE_RANGE[0], hi: float = TEMPERATURE_RANGE[1],
+                    tol: float = 1e-6) -> float:
     """The temperature ``T`` in ``[lo, hi]`` that minimises :func:`nll` of ``logits / T`` (Guo et
     al.'s temperature scaling), by golden-section search on ``log T`` (the NLL is unimodal in T).
 
@@ -201,3 +226,35 @@ def fit_temperature(logits, labels, *, lo: float = 0.05, hi: float = 20.0, tol: 
             d = a + g * (b - a)
             fd = f(d)
     return float(math.exp((a + b) / 2))
+
+
+def choose_temperature(logits, labels, *, min_examples: int = MIN_TEMPERATURE_EXAMPLES) -> dict:
+    """The temperature a run applies, fitted on its validation split ``logits`` ``(N, K)`` / ``labels``
+    ``(N,)``, or why it applies none: ``{"temperature": T or None, "note": one sentence}``.
+
+    * not fitted: fewer than ``min_examples`` examples (:data:`MIN_TEMPERATURE_EXAMPLES`);
+    * not kept: the fit makes the validation split worse than ``T = 1``. The fit minimises the
+      validation NLL over a range holding 1, so its NLL is never higher (checked all the same);
+      "worse" is then a higher validation ECE: the fit traded the calibration the report shows for
+      a lower NLL (a few confidently wrong examples pull the NLL);
+    * kept otherwise (an equal ECE included), with the validation NLL and ECE before and after.
+
+    The test split never enters the decision.
+    """
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"choose_temperature: logits must be (N, K), got shape {logits.shape}")
+    n = logits.shape[0]
+    if n < min_examples:
+        why = "no validation split" if n == 0 else f"{n} validation image(s), fewer than {min_examples}"
+        return {"temperature": None, "note": f"not fitted: {why}"}
+    labels = _labels(labels, n, "choose_temperature")
+    t = fit_temperature(logits, labels)
+    nll_1, nll_t = nll(logits, labels), nll(logits, labels, t)
+    ece_1 = expected_calibration_error(softmax(logits), labels)
+    ece_t = expected_calibration_error(softmax(logits, t), labels)
+    change = f"validation NLL {nll_1:.4f} -> {nll_t:.4f}, ECE {ece_1:.4f} -> {ece_t:.4f}"
+    if nll_t > nll_1 or ece_t > ece_1:
+        return {"temperature": None, "note": f"not kept: T = {t:.3g}, fitted on {n} validation images, makes "
+                                             f"the validation split worse than T = 1 ({change})"}
+    return {"temperature": t, "note": f"fitted on {n} validation images: T = {t:.3g} ({change})"}

@@ -21,6 +21,12 @@ map (``jaxcnn.explain.grad_cam``) for the predicted class (``--explain_class NAM
 on the model's default layer (the CIFAR CNN's last conv block, a ResNet's last stage;
 ``--explain_layer PATH`` for another), and the top-k classes.
 
+Nothing of the user's is replaced: before any image is classified, ``--explain DIR`` and
+``--out FILE`` must take a new file, no figure may land on an input image (``--explain`` into
+the photos' own folder, when a photo is a PNG) or on a file that is not a figure ``--explain``
+made (a PNG text chunk marks those), and ``--out`` may replace only a prediction CSV (its
+header line). Each is one ``error:`` line, and nothing is written.
+
 Output: one line per image on stdout, ``<path>: <class> <prob>, <class> <prob>, ...`` (most
 likely first); a file that cannot be read gets a line on stderr, and the rest are still
 classified. ``--out FILE.csv``: ``path, label_1, prob_1, ..., label_k, prob_k, error`` (the error column says
@@ -31,18 +37,50 @@ a bad flag, or when no image could be read.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import pathlib
 import sys
 from typing import Optional
 
-import numpy as np
+from jaxcnn.cli import ArgumentParser, description
 
-from jaxcnn import explain, inference, viz
-from jaxcnn.data.folder import decode_images
-from jaxcnn.cli import check_run_flag, path_flag, run_main
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.predict", description=description(__doc__), allow_abbrev=False)
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG) and folders of them")
+    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
+    p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")
+    p.add_argument("--out", help="also write the predictions to this CSV file")
+    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
+    p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (default 64)")
+    p.add_argument("--no_temperature", action="store_true",
+                   help="the raw softmax; default: softmax(logits / T) with the temperature T fitted on the run's "
+                        "validation split (summary.json), when it has one")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write a PNG per image into DIR: the image, its Grad-CAM heat map, the top-k classes")
+    p.add_argument("--explain_class", metavar="NAME", help="with --explain: the class the maps explain "
+                                                           "(default: each image's predicted class)")
+    p.add_argument("--explain_layer", metavar="PATH",
+                   help="with --explain: the feature map explained, a submodule path (default: the CIFAR CNN's last "
+                        "conv block, block3_bn2; a ResNet's last stage, backbone/conv5_block3_out)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import numpy as np  # noqa: E402
+
+from jaxcnn import explain, inference, viz  # noqa: E402
+from jaxcnn.cli import check_run_flag, path_flag, run_main  # noqa: E402
+from jaxcnn.data.folder import decode_images  # noqa: E402
+
+#: The PNG text chunk that marks a figure ``--explain`` wrote: a later call may replace such a file,
+#: and no other.
+EXPLAIN_MARK = {"jaxcnn": "predict --explain"}
+#: How the CSV ``--out`` writes begins: a later call may replace such a file, and no other.
+CSV_HEAD = "path,label_1,prob_1,"
 
 
 def find_images(paths) -> list[str]:
@@ -59,18 +97,88 @@ def find_images(paths) -> list[str]:
     return found
 
 
+def check_writable(flag: str, folder: pathlib.Path) -> None:
+    """``folder``, or its first existing parent when it is still to be made, takes a new file
+    (``jaxcnn.runfolder.write_refused``: a real write); ValueError naming ``flag``."""
+    from jaxcnn.runfolder import nearest_existing, write_refused
+    where = nearest_existing(folder)
+    if not where.is_dir():
+        raise ValueError(f"{flag}: {where} is a file, not a folder")
+    why = write_refused(where)
+    if why is not None:
+        raise ValueError(f"{flag}: cannot write into {where} ({why}); name a folder you can write to")
+
+
 def check_out(out: pathlib.Path) -> None:
-    """``--out`` can be written: not a folder, and its first existing parent is a folder this process may
-    write into (missing folders below it are created at the end). Checked before any image is read."""
+    """``--out`` can be written: not a folder, its first existing parent takes a new file (missing folders
+    below it are created at the end), and an existing file there is a prediction CSV (:data:`CSV_HEAD`),
+    never an image or a file of the user's. Checked before any image is read."""
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a .csv file")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: cannot write into {parent}")
+    check_writable(f"--out {out}", out.absolute().parent)
+    if out.exists() and not _is_prediction_csv(out):
+        raise FileExistsError(f"--out {out} exists and is not a prediction CSV (its first line is not "
+                              f"{CSV_HEAD}...): name another file, or move it away")
+
+
+def _is_prediction_csv(path: pathlib.Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return False
+    return bool(head) and head[0].startswith(CSV_HEAD) and head[0].endswith(",error")
+
+
+def _is_explain_figure(path: pathlib.Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and all(im.info.get(k) == v for k, v in EXPLAIN_MARK.items())
+    except Exception:  # noqa: BLE001 -- a folder, not an image, unreadable: not one of ours
+        return False
+
+
+def figure_names(paths: list[str]) -> dict:
+    """``{path: file name of its --explain figure}``: the image's name as ``.png``, ``-2``, ``-3`` ...
+    when two images share a name (compared case-folded: one file on a case-insensitive disk)."""
+    taken, names = set(), {}
+    for path in dict.fromkeys(paths):
+        stem, n = pathlib.Path(path).stem, 1
+        while (name := stem + (f"-{n}" if n > 1 else "") + ".png").casefold() in taken:
+            n += 1
+        taken.add(name.casefold())
+        names[path] = name
+    return names
+
+
+def check_figures(explain_dir: pathlib.Path, names: dict, out: Optional[pathlib.Path] = None) -> None:
+    """No figure of ``names`` (:func:`figure_names`) replaces an input file, the ``--out`` file, or a file
+    in ``explain_dir`` that ``--explain`` did not make (:data:`EXPLAIN_MARK`); FileExistsError naming the
+    first. Checked before any image is classified (an unreadable image's figure counts too)."""
+    inputs = set()
+    for path in names:
+        try:
+            st = os.stat(path)
+            inputs.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    for path, name in names.items():
+        figure = explain_dir / name
+        if out is not None and figure.absolute() == out.absolute():
+            raise FileExistsError(f"--explain {explain_dir}: the figure of {path} would be --out {out}; name "
+                                  f"another --out or --explain")
+        try:
+            st = os.stat(figure)
+        except OSError:
+            continue  # not there: written new
+        if (st.st_dev, st.st_ino) in inputs:
+            raise FileExistsError(f"--explain {explain_dir}: the figure of {path} would replace {figure}, one of "
+                                  f"the images to classify; name a folder of its own for the figures")
+        if not _is_explain_figure(figure):
+            raise FileExistsError(f"--explain {explain_dir}: the figure of {path} would replace {figure}, a file "
+                                  f"--explain did not make; name another folder, or move it away")
 
 
 def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch_size: int = 64,
@@ -101,12 +209,15 @@ def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch
 
 
 def explain_images(run: inference.Restored, tops: dict, out_dir: pathlib.Path, *, class_index=None,
-                   layer: Optional[str] = None, batch_size: int = 64) -> list[pathlib.Path]:
+                   layer: Optional[str] = None, batch_size: int = 64, file_names: Optional[dict] = None
+                   ) -> list[pathlib.Path]:
     """Writes one PNG per image of ``tops`` (``{path: [(class, prob), ...]}``, from :func:`classify`)
     into ``out_dir``: the image, its Grad-CAM map for ``class_index`` (None: the predicted class)
-    and its top classes. Named after the image (``-2``, ``-3`` ... when two images share a name);
-    returns the files written, in the order of ``tops``. A ``1 x 1`` feature map (a ResNet's last
-    stage on small images) is named in a warning: its maps are uniform."""
+    and its top classes, marked with :data:`EXPLAIN_MARK`. Named ``file_names[path]`` (default
+    :func:`figure_names` of ``tops``: after the image, ``-2``, ``-3`` ... when two images share a
+    name); returns the files written, in the order of ``tops``. A ``1 x 1`` feature map (a ResNet's
+    last stage on small images) is named in a warning: its maps are uniform. The caller checks
+    the names first (:func:`check_figures`)."""
     image_shape = run.config["data"]["image_shape"]
     size = tuple(image_shape[:2])
     names = list(run.class_names)
@@ -115,45 +226,21 @@ def explain_images(run: inference.Restored, tops: dict, out_dir: pathlib.Path, *
     if h * w == 1:
         print(f"warning: {layer} is 1x1 at {size[0]}x{size[1]} pixels: its Grad-CAM maps are uniform; pass "
               f"--explain_layer with an earlier feature map", file=sys.stderr)
-    paths, taken, written = list(tops), set(), []
+    paths, written = list(tops), []
+    file_names = figure_names(paths) if file_names is None else file_names
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        images, _ = decode_images(chunk, size)  # (n, H, W, 3): these all decoded once already
+        images, _ = decode_images(chunk, size, warn_large=False)  # (n, H, W, 3): these all decoded once already
         maps = explain.grad_cam(run.model, run.variables, images, preprocess=run.preprocess, layer=layer,
                                 class_index=class_index, batch_size=batch_size)
         for path, image, cam in zip(chunk, images, maps):
-            stem, n = pathlib.Path(path).stem, 1
-            while (name := stem + (f"-{n}" if n > 1 else "") + ".png") in taken:
-                n += 1
-            taken.add(name)
             top = tops[path]
             explained = top[0][0] if class_index is None else names[class_index]
             written.append(viz.save_figure(viz.plot_explanation(image, cam, top, explained=explained,
                                                                 layer=f"{layer} ({h}x{w})",
-                                                                title=str(path)), out_dir / name))
+                                                                title=str(path)), out_dir / file_names[path],
+                                                 metadata=EXPLAIN_MARK))
     return written
-
-
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.predict", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("images", nargs="+", help="image files (JPEG, PNG) and folders of them")
-    p.add_argument("--run", required=True, help="a run folder (a cifar10 run, a fine-tuning phase, ...)")
-    p.add_argument("--top_k", type=int, default=3, help="classes shown per image (3; at most the run's classes)")
-    p.add_argument("--out", help="also write the predictions to this CSV file")
-    p.add_argument("--which", default="best", choices=("best", "latest"), help="the checkpoint (best)")
-    p.add_argument("--batch_size", type=int, default=64, help="images decoded and classified at a time (64)")
-    p.add_argument("--no_temperature", action="store_true",
-                   help="the raw softmax; default: softmax(logits / T) with the temperature T fitted on the run's "
-                        "validation split (summary.json), when it has one")
-    p.add_argument("--explain", metavar="DIR",
-                   help="also write a PNG per image into DIR: the image, its Grad-CAM heat map, the top-k classes")
-    p.add_argument("--explain_class", metavar="NAME", help="with --explain: the class the maps explain "
-                                                           "(default: each image's predicted class)")
-    p.add_argument("--explain_layer", metavar="PATH",
-                   help="with --explain: the feature map explained, a submodule path (default: the CIFAR CNN's last "
-                        "conv block, block3_bn2; a ResNet's last stage, backbone/conv5_block3_out)")
-    return p.parse_args(argv)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -174,9 +261,15 @@ def _main(args) -> int:
             raise ValueError(f"--{flag} applies with --explain DIR")
     if explain_dir is not None and explain_dir.exists() and not explain_dir.is_dir():
         raise ValueError(f"--explain {explain_dir} is a file; name a folder")
+    paths = find_images(args.images)
+    file_names = None
+    if explain_dir is not None:
+        check_writable(f"--explain {explain_dir}", explain_dir)
+        file_names = figure_names(paths)
+        check_figures(explain_dir, file_names, out)
     run_dir = pathlib.Path(args.run)
     check_run_flag(run_dir)
-    run = inference.restore(run_dir, which=args.which)
+    run = inference.restore(run_dir, which=args.which, temperature=not args.no_temperature)
     class_index = None
     if args.explain_class is not None:
         if args.explain_class not in run.class_names:
@@ -186,7 +279,6 @@ def _main(args) -> int:
     if explain_dir is not None and args.explain_layer is not None:  # before any image is read
         explain.check_layer(run.model, run.variables, run.config["data"]["image_shape"], args.explain_layer)
     top_k = min(args.top_k, int(run.config.get("data", {}).get("num_classes") or args.top_k))
-    paths = find_images(args.images)
     rows, n_ok, tops = [], 0, {}
     for path, top, error in classify(run, paths, top_k=top_k, batch_size=args.batch_size,
                                      temperature=not args.no_temperature):
@@ -211,7 +303,7 @@ def _main(args) -> int:
         raise ValueError(f"none of the {len(paths)} file(s) could be read as a JPEG or PNG image")
     if explain_dir is not None:
         explain_images(run, tops, explain_dir, class_index=class_index, layer=args.explain_layer,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, file_names=file_names)
     t = None if args.no_temperature else run.temperature
     print(f"{n_ok} of {len(paths)} file(s) classified with {run_dir} ({run.which} epoch {run.epoch}"
           + (f", temperature {t:.3g}" if t is not None else "") + ")"

@@ -13,7 +13,11 @@ validation split, for the temperature), :func:`write_report` draws into the run'
 and returns what to add to ``summary.json``: ``confusion_matrix``, ``per_class_accuracy``,
 ``per_class`` (precision, recall, F1, support), ``macro_f1``, the majority share of the test and
 validation splits, a ``warning`` when the model predicts one class or does not beat the majority
-share (also logged), ``ece`` before and after temperature scaling, and the ``temperature``.
+share (also logged), ``ece`` before and after temperature scaling (``ece_after_temperature``), the
+``temperature`` (None: the run applies none) and ``temperature_note``, which says why
+(``jaxcnn.metrics.choose_temperature``: fitted and kept, not fitted on a small validation split,
+or not kept where it made the validation split worse). Summaries written before the note have a
+``temperature`` fitted on any validation split; they read as before.
 
 It reads nothing back from disk and scores nothing twice: the caller passes the probabilities
 it computed with the weights the summary reports.
@@ -67,8 +71,8 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
         on the test split.
       test_images: uint8 ``(N, H, W, C)`` (for the wrong images; only ``k`` are read when it is
         a callable ``rows -> images``).
-      val_labels, val_logits: the validation split's, to fit the temperature (None: no
-        temperature, ``ece`` only).
+      val_labels, val_logits: the validation split's, to fit the temperature
+        (``jaxcnn.metrics.choose_temperature``; None: no temperature, and the note says so).
       k: how many wrong images to draw.
       check: called before each plot (``fit`` raises ``RunInterrupted`` from it when a signal came).
       lr_schedule: the run's ``fit.lr_schedule`` (the curves' learning-rate panel says it).
@@ -97,13 +101,18 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
     table = metrics.reliability(probs, test_labels)
     out["ece"] = metrics.expected_calibration_error(probs, test_labels)
     after = None
-    if val_logits is not None:
+    if val_logits is not None and len(val_logits):
         val_labels = np.asarray(val_labels, np.int64)
         out["val_majority_share"] = metrics.majority_share(val_labels, len(names))
-        t = metrics.fit_temperature(val_logits, val_labels)
-        scaled = metrics.softmax(test_logits, t)
+        chosen = metrics.choose_temperature(val_logits, val_labels)
+    else:
+        chosen = metrics.choose_temperature(np.zeros((0, len(names))), np.zeros(0, np.int64))
+    # (both keys always: a report made again over an older summary replaces its temperature)
+    out["temperature"], out["temperature_note"], out["ece_after_temperature"] = None, chosen["note"], None
+    if chosen["temperature"] is not None:
+        scaled = metrics.softmax(test_logits, chosen["temperature"])
         after = metrics.reliability(scaled, test_labels)
-        out["temperature"] = t
+        out["temperature"] = chosen["temperature"]
         out["ece_after_temperature"] = metrics.expected_calibration_error(scaled, test_labels)
 
     name = folder.path.name
@@ -122,8 +131,8 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
                    path=folder.plot_path(WRONG_PNG),
                    title=f"{name}: the {len(idx)} most confidently wrong of {len(test_labels)} test images")
     check()
-    ece_text = f"ECE {out['ece']:.3f}" + ("" if after is None else
-                                          f", {out['ece_after_temperature']:.3f} at T = {out['temperature']:.2f}")
+    ece_text = f"ECE {out['ece']:.3f}" + (f"; temperature {out['temperature_note'].split(' (')[0]}" if after is None
+                                          else f", {out['ece_after_temperature']:.3f} at T = {out['temperature']:.2f}")
     viz.plot_reliability(table, after=after, path=folder.plot_path(RELIABILITY_PNG),
                          title=f"{name}: test calibration ({ece_text})")
     check()

@@ -58,7 +58,7 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"write_test_results: k={k!r}; must be an int >= 1")
     folder = RunFolder(workdir)
-    run = inference.restore(workdir, which=which)
+    run = inference.restore(workdir, which=which, temperature=False)  # (logits only: a bad recorded T is replaced)
     batch_size = int(run.config.get("fit", {}).get("eval_batch_size") or 256)
     names = tuple(dataset.class_names)
 

@@ -19,7 +19,8 @@ A two-phase fine-tuning run is a folder of two run folders (:class:`FinetuneFold
 
 The rules of starting a run live here too (:meth:`RunFolder.prepare`): a folder that holds
 checkpoints is never trained into afresh; a resumed run must have the saved config, except
-for the settings in ``RESUMABLE``; ``overwrite`` sets the old run aside (:class:`SetAside`,
+for the settings in ``RESUMABLE`` (a resume on other devices than the last start's is said in a warning:
+not bitwise); ``overwrite`` sets the old run aside (:class:`SetAside`,
 ``<run>/.previous/``, still on disk) until the new one has saved its first checkpoint; one run
 at a time holds the folder's lock (:meth:`RunFolder.lock`). A command checks the same rules
 before it loads anything (:meth:`RunFolder.check_start`, :meth:`FinetuneFolder.check_start`).
@@ -65,9 +66,13 @@ LOCK = ".lock"
 PREVIOUS = ".previous"  # an old run set aside by --overwrite (SetAside)
 SETTING_ASIDE = ".previous.partial"
 PUTTING_BACK = ".previous.returning"
+UNFINISHED = ".unfinished-overwrite"  # what a killed --overwrite's new run wrote, kept by SetAside.recover
 #: config.json entries (dotted paths) that may change between a run and its resume.
 RESUMABLE = frozenset({"fit.epochs", "fit.max_loss", "data.source.data_dir", "experiment.data_dir",
-                       "data.source.stream", "experiment.stream"})
+                       "data.source.stream", "experiment.stream", "experiment.phase1_epochs",
+                       "experiment.phase2_epochs", "experiment.phase2_frozen_layers", "devices"})
+#: Patiences that may change on resume with the epochs when they equal them (``config_differences``).
+FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 
 
 #: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 4 added the
@@ -264,17 +269,23 @@ class SetAside:
 
     * ``.previous.partial/``: the set-aside was cut short; its entries are moved back;
     * ``.previous/``: deleted when the new run has a checkpoint (``has_new_run()``: it is the
-      run now), else put back (:meth:`put_back`);
+      run now), else brought back;
     * ``.previous.returning/``: a put-back was cut short; it is finished.
 
-    :meth:`put_back` removes the new run's entries first (while ``.previous/`` exists, every
-    one of ``names`` in the folder is the new run's), then renames ``.previous/`` to
-    ``.previous.returning/`` and moves its entries back. A move never replaces an entry: if
-    one is in the way, it raises and both stay.
+    Bringing a run back never deletes a file this call did not write. :meth:`put_back` (the
+    same call that set the run aside, its new run stopped before a checkpoint) removes the new
+    run's entries first (every one of ``names`` in the folder is this call's), then renames
+    ``.previous/`` to ``.previous.returning/`` and moves its entries back. :meth:`recover` (a
+    later call) deletes nothing: an entry of the folder in the way of one coming back (what a
+    killed new run wrote) is moved into ``.unfinished-overwrite/`` (``-2``, ... when taken) and
+    the note says so; an entry with nothing of its name set aside stays where it is (an earlier
+    jaxcnn set a run aside entry by entry, straight into ``.previous/``: a crash half way left
+    the records in the folder).
     """
 
     def __init__(self, folder: str | os.PathLike, names, has_new_run):
         self.folder, self.names, self.has_new_run = pathlib.Path(folder), tuple(names), has_new_run
+        self.moved = False  # this object set the old run aside (the new run's entries are then this call's)
 
     def _dir(self, name: str) -> pathlib.Path:
         return self.folder / name
@@ -282,6 +293,13 @@ class SetAside:
     def pending(self) -> bool:
         """True when an old run is set aside here, or half set aside, or half put back."""
         return any(self._dir(n).is_dir() for n in (SETTING_ASIDE, PREVIOUS, PUTTING_BACK))
+
+    def coming_back(self) -> Optional[pathlib.Path]:
+        """The folder holding the old run's entries when :meth:`recover` will bring it back (its new run
+        has no checkpoint), else None. (An entry that is not there was never set aside: it is in the folder.)"""
+        if self.has_new_run():
+            return None
+        return next((self._dir(n) for n in (SETTING_ASIDE, PREVIOUS, PUTTING_BACK) if self._dir(n).is_dir()), None)
 
     def set_aside(self) -> bool:
         """Move the old run's entries into ``.previous/`` (see the class); False if it has none."""
@@ -293,6 +311,7 @@ class SetAside:
         for name in present:
             os.rename(self.folder / name, partial / name)
         os.rename(partial, self._dir(PREVIOUS))  # the set-aside's one moment: from here the new run may write
+        self.moved = True
         return True
 
     def discard(self) -> None:
@@ -301,10 +320,14 @@ class SetAside:
             shutil.rmtree(self._dir(PREVIOUS))
 
     def put_back(self) -> bool:
-        """Remove the new run's entries and put the old run back; True if there was one."""
+        """Remove the new run's entries and put the old run back; True if there was one. Only after
+        :meth:`set_aside` in this call (else False, and a run set aside earlier stays for
+        :meth:`recover`, which deletes nothing)."""
+        if not self.moved:
+            return False
         aside, back = self._dir(PREVIOUS), self._dir(PUTTING_BACK)
         if aside.is_dir():
-            for name in self.names:  # the new run's (the old run's are all in .previous/)
+            for name in self.names:  # the new run's, written in this call (the old run's are all in .previous/)
                 target = self.folder / name
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
@@ -314,27 +337,50 @@ class SetAside:
         if not back.is_dir():
             return False
         self._move_back(back)
+        self.moved = False
         return True
 
-    def _move_back(self, source: pathlib.Path) -> None:
+    def _move_back(self, source: pathlib.Path, keep: Optional[list] = None) -> None:
+        """Move ``source``'s entries into the folder. An entry in the way raises (``keep`` None: both
+        stay), or with ``keep`` (a list) is moved into a fresh ``.unfinished-overwrite/`` folder,
+        whose path is appended to ``keep``."""
         for entry in sorted(source.iterdir()):
             target = self.folder / entry.name
             if os.path.lexists(target):
-                raise FileExistsError(f"{target} is in the way of the old run's {entry}, which an interrupted "
-                                      f"--overwrite had set aside; move one of them out of the way by hand")
+                if keep is None:
+                    raise FileExistsError(f"{target} is in the way of the old run's {entry}, which an interrupted "
+                                          f"--overwrite had set aside; move one of them out of the way by hand")
+                if not keep:
+                    keep.append(self._unfinished())
+                    keep[0].mkdir()
+                os.rename(target, keep[0] / entry.name)
             os.rename(entry, target)
         source.rmdir()
 
+    def _unfinished(self) -> pathlib.Path:
+        """The first of ``.unfinished-overwrite``, ``-2``, ``-3``, ... that is not there."""
+        path, n = self._dir(UNFINISHED), 2
+        while os.path.lexists(path):
+            path, n = self._dir(f"{UNFINISHED}-{n}"), n + 1
+        return path
+
     def recover(self) -> Optional[str]:
-        """Finish or undo what a killed ``--overwrite`` left (see the class); a note for the user, or None."""
-        note = None
+        """Finish or undo what a killed ``--overwrite`` left (see the class), deleting nothing but an
+        old run whose new run has a checkpoint; a note for the user, or None."""
+        note, keep = None, []
         if self._dir(SETTING_ASIDE).is_dir():  # the new run never started
-            self._move_back(self._dir(SETTING_ASIDE))
+            self._move_back(self._dir(SETTING_ASIDE), keep)
             note = f"{self.folder}: put back the run that an interrupted --overwrite was setting aside"
         if self._dir(PREVIOUS).is_dir() and self.has_new_run():  # the new run had its first checkpoint
             self.discard()
-        elif self.put_back():
+        elif self._dir(PREVIOUS).is_dir() or self._dir(PUTTING_BACK).is_dir():
+            if self._dir(PREVIOUS).is_dir():
+                os.rename(self._dir(PREVIOUS), self._dir(PUTTING_BACK))
+            self._move_back(self._dir(PUTTING_BACK), keep)
             note = f"{self.folder}: brought back the run that an interrupted --overwrite had set aside"
+        if keep:
+            note += (f"; what the interrupted run had written in its place ("
+                     f"{', '.join(sorted(p.name for p in keep[0].iterdir()))}) is kept in {keep[0]}")
         return note
 
 
@@ -355,6 +401,28 @@ def _write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def nearest_existing(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` (absolute) if it exists, else its nearest parent that does (a link counts)."""
+    where = pathlib.Path(path).absolute()
+    while not os.path.lexists(where):
+        where = where.parent
+    return where
+
+
+def write_refused(folder: pathlib.Path) -> Optional[str]:
+    """Why the existing folder ``folder`` takes no new file (the OS's reason), or None when it does.
+    A real write, removed again: permission bits do not tell for root or a read-only filesystem.
+    (The callers raise their own error outside any ``except``: a read-only disk's EROFS in its
+    context would otherwise be taken for a full disk's by ``jaxcnn.cli.disk_error``.)"""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as strict, indented JSON (non-finite floats as null), written atomically."""
     _write_text(pathlib.Path(path), json.dumps(_finite(obj), indent=1, allow_nan=False, default=str) + "\n")
@@ -372,10 +440,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, new: dict, *, allowed=RESUMABLE) -> list[str]:
-    """``"key (old -> new)"`` for every dotted config entry that differs, except ``allowed``."""
+    """``"key (old -> new)"`` for every dotted config entry that differs, except ``allowed``. With
+    ``fit.epochs`` allowed, a patience (``FOLLOW_EPOCHS``) that equals the epochs in both (a fixed
+    schedule: no early stop, no LR drop, as a fine-tuning phase runs) may follow them."""
     a, b = _flatten(saved), _flatten(new)
+    follow = {k for k in FOLLOW_EPOCHS if "fit.epochs" in allowed
+              and a.get(k) == a.get("fit.epochs") and b.get(k) == b.get("fit.epochs")}
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(set(a) | set(b))
-            if k not in allowed and a.get(k) != b.get(k)]
+            if k not in allowed and k not in follow and a.get(k) != b.get(k)]
 
 
 class RunFolder:
@@ -387,6 +459,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        self._aside: Optional[SetAside] = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -442,6 +515,15 @@ class RunFolder:
         it is in a format this jaxcnn cannot read."""
         return migrate_config(self._read_json(CONFIG, "a training run folder"), self.path / CONFIG)
 
+    def config_to_resume(self) -> Optional[dict]:
+        """The config a resume here continues (:meth:`read_config`), or None when there is none: that
+        of the run an interrupted ``overwrite`` set aside when it is the one :meth:`prepare` will
+        bring back (its new run saved no checkpoint), else the folder's ``config.json``."""
+        back = self._set_aside().coming_back()
+        if back is not None and (back / CONFIG).is_file():
+            return RunFolder(back).read_config()
+        return self.read_config() if self.is_run() else None
+
     def read_history(self) -> list[dict]:
         """The per-epoch rows of ``history.json`` (FileNotFoundError when the run has none yet)."""
         history = self._read_json(HISTORY_JSON, "a run folder with a history")
@@ -466,16 +548,10 @@ class RunFolder:
         file, or the folder (or its nearest existing parent) does not take a new file."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"workdir={str(self.path)!r} is a file, not a folder")
-        where = self.path
-        while not where.exists():
-            where = where.parent
-        try:  # a real write: permission bits do not tell for root or a read-only filesystem
-            fd, probe = tempfile.mkstemp(prefix=".jaxcnn-write-test-", dir=where)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise ValueError(f"workdir={str(self.path)!r} cannot be written: {where} does not take a new file "
-                             f"({e.strerror or e})") from None
+        where = nearest_existing(self.path)
+        why = write_refused(where)
+        if why is not None:
+            raise ValueError(f"workdir={str(self.path)!r} cannot be written: {where} does not take a new file ({why})")
 
     @contextlib.contextmanager
     def lock(self):
@@ -558,11 +634,20 @@ class RunFolder:
         notes = [note] if note else []
         if resume:
             if self.is_run():
-                diff = config_differences(self.read_config(), config)
+                saved = self.read_config()
+                if "fingerprint" not in (saved.get("data") or {}) and "fingerprint" in (config.get("data") or {}):
+                    # a run recorded before data fingerprints: nothing to compare (this start records one)
+                    config = {**config, "data": {k: v for k, v in config["data"].items() if k != "fingerprint"}}
+                diff = config_differences(saved, config)
                 if diff:
                     raise ValueError("resume: the config differs from the run's saved config.json in "
                                      + ", ".join(diff) + "; only " + ", ".join(sorted(RESUMABLE))
                                      + f" may change on resume ({_unchanged(notes)})")
+                was, now = saved.get("devices"), config.get("devices")
+                if was and now and was != now:
+                    notes.append(f"{self.path}: the run trained on {was} and resumes on {now}: the same data order, "
+                                 f"but not bitwise what it would have been on {was} (a batch's sums are split "
+                                 f"differently); resume on {was} for that (on a CPU: --cpu_devices)")
             if not self.has_checkpoints():
                 notes.append(f"{self.path}: the run was stopped before its first checkpoint; starting it over")
         elif self.has_checkpoints():  # (overwrite: refused above otherwise)
@@ -570,7 +655,10 @@ class RunFolder:
         return notes
 
     def _set_aside(self) -> SetAside:
-        return SetAside(self.path, RUN_FILES, self.has_checkpoints)
+        """The folder's one :class:`SetAside` (it knows whether this object set the old run aside)."""
+        if self._aside is None:
+            self._aside = SetAside(self.path, RUN_FILES, self.has_checkpoints)
+        return self._aside
 
     def has_set_aside(self) -> bool:
         """True when an interrupted ``overwrite`` left a run set aside here (``prepare`` deals with it)."""
@@ -581,7 +669,8 @@ class RunFolder:
         self._set_aside().discard()
 
     def restore(self) -> bool:
-        """Put back the run an ``overwrite`` set aside, removing what the new run wrote; True if there was one."""
+        """Put back the run that this object's ``prepare(overwrite=True)`` set aside, removing what the
+        new run wrote; True if there was one (a run set aside by an earlier call is left to ``prepare``)."""
         return self._set_aside().put_back()
 
     def write_config(self, config: dict) -> None:
@@ -667,6 +756,18 @@ class FinetuneFolder:
         """The two phases and the summary as ``--overwrite`` sets them aside, one unit; the new run
         is the run once a phase has a checkpoint."""
         return SetAside(self.path, (*PHASES, SUMMARY), lambda: any(p.has_checkpoints() for p in self.phases))
+
+    def config_to_resume(self) -> Optional[list]:
+        """``[config, phase 2 started]`` of the run a resume here continues (the first phase's config
+        that there is, :meth:`RunFolder.config_to_resume`; that of the run an interrupted
+        ``overwrite`` set aside when it comes back), or None when there is none."""
+        back = self.set_aside().coming_back()
+        phases = FinetuneFolder(back).phases if back is not None and any(
+            (back / name).exists() for name in PHASES) else self.phases
+        configs = [p.config_to_resume() for p in phases]
+        if not any(configs):
+            return None
+        return [next(c for c in configs if c), phases[1].is_run() or phases[1].has_checkpoints()]
 
     def check_start(self, *, resume: bool, overwrite: bool) -> None:
         """:meth:`RunFolder.check_start` for the two phases: each can be written, ``resume`` needs a

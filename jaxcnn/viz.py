@@ -50,16 +50,18 @@ NORMALIZE = ("layer", "filter")
 # ---------------------------------------------------------------------------- helpers
 
 
-def save_figure(fig: Figure, path: Union[str, os.PathLike], *, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: Union[str, os.PathLike], *, dpi: int = 100,
+                metadata: Optional[dict] = None) -> Path:
     """Write ``fig`` as a PNG at ``figsize * dpi`` pixels (parent folders are created).
 
     The file is written to ``<path>.tmp`` and renamed into place, so an interrupted
-    save never leaves a half-written picture where a good one was.
+    save never leaves a half-written picture where a good one was. ``metadata``: PNG text
+    chunks (``{key: str}``; Pillow reads them back in ``Image.open(path).info``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+    fig.savefig(tmp, dpi=dpi, format="png", facecolor="white", metadata=metadata)
     os.replace(tmp, path)
     return path
 

@@ -147,3 +147,54 @@ def test_the_folder_default_of_precise_bn_beyond_an_epoch_is_named_as_the_defaul
     assert notes == ["--precise_bn 20 (--dataset folder's default): an epoch has only 7 batches; using 7"]
     assert cifar10._precise_bn_in_epoch(folder, argparse.Namespace(precise_bn=None), 20 * 32, False) == folder
     assert len(notes) == 1
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_a_changed_one_in_one_line(tmp_path, capsys):
+    """Issue 26: the README's ``--workdir W --epochs N --resume`` with no other flag continues the
+    run with its recorded settings (a smoke run: no preset or dataset given), bitwise the
+    uninterrupted run; a flag that differs from the run and may not change is one line."""
+    from test_reliability import assert_same_run, snapshot
+
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    assert cifar10.main(["--preset", "smoke", "--no_progress", "--workdir", str(whole)]) == 0
+    assert cifar10.main(["--preset", "smoke", "--no_progress", "--workdir", str(cut), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cifar10.main(["--workdir", str(cut), "--epochs", "2", "--resume", "--no_progress"]) == 0, \
+        capsys.readouterr().err
+    assert_same_run(cut, whole, 2)
+    capsys.readouterr()
+    before = snapshot(cut)
+    assert cifar10.main(["--workdir", str(cut), "--epochs", "3", "--resume", "--dataset", "offline", "--seed", "1",
+                         "--no-augment", "--learning_rate", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --resume: --seed 1 (the run's: 0), --no-augment (the run's: on): a run continues with its "
+                   "own settings and these cannot change (what can: --data_dir, --epochs, --max_loss, --stream); leave "
+                   "them out, or start a new run with another --workdir (nothing was changed)\n")
+    assert snapshot(cut) == before
+
+
+def test_a_resume_on_another_device_count_warns_that_it_is_not_bitwise(tmp_path, capsys):
+    """Issue 26: the run records its devices; a resume on another count says so in one line."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import jax
+
+    from jaxcnn.runfolder import RunFolder
+
+    workdir, n = tmp_path / "run", jax.device_count() + 1
+    done = subprocess.run([sys.executable, "-m", "jaxcnn.experiments.cifar10", "--preset", "smoke", "--epochs", "1",
+                           "--no_progress", "--cpu_devices", str(n), "--workdir", str(workdir)],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert RunFolder(workdir).read_config()["devices"] == f"cpu x{n}"
+    assert cifar10.main(["--workdir", str(workdir), "--epochs", "2", "--resume", "--no_progress"]) == 0
+    here = f"{jax.devices()[0].platform} x{jax.device_count()}"
+    assert [line for line in capsys.readouterr().err.splitlines() if "resumes on" in line] == [
+        f"{workdir}: the run trained on cpu x{n} and resumes on {here}: the same data order, but not bitwise what it "
+        f"would have been on cpu x{n} (a batch's sums are split differently); resume on cpu x{n} for that (on a CPU: "
+        f"--cpu_devices)"]
+    assert RunFolder(workdir).read_config()["devices"] == here  # the layout of the last start

@@ -22,6 +22,7 @@ from jaxcnn import export, inference
 from jaxcnn.data import load_dataset
 from jaxcnn.experiments import cifar10
 from jaxcnn.models import ResNetTiny
+from jaxcnn.runfolder import RunFolder
 from jaxcnn.train import FitConfig, TrainState, adam, fit
 
 HAS_EXTRA = all(importlib.util.find_spec(m) is not None for m in ("jax2onnx", "onnx", "onnxruntime"))
@@ -53,6 +54,12 @@ def runs(tmp_path_factory):
     state = TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3), key=jax.random.key(1))
     fit(state, data, FitConfig(epochs=1, batch_size=16, eval_batch_size=16, augment=None, preprocess="caffe"),
         root / "resnet", progress=False)
+    # the smoke splits (64 and 32 validation images) are too small for the report to fit a temperature
+    # (jaxcnn.metrics.MIN_TEMPERATURE_EXAMPLES): give each run one, as a run on a larger split has
+    for name, t in (("cifar10", 3.5), ("resnet", 0.6)):
+        folder = RunFolder(root / name)
+        assert folder.read_summary()["temperature"] is None
+        folder.write_summary({**folder.read_summary(), "temperature": t})
     return {"cifar10": root / "cifar10", "resnet": root / "resnet"}
 
 
@@ -103,6 +110,28 @@ def test_the_temperature_divides_the_logits_and_no_temperature_gives_the_raw_sof
     oracle = np.log(raw.astype(np.float64)) / t  # log softmax(z) = z - c: softmax(log(raw) / T) = softmax(z / T)
     oracle = np.exp(oracle - oracle.max(-1, keepdims=True))
     np.testing.assert_allclose(calibrated, oracle / oracle.sum(-1, keepdims=True), rtol=0, atol=1e-5)
+    assert {p.key: p.value for p in onnx.load(str(tmp_path / "raw.onnx")).metadata_props}["temperature"] == "none"
+
+
+@needs_extra
+def test_a_recorded_temperature_outside_the_range_is_refused_and_no_temperature_exports_the_raw_softmax(
+        runs, tmp_path, capsys):
+    import shutil
+
+    import onnx
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["cifar10"], run_dir)
+    folder = RunFolder(run_dir)
+    folder.write_summary({**folder.read_summary(), "temperature": 1e-300})  # 0 in float32: NaN probabilities
+    code, out, err = cli(capsys, ["--run", str(run_dir), "--out", str(tmp_path / "t.onnx")])
+    assert (code, out) == (2, "") and err == (
+        f"error: restore: {run_dir / 'summary.json'} has temperature=1e-300; a run's temperature is a number in "
+        f"[0.05, 20]: correct or remove it, or pass --no_temperature (restore(..., temperature=False)) for the raw "
+        f"softmax\n")
+    assert not (tmp_path / "t.onnx").exists()
+    code, _, err = cli(capsys, ["--run", str(run_dir), "--out", str(tmp_path / "raw.onnx"), "--no_temperature"])
+    assert code == 0, err
     assert {p.key: p.value for p in onnx.load(str(tmp_path / "raw.onnx")).metadata_props}["temperature"] == "none"
 
 

@@ -330,3 +330,70 @@ def test_a_cosine_schedule_runs_over_each_phase(tmp_path):
             want = base * (1 + math.cos(math.pi * (4 * row["epoch"] - 1) / 8)) / 2
             # f in float32 (a few ulps of 1), the rate written with 7 significant digits
             assert abs(row["lr"] - want) <= base * 4 * 2.0 ** -23 + 5e-7 * want, (phase, row)
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_a_changed_one_in_one_line(tmp_path, capsys):
+    """Issue 26: ``--workdir W --phase2_epochs 2 --resume`` and no other flag continues a smoke run
+    with its recorded settings, bitwise the run trained with 2 phase-2 epochs at once; a flag
+    that differs from the run and may not change is one line (--phase1_epochs, once phase 2 ran)."""
+    from test_reliability import assert_same_run, snapshot
+
+    ft = ["--preset", "smoke", "--no_progress", "--phase1_epochs", "1"]
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    assert finetune.main(ft + ["--phase2_epochs", "2", "--workdir", str(whole)]) == 0
+    assert finetune.main(ft + ["--phase2_epochs", "1", "--workdir", str(cut)]) == 0
+    capsys.readouterr()
+    assert finetune.main(["--workdir", str(cut), "--phase2_epochs", "2", "--resume", "--no_progress"]) == 0, \
+        capsys.readouterr().err
+    assert_same_run(cut / "phase1", whole / "phase1", 1)
+    assert_same_run(cut / "phase2", whole / "phase2", 2)
+    capsys.readouterr()
+    before = snapshot(cut)
+    assert finetune.main(["--workdir", str(cut), "--resume", "--seed", "1", "--phase1_epochs", "2",
+                          "--model", "tiny"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --resume: --phase1_epochs 2 (the run's: 1), --seed 1 (the run's: 0): a run continues with its own "
+        "settings and these cannot change (what can: --data_dir, --max_loss, --phase2_epochs, --stream); leave them "
+        "out, or start a new run with another --workdir (nothing was changed)\n")
+    assert snapshot(cut) == before
+
+
+def test_a_phase_2_setting_out_of_the_models_range_is_refused_before_phase_1_trains(tmp_path, capsys):
+    """Issue 26: ``--phase2_frozen_layers`` beyond the chosen model's Keras layers used to fail after phase 1."""
+    workdir = tmp_path / "ft"
+    assert finetune.main(["--preset", "smoke", "--model", "small", "--phase2_frozen_layers", "57", "--no_progress",
+                          "--workdir", str(workdir)]) == 2
+    assert capsys.readouterr().err == ("error: phase2_frozen_layers=57 (--phase2_frozen_layers): the small model has "
+                                       "56 Keras layers; allowed 0 .. 56 (0: phase 2 trains every layer)\n")
+    assert not workdir.exists()
+    small = finetune.get_config("default", model="small")  # what --model small alone brings: no ImageNet file
+    assert (small.weights, small.phase2_frozen_layers, small.phase2_lr, small.image_size) == ("none", 0, 1e-3, 32)
+    given = finetune.get_config("default", model="small", phase2_frozen_layers=8, image_size=48)  # a flag wins
+    assert (given.phase2_frozen_layers, given.image_size) == (8, 48)
+
+
+def test_the_small_model_fine_tunes_on_a_photo_folder_offline_and_resumes_with_phase_2_changed(tmp_path, capsys):
+    """The one offline command that fine-tunes on a folder of photos (README): ``--dataset folder
+    --data_dir D --model small`` (here with one epoch per phase). A run whose phase 2 has not
+    started resumes with another --phase2_frozen_layers."""
+    import shutil
+
+    from conftest import write_photo_folder
+
+    write_photo_folder(tmp_path / "photos", bad_files=False)
+    workdir = tmp_path / "ft"
+    argv = ["--dataset", "folder", "--data_dir", str(tmp_path / "photos"), "--model", "small", "--phase1_epochs", "1",
+            "--phase2_epochs", "1", "--no_progress", "--workdir", str(workdir)]
+    assert finetune.main(argv) == 0, capsys.readouterr().err
+    config = RunFolder(workdir / "phase2").read_config()
+    assert (config["experiment"]["weights"], config["experiment"]["phase2_frozen_layers"]) == ("none", 0)
+    assert config["data"]["image_shape"] == [32, 32, 3] and config["data"]["num_classes"] == 3
+    assert json.loads((workdir / "summary.json").read_text())["phase2"]["stop_epoch"] == 1
+    # phase 1 done, phase 2 not started (what the old late failure left): the phase-2 setting may change
+    shutil.rmtree(workdir / "phase2")
+    (workdir / "summary.json").unlink()
+    capsys.readouterr()
+    assert finetune.main(["--workdir", str(workdir), "--resume", "--phase2_frozen_layers", "10", "--no_progress"]) == 0, \
+        capsys.readouterr().err
+    assert "phase 1: already complete" in capsys.readouterr().out
+    assert RunFolder(workdir / "phase2").read_config()["experiment"]["freeze_rule"] == "first_n_keras_layers(10)"

@@ -312,3 +312,68 @@ def test_an_imbalanced_folder_gets_one_warning_and_a_balanced_one_none(tmp_path,
     load_folder(tmp_path / "odd", image_size=16, val_fraction=0.25, test_fraction=0.25)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "the classes are imbalanced: 'disk' has 14 images, 'ring' 4 (3.5x" in warnings[0]
+
+
+# --------------------------------------------------------------------------- a changed folder, a leak (issue 26)
+
+
+def test_the_fingerprint_tells_what_changed_and_ignores_where_the_folder_is(tmp_path):
+    from jaxcnn.data.folder import changes, fingerprint
+
+    root = tmp_path / "photos"
+    write_photo_folder(root, per_class=4, bad_files=False)
+    before = fingerprint(scan_folder(root), root)
+    assert before["class_names"] == list(CLASSES) and before["files"] == 12
+    os.rename(root, tmp_path / "moved")
+    assert changes(before, fingerprint(scan_folder(tmp_path / "moved"), tmp_path / "moved")) is None
+    root = tmp_path / "moved"
+    os.rename(root / "disk" / "disk_00.png", root / "disk" / "disk_00b.png")  # same count, another name
+    assert changes(before, fingerprint(scan_folder(root), root)) == \
+        "the same number of files (12), but other names or sizes"
+    (root / "tri").mkdir()
+    for i in (1, 2):
+        (root / "tri" / f"{i}.png").write_bytes((root / "disk" / f"disk_0{i}.png").read_bytes())
+    (root / "ring" / "ring_00.png").unlink()
+    assert changes(before, fingerprint(scan_folder(root), root)) == "classes added: ['tri']; 1 file more (13, the run had 12)"
+
+
+def test_a_resume_on_a_folder_that_changed_is_refused_in_one_line_before_anything_loads(tmp_path, capsys):
+    from test_reliability import snapshot
+
+    from jaxcnn.experiments import cifar10
+    from jaxcnn.runfolder import RunFolder
+
+    photos, run = tmp_path / "photos", tmp_path / "run"
+    write_photo_folder(photos, per_class=6, bad_files=False)
+    assert cifar10.main(["--preset", "smoke", "--dataset", "folder", "--data_dir", str(photos), "--epochs", "1",
+                         "--batch_size", "8", "--no_progress", "--workdir", str(run)]) == 0
+    assert RunFolder(run).read_config()["data"]["fingerprint"]["files"] == 18
+    (photos / "tri").mkdir()
+    for i in (1, 2):  # a class added
+        (photos / "tri" / f"{i}.png").write_bytes((photos / "disk" / f"disk_0{i}.png").read_bytes())
+    capsys.readouterr()
+    before = snapshot(run)
+    assert cifar10.main(["--workdir", str(run), "--epochs", "2", "--resume", "--no_progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume: the images in {photos} are not those {run} trained on (classes added: ['tri']; 2 files "
+        f"more (20, the run had 18)); a run resumes on its own data: put the folder back as it was, or train on it "
+        f"as it is now with another --workdir (nothing was changed)\n")
+    assert snapshot(run) == before
+
+
+def test_copies_of_training_images_in_test_are_named_in_one_warning(tmp_path, jaxcnn_log):
+    root = tmp_path / "photos"
+    _split_layout(root, {"train": 4, "test": 2})
+    for name in ("disk_00.png", "disk_01.png"):  # two training images copied into test/ under other names
+        (root / "test" / "disk" / f"copy_{name}").write_bytes((root / "train" / "disk" / name).read_bytes())
+    load_folder(root, image_size=16)
+    leaks = [r.getMessage() for r in jaxcnn_log if "copies of training files" in r.getMessage()]
+    assert leaks == [f"{root}: 2 image file(s) in test (2) are byte for byte copies of training files (a data leak: "
+                     f"the scores on those splits overstate what the model does on new images), e.g. "
+                     f"test/disk/copy_disk_00.png = train/disk/disk_00.png; test/disk/copy_disk_01.png = "
+                     f"train/disk/disk_01.png"]
+    (root / "test" / "disk" / "copy_disk_00.png").unlink()
+    (root / "test" / "disk" / "copy_disk_01.png").unlink()
+    jaxcnn_log.clear()
+    load_folder(root, image_size=16)
+    assert not [r for r in jaxcnn_log if "copies" in r.getMessage()]

@@ -1,6 +1,7 @@
 """jaxcnn.metrics against counts and values worked out by hand."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -80,3 +81,73 @@ def test_majority_share_and_the_degenerate_warning():
     level = spread_labels.copy()
     level[57:59] = 1  # two more right: 0.57, level with the majority share, is not better
     assert metrics.degenerate_warning(level, spread, 3).startswith("accuracy 0.570 does not beat the majority")
+
+
+def test_a_temperature_outside_the_fitted_range_is_refused_in_words():
+    lo, hi = metrics.TEMPERATURE_RANGE
+    assert (lo, hi) == (0.05, 20.0)
+    for ok in (lo, hi, 1, 2.5, np.float32(0.5)):
+        assert metrics.check_temperature(ok, "T") == float(ok)
+    # 1e-300 is 0 in float32 (NaN probabilities), 1e300 is inf (uniform ones)
+    for bad in (0, 1e-300, 1e300, -1.0, float("nan"), float("inf"), 0.049, 20.01, True, "2", None):
+        with pytest.raises(ValueError, match=rf"^T={re.escape(repr(bad))}; must be a number in \[0.05, 20\] "
+                                             r"\(the range fit_temperature searches\)$"):
+            metrics.check_temperature(bad, "T")
+
+
+def _nll_ece_two_classes(groups, t):
+    """float64 NLL and ECE at temperature ``t`` of two-class logits ``(margin, 0)``, from
+    ``groups`` ``[(margin, examples, of them class 0), ...]``, each group in its own ECE bin."""
+    n = sum(g[1] for g in groups)
+    nll = ece = 0.0
+    for margin, count, right in groups:
+        p = 1 / (1 + math.exp(-margin / t))  # softmax((margin, 0) / t)[0]: the top class is class 0
+        nll += -(right * math.log(p) + (count - right) * math.log(1 - p)) / n
+        ece += count / n * abs(right / count - p)
+    return nll, ece
+
+
+def _two_class(groups):
+    logits = np.concatenate([np.tile([m, 0.0], (c, 1)) for m, c, _ in groups])
+    labels = np.concatenate([np.r_[np.zeros(r, np.int64), np.ones(c - r, np.int64)] for _, c, r in groups])
+    return logits, labels
+
+
+def test_the_temperature_is_fitted_only_on_a_split_that_can_support_it():
+    assert metrics.MIN_TEMPERATURE_EXAMPLES == 100
+    groups = [(4.0, 100, 80)]  # every example (4, 0), 80 % class 0: the NLL is least at T = 4 / ln 4
+    logits, labels = _two_class(groups)
+    t = 4 / math.log(4)
+    (nll_1, ece_1), (nll_t, _) = _nll_ece_two_classes(groups, 1.0), _nll_ece_two_classes(groups, t)
+    got = metrics.choose_temperature(logits, labels)
+    assert got["temperature"] == pytest.approx(t, rel=1e-5)
+    assert got["note"] == (f"fitted on 100 validation images: T = {t:.3g} (validation NLL {nll_1:.4f} -> "
+                           f"{nll_t:.4f}, ECE {ece_1:.4f} -> 0.0000)")  # calibrated: confidence 0.8, accuracy 0.8
+    # the same examples, one fewer than the minimum; then a small photo folder's validation split
+    assert metrics.choose_temperature(logits[:99], labels[:99]) == {
+        "temperature": None, "note": "not fitted: 99 validation image(s), fewer than 100"}
+    assert metrics.choose_temperature(logits[:15], labels[:15], min_examples=100)["note"] == \
+        "not fitted: 15 validation image(s), fewer than 100"
+    assert metrics.choose_temperature(np.zeros((0, 3)), np.zeros(0, np.int64)) == {
+        "temperature": None, "note": "not fitted: no validation split"}
+
+
+def test_a_temperature_that_makes_the_validation_ece_worse_is_not_kept():
+    # 100 examples at confidence 0.9 of which 90 are right (calibrated at T = 1), and 10 confidently
+    # wrong ones (margin 10): the NLL wants T far above 1, which drops the 100 to about 0.56
+    groups = [(math.log(9), 100, 90), (10.0, 10, 0)]
+    logits, labels = _two_class(groups)
+    grid = np.geomspace(*metrics.TEMPERATURE_RANGE, 400_001)  # the float64 oracle's minimum, by brute force
+    margins = np.array([math.log(9), 10.0])[:, None] / grid
+    nll_grid = (90 * np.logaddexp(0, -margins[0]) + 10 * np.logaddexp(0, margins[0])
+                + 10 * np.logaddexp(0, margins[1])) / 110
+    t = float(grid[np.argmin(nll_grid)])
+    (nll_1, ece_1), (nll_t, ece_t) = _nll_ece_two_classes(groups, 1.0), _nll_ece_two_classes(groups, t)
+    assert t > 5 and nll_t < nll_1 and ece_t > ece_1  # the case: a better NLL, a worse ECE
+    got = metrics.choose_temperature(logits, labels)
+    assert got["temperature"] is None
+    m = re.fullmatch(r"not kept: T = ([\d.]+), fitted on 110 validation images, makes the validation split worse "
+                     r"than T = 1 \(validation NLL ([\d.]+) -> ([\d.]+), ECE ([\d.]+) -> ([\d.]+)\)", got["note"])
+    assert m, got["note"]
+    assert float(m.group(1)) == pytest.approx(t, rel=2e-3)
+    np.testing.assert_allclose([float(v) for v in m.groups()[1:]], [nll_1, nll_t, ece_1, ece_t], atol=1e-4)

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -259,10 +260,14 @@ def test_predict_runs_as_a_command_in_a_fresh_process(runs, photo_folder):
     want = _expected(workdir, files, 3)
     assert [[c for c, _ in got[f]] for f in files] == [[c for c, _ in want[f]] for f in files]
     run = inference.restore(workdir)
-    assert run.temperature is not None  # the report fitted one on the validation split; the probabilities use it
+    # a photo folder's few validation images support no temperature: none is fitted, the summary says why,
+    # and the probabilities are the raw softmax (no temperature in the last line)
+    summary, config = RunFolder(workdir).read_summary(), RunFolder(workdir).read_config()
+    num_val = len(load_dataset(**config["data"]["source"]).val)
+    assert run.temperature is None and summary["temperature"] is None and num_val < 100
+    assert summary["temperature_note"] == f"not fitted: {num_val} validation image(s), fewer than 100"
     assert done.stderr.splitlines() == [f"cannot read {manifest['bad'][2]}: not a JPEG or PNG image",
-                                        f"3 of 4 file(s) classified with {workdir} (best epoch "
-                                        f"{run.epoch}, temperature {run.temperature:.3g})"]
+                                        f"3 of 4 file(s) classified with {workdir} (best epoch {run.epoch})"]
 
 
 def test_predict_refuses_a_missing_or_damaged_run_in_one_line(runs, photo_folder, capsys, tmp_path):
@@ -386,3 +391,172 @@ def test_predict_scales_by_the_runs_temperature_unless_told_not_to(runs, photo_f
             np.testing.assert_allclose([got[c] for c in CLASSES], p, rtol=1e-5)
     folder.write_summary({**summary, "temperature": 2.0, "best_epoch": summary["best_epoch"] + 1})
     assert inference.restore(workdir).temperature is None  # fitted for other weights than these
+
+
+# --------------------------------------------------------------------------- nothing of the user's is replaced
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(pathlib.Path(folder).rglob("*")) if p.is_file()}
+
+
+def _read_only_dir(tmp_path) -> pathlib.Path:
+    if os.geteuid() == 0:  # root writes through permission bits: use a filesystem that takes no files
+        return pathlib.Path("/sys/jaxcnn-test")
+    ro = tmp_path / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro
+
+
+def test_predict_explain_into_the_photos_own_folder_refuses_before_classifying(runs, photo_folder, capsys, tmp_path,
+                                                                               monkeypatch):
+    import shutil
+
+    _, manifest = photo_folder
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in manifest["files"][:6]:  # 4 PNGs, 2 JPEGs
+        shutil.copy(f["path"], photos)
+    (photos / "notes.txt").write_text("mine")
+    before = _snapshot(photos)
+    workdir = str(runs["cifar10"][0])
+    monkeypatch.setattr(predict, "classify", lambda *a, **k: pytest.fail("an image was classified"))
+    first_png = sorted(p for p in photos.iterdir() if p.suffix == ".png")[0]
+    code, out, err = cli(capsys, predict.main, ["--run", workdir, "--explain", str(photos), str(photos)])
+    assert (code, out) == (2, "") and len(err.splitlines()) == 1, err
+    assert err == (f"error: --explain {photos}: the figure of {first_png} would replace {first_png}, one of the "
+                   f"images to classify; name a folder of its own for the figures\n")
+    # a folder that holds a file of the user's with a figure's name: refused as well
+    theirs = tmp_path / "figures"
+    theirs.mkdir()
+    jpeg = next(p for p in sorted(photos.iterdir()) if p.suffix == ".jpg")
+    (theirs / f"{jpeg.stem}.png").write_bytes(first_png.read_bytes())
+    code, out, err = cli(capsys, predict.main, ["--run", workdir, "--explain", str(theirs), str(jpeg)])
+    assert (code, out) == (2, "") and err == (
+        f"error: --explain {theirs}: the figure of {jpeg} would replace {theirs / (jpeg.stem + '.png')}, a file "
+        f"--explain did not make; name another folder, or move it away\n")
+    # --out onto an image, or onto a file that is not a prediction CSV
+    for target in (first_png, photos / "notes.txt"):
+        code, out, err = cli(capsys, predict.main, ["--run", workdir, "--out", str(target), str(jpeg)])
+        assert (code, out) == (2, "") and err == (
+            f"error: --out {target} exists and is not a prediction CSV (its first line is not "
+            f"path,label_1,prob_1,...): name another file, or move it away\n")
+    assert _snapshot(photos) == before and _snapshot(theirs) == {theirs / f"{jpeg.stem}.png": first_png.read_bytes()}
+
+
+def test_predict_replaces_only_its_own_figures_and_csv_on_a_second_call(runs, photo_folder, capsys, tmp_path):
+    _, manifest = photo_folder
+    workdir = str(runs["cifar10"][0])
+    image = manifest["files"][0]["path"]
+    figures, csv_path = tmp_path / "figures", tmp_path / "preds.csv"
+    for _ in range(2):
+        code, _, err = cli(capsys, predict.main, ["--run", workdir, "--explain", str(figures), "--out", str(csv_path),
+                                                  image])
+        assert code == 0, err
+    assert [p.name for p in figures.iterdir()] == [pathlib.Path(image).stem + ".png"]
+    assert predict._is_explain_figure(figures / (pathlib.Path(image).stem + ".png"))
+    assert csv_path.read_text().startswith("path,label_1,prob_1,") and len(csv_path.read_text().splitlines()) == 2
+
+
+def test_predict_refuses_a_folder_it_cannot_write_before_classifying(runs, photo_folder, capsys, tmp_path,
+                                                                     monkeypatch):
+    _, manifest = photo_folder
+    image, workdir = manifest["files"][0]["path"], str(runs["cifar10"][0])
+    monkeypatch.setattr(predict, "classify", lambda *a, **k: pytest.fail("an image was classified"))
+    read_only = _read_only_dir(tmp_path)
+    where = read_only if read_only.exists() else read_only.parent
+    for flag, target in (("--explain", read_only / "figures"), ("--out", read_only / "preds.csv")):
+        code, out, err = cli(capsys, predict.main, ["--run", workdir, flag, str(target), image])
+        assert (code, out) == (2, "") and len(err.splitlines()) == 1, err
+        assert err.startswith(f"error: {flag} {target}: cannot write into {where} ("), err
+        assert err.endswith("); name a folder you can write to\n")
+        assert not target.exists()
+
+
+def test_a_huge_image_is_named_in_one_line_and_classified(runs, capsys, tmp_path, recwarn):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("L", (10_000, 10_000), 128).save(big)  # 1e8 pixels, more than Pillow's 89,478,485; small on disk
+    workdir = runs["cifar10"][0]
+    code, out, err = cli(capsys, predict.main, ["--run", str(workdir), "--out", str(tmp_path / "p.csv"),
+                                                "--explain", str(tmp_path / "figures"), str(big)])
+    assert code == 0, err
+    assert err.splitlines()[0] == (f"warning: {big} is 10000x10000 pixels (100,000,000), more than "
+                                   f"PIL.Image.MAX_IMAGE_PIXELS (89,478,485), Pillow's guard against decompression "
+                                   f"bombs: decoded anyway, as a file you chose")
+    assert len(err.splitlines()) == 2 and "DecompressionBomb" not in err  # once, though --explain decodes it again
+    assert not [w for w in recwarn if "decompression bomb" in str(w.message)]  # Pillow's own warning: silenced
+    with open(tmp_path / "p.csv", newline="") as f:
+        row = list(csv.reader(f))[1]
+    want = inference.restore(workdir).predict(np.full((1, 24, 24, 3), 128, np.uint8))[0]  # one grey, any size
+    got = {row[i]: float(row[i + 1]) for i in (1, 3, 5)}
+    np.testing.assert_allclose([got[c] for c in CLASSES], want, rtol=1e-5)
+    assert (tmp_path / "figures" / "big.png").is_file()
+
+
+def test_an_image_pillow_will_not_open_is_named_with_its_size(runs, capsys, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # twice that, 2000, is the most Pillow opens
+    Image.new("RGB", (50, 50), (200, 10, 10)).save(tmp_path / "huge.png")
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "large.png")
+    code, out, err = cli(capsys, predict.main, ["--run", str(runs["cifar10"][0]), str(tmp_path / "huge.png"),
+                                                str(tmp_path / "large.png")])
+    assert code == 0 and out.startswith(f"{tmp_path / 'large.png'}: "), err
+    lines = err.splitlines()
+    assert lines[0] == (f"warning: {tmp_path / 'large.png'} is 40x40 pixels (1,600), more than "
+                        f"PIL.Image.MAX_IMAGE_PIXELS (1,000), Pillow's guard against decompression bombs: decoded "
+                        f"anyway, as a file you chose")
+    assert lines[1] == (f"cannot read {tmp_path / 'huge.png'}: too large: 2,500 pixels, more than twice "
+                        f"PIL.Image.MAX_IMAGE_PIXELS, the most Pillow opens; shrink it first (or raise "
+                        f"PIL.Image.MAX_IMAGE_PIXELS in a script of your own)")
+
+
+# --------------------------------------------------------------------------- a temperature that cannot be applied
+
+
+@pytest.mark.parametrize("bad", [1e-300, 1e300, 0.0, -2.0, "2.0"])
+def test_a_recorded_temperature_outside_the_range_is_refused_and_no_temperature_gets_past_it(
+        runs, photo_folder, capsys, tmp_path, bad):
+    import dataclasses
+    import shutil
+
+    _, manifest = photo_folder
+    workdir = tmp_path / "run"
+    shutil.copytree(runs["cifar10"][0], workdir)
+    folder = RunFolder(workdir)
+    folder.write_summary({**folder.read_summary(), "temperature": bad})  # a hand-edited summary.json
+    files = [f["path"] for f in manifest["files"][:4]]
+    message = (f"restore: {workdir / 'summary.json'} has temperature={bad!r}; a run's temperature is a number in "
+               f"[0.05, 20]: correct or remove it, or pass --no_temperature (restore(..., temperature=False)) for "
+               f"the raw softmax")
+    code, out, err = cli(capsys, predict.main, ["--run", str(workdir), *files])
+    assert (code, out, err) == (2, "", f"error: {message}\n")
+    with pytest.raises(ValueError) as e:
+        inference.restore(workdir)
+    assert str(e.value) == message
+    run = inference.restore(workdir, temperature=False)
+    assert run.temperature is None
+    if bad != 1e-300:
+        return  # (one value is enough for what follows)
+    csv_path = tmp_path / "raw.csv"
+    code, _, err = cli(capsys, predict.main, ["--run", str(workdir), "--no_temperature", "--out", str(csv_path),
+                                              *files])
+    assert code == 0 and ", temperature" not in err, err
+    images = np.stack([decode_image(f, (24, 24)) for f in files])
+    want = _softmax64(run.predict(images, return_logits=True))
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    for row, p in zip(rows, want):
+        got = {row[i]: float(row[i + 1]) for i in (1, 3, 5)}
+        assert np.isfinite(list(got.values())).all()
+        np.testing.assert_allclose([got[c] for c in CLASSES], p, rtol=1e-5)
+    # the library's own door: a temperature that float32 makes 0 or inf is refused, never NaN or uniform
+    for t in (1e-300, 1e300):
+        refused = rf"^predict: temperature={re.escape(repr(t))}; must be a number in \[0.05, 20\]"
+        with pytest.raises(ValueError, match=refused):
+            dataclasses.replace(run, temperature=t).predict(images)
+        with pytest.raises(ValueError, match=refused):
+            inference.predict(run.model, run.variables, images, preprocess=run.preprocess, temperature=t)

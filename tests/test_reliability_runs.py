@@ -286,6 +286,23 @@ def test_resume_after_a_crash_half_way_through_the_set_aside_keeps_the_old_recor
     assert snapshot(run) == before
 
 
+def test_resume_of_a_run_an_earlier_jaxcnn_half_set_aside_keeps_its_records_byte_for_byte(run, capsys, hooked):
+    """Issue 26: an earlier jaxcnn moved a run's entries one by one straight into .previous/; a crash
+    after checkpoints/ and tensorboard/ left the records in the folder. Bringing the run back
+    must not take them for the new run's and delete them: nothing is lost, the run resumes."""
+    before = snapshot(run)
+    (run / ".previous").mkdir()
+    for name in ("checkpoints", "tensorboard"):
+        os.rename(run / name, run / ".previous" / name)
+    code, out, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "2"])
+    assert code == 0 and out.startswith("nothing to do:"), err
+    assert err == f"{run}: brought back the run that an interrupted --overwrite had set aside\n"
+    assert snapshot(run) == before
+    code, _, err = cli(capsys, SMOKE + ["--workdir", str(run), "--resume", "--epochs", "3"])  # and it goes on
+    assert code == 0, err
+    assert len(RunFolder(run).read_history()) == 3
+
+
 def test_a_new_run_in_a_folder_with_a_half_set_aside_run_is_refused_and_changes_nothing(run, capsys, monkeypatch):
     with monkeypatch.context() as mp:
         _crash_after(mp, 2)
@@ -373,8 +390,17 @@ def test_finetune_overwrite_killed_in_phase_1_gives_the_old_run_back_and_says_so
     before = snapshot(workdir)
     new = FT + ["--workdir", str(workdir), "--seed", "1"]
     killed_in_epoch(1, new + ["--overwrite"])  # phase 1 before its first checkpoint
-    code, _, err = cli(capsys, new + ["--resume"], main=finetune.main)  # the new settings: refused
-    assert code == 2
-    assert f"{workdir}: brought back the run that an interrupted --overwrite had set aside; nothing else was " \
-           f"changed" in err.splitlines()[-1] and "(nothing was changed)" not in err
-    assert snapshot(workdir) == before
+    killed = snapshot(workdir)
+    code, _, err = cli(capsys, new + ["--resume"], main=finetune.main)  # the new settings: refused, nothing changed
+    assert code == 2 and err.splitlines()[-1] == (
+        "error: --resume: --seed 1 (the run's: 0): a run continues with its own settings and this cannot change "
+        "(what can: --data_dir, --max_loss, --phase2_epochs, --stream); leave it out, or start a new run with another "
+        "--workdir (nothing was changed)")  # (of the run that comes back: seed 0, its phase 2 done)
+    assert snapshot(workdir) == killed
+    code, out, err = cli(capsys, FT + ["--workdir", str(workdir), "--resume"], main=finetune.main)  # its own settings
+    assert code == 0, err
+    assert f"{workdir}: brought back the run that an interrupted --overwrite had set aside; what the interrupted " \
+           f"run had written in its place (phase1) is kept in {workdir / '.unfinished-overwrite'}" in err
+    assert "phase 1: already complete" in out and "phase 2: already complete" in out
+    for phase in ("phase1", "phase2"):  # (summary.json is written again: the run's wall time)
+        assert snapshot(workdir / phase) == {k[len(phase) + 1:]: v for k, v in before.items() if k.startswith(phase)}

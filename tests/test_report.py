@@ -47,7 +47,9 @@ def test_the_report_counts_what_was_predicted_and_draws_it(tmp_path):
     assert out["macro_f1"] == pytest.approx((0.75 + 2 * 0.5 * (2 / 3) / (0.5 + 2 / 3) + 0.8) / 3)
     assert out["test_majority_share"] == 0.4 and out["val_majority_share"] == 0.5 and out["warning"] is None
     assert out["ece"] == pytest.approx(abs(0.7 - 0.9))  # one bin: accuracy 0.7, confidence 0.9
-    assert out["temperature"] > 1 and out["ece_after_temperature"] < out["ece"]  # cooled down
+    # 4 validation images are too few to fit a temperature on: none, and the summary says why
+    assert (out["temperature"], out["ece_after_temperature"]) == (None, None)
+    assert out["temperature_note"] == "not fitted: 4 validation image(s), fewer than 100"
     for name in report.REPORT_PLOTS:
         assert _not_blank(folder.plot_path(name)), name
 
@@ -62,7 +64,8 @@ def test_a_model_that_answers_one_class_is_reported_as_such(tmp_path, caplog):
     assert out["warning"] == ("test split: the model predicts class 0 for 100% of the examples (accuracy 0.600, "
                               "majority share 0.600): it has not learned to tell the classes apart")
     assert [r.getMessage() for r in caplog.records] == [f"warning: {out['warning']}"]
-    assert "temperature" not in out and out["per_class"]["dog"]["precision"] is None
+    assert out["per_class"]["dog"]["precision"] is None
+    assert (out["temperature"], out["temperature_note"]) == (None, "not fitted: no validation split")
 
 
 def test_logits_that_do_not_fit_the_labels_are_refused(tmp_path):
@@ -70,3 +73,25 @@ def test_logits_that_do_not_fit_the_labels_are_refused(tmp_path):
         report.write_report(RunFolder(tmp_path), history=HISTORY, summary=SUMMARY, class_names=NAMES,
                             test_labels=np.zeros(4, np.int64), test_logits=np.zeros((4, 2)),
                             test_images=np.zeros((4, 8, 8, 3), np.uint8))
+
+
+def test_a_temperature_fitted_on_enough_validation_images_is_kept_and_applied_to_the_test_ece(tmp_path):
+    # validation: 120 images, each at confidence 0.9 for its predicted class, 90 of them right
+    val_labels = np.arange(120) % 3
+    val_pred = np.where(np.arange(120) < 90, val_labels, (val_labels + 1) % 3)
+    val_logits = _logits(val_pred, np.full(120, 0.9))  # overconfident: T > 1 cools it to about 0.75
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 1, 0, 2, 2, 1])
+    logits = _logits(pred, np.full(10, 0.9))
+    out = report.write_report(RunFolder(tmp_path / "run"), history=HISTORY, summary=SUMMARY, class_names=NAMES,
+                              test_labels=labels, test_logits=logits, test_images=np.zeros((10, 8, 8, 3), np.uint8),
+                              val_labels=val_labels, val_logits=val_logits)
+    t = out["temperature"]
+    # the float64 oracle: every validation image has logits log(0.9), log(0.05), log(0.05); at T its top
+    # probability is 1 / (1 + 2 (0.05 / 0.9) ** (1 / T)), and the NLL is least where that equals 0.75
+    top = lambda t: 1 / (1 + 2 * (0.05 / 0.9) ** (1 / t))  # noqa: E731
+    assert top(t) == pytest.approx(0.75, abs=1e-5)
+    assert out["temperature_note"].startswith(f"fitted on 120 validation images: T = {t:.3g} (validation NLL ")
+    assert out["temperature_note"].endswith(f"ECE {0.9 - 0.75:.4f} -> 0.0000)")
+    assert out["ece"] == pytest.approx(0.9 - 0.7)  # the test split: 7 of 10 right, all at 0.9
+    assert out["ece_after_temperature"] == pytest.approx(abs(0.7 - top(t)), abs=1e-6)

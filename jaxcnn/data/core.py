@@ -13,6 +13,9 @@ from typing import Optional
 
 import numpy as np
 
+from jaxcnn.errors import DatasetUnavailableError  # noqa: F401 (raised by the loaders; its home is light)
+
+
 def seeded_parts(n: int, sizes, seed: int) -> list[np.ndarray]:
     """A seeded split of ``n`` rows: ``[rest, part_1, ..., part_k]`` index arrays, part ``i`` of
     ``sizes[i]`` rows, each in ascending order (every dataset splits off val / test this way)."""
@@ -20,13 +23,6 @@ def seeded_parts(n: int, sizes, seed: int) -> list[np.ndarray]:
     bounds = np.cumsum([0, *sizes])
     return [np.sort(perm[bounds[-1]:])] + [np.sort(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
-
-class DatasetUnavailableError(RuntimeError):
-    """A dataset cannot be had here (no network and no manually placed file).
-
-    The message says how to get it. jaxcnn never falls back to another dataset
-    silently: the caller decides (e.g. ``--dataset offline``).
-    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +79,8 @@ class Dataset:
       class_names: ``num_classes`` human-readable names, index = label.
       source: how to load it again, ``load_dataset(**source)`` (set by ``load_dataset``;
         None for a dataset built by hand). Runs record it in their ``config.json``.
+      fingerprint: what its files were, to tell a changed copy from the same data (a folder's:
+        ``jaxcnn.data.folder.fingerprint``; None for the others). Runs record it too.
     """
 
     name: str
@@ -92,6 +90,7 @@ class Dataset:
     num_classes: int
     class_names: tuple[str, ...]
     source: Optional[dict] = None
+    fingerprint: Optional[dict] = None
 
     def __post_init__(self):
         if len(self.class_names) != self.num_classes:

@@ -29,10 +29,13 @@ file's header); :func:`load_folder` decodes everything into a :class:`Dataset`.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import hashlib
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -72,7 +75,8 @@ class ImageReadError(ValueError):
         self.path, self.reason = str(path), reason
 
 
-def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[int]]) -> np.ndarray:
+def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[int]], *,
+                 warn_large: bool = True) -> np.ndarray:
     """Reads one JPEG or PNG as uint8 RGB ``(H, W, 3)`` of the requested size.
 
     The steps, in order: EXIF orientation applied (``PIL.ImageOps.exif_transpose``); the mode
@@ -81,6 +85,12 @@ def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[
     ``(rgb * a + 255 * (255 - a) + 127) // 255``; then, when the size differs, Pillow's
     ``resize(..., Image.BILINEAR)`` (a triangle filter widened by the scale factor when
     shrinking, so it is antialiased). The aspect ratio is not kept.
+
+    An image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (Pillow's guard against
+    decompression bombs, which it states in a ``DecompressionBombWarning``) is decoded anyway,
+    as a file the user chose, with one warning on the ``jaxcnn`` logger naming it and its size
+    (``warn_large=False``: none; the commands silence Pillow's own, ``jaxcnn.cli.setup_logging``);
+    one of more than twice that, which Pillow refuses to open, is an ImageReadError saying so.
 
     Args:
       path: the image file.
@@ -98,7 +108,18 @@ def decode_image(path: Union[str, os.PathLike], image_size: Union[int, Sequence[
         with Image.open(path) as im:
             kind = im.format
             if kind in FORMATS:
+                limit = Image.MAX_IMAGE_PIXELS
+                if warn_large and limit and im.size[0] * im.size[1] > limit:
+                    logger.warning("warning: %s is %dx%d pixels (%s), more than PIL.Image.MAX_IMAGE_PIXELS (%s), "
+                                   "Pillow's guard against decompression bombs: decoded anyway, as a file you chose",
+                                   path, im.size[0], im.size[1], f"{im.size[0] * im.size[1]:,}", f"{limit:,}")
                 rgb = _to_rgb(ImageOps.exif_transpose(im))  # exif_transpose decodes (a copy)
+    except Image.DecompressionBombError as e:  # more than twice the limit: Pillow does not open it
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(pixels.group(1)):,}" if pixels else "more"
+        raise ImageReadError(path, f"too large: {pixels} pixels, more than "
+                                   f"twice PIL.Image.MAX_IMAGE_PIXELS, the most Pillow opens; shrink it first "
+                                   f"(or raise PIL.Image.MAX_IMAGE_PIXELS in a script of your own)") from None
     except UnidentifiedImageError:
         raise ImageReadError(path, f"not a {' or '.join(FORMATS)} image") from None
     except FileNotFoundError:
@@ -313,6 +334,76 @@ def class_imbalance(counts, names: Sequence[str], ratio: float = IMBALANCE_RATIO
             f"share (the end-of-run report gives it per split) and the per-class recall")
 
 
+def fingerprint(listing: FolderListing, root) -> dict:
+    """What a folder's images are, cheaply (no pixel is read): its class names, its number of image
+    files, and a SHA-256 over their sorted paths relative to ``root`` and their sizes in bytes. A
+    run records it, so that a resume on a folder that changed since is refused (:func:`changes`);
+    the folder itself may move (``--data_dir`` may change on a resume)."""
+    root = pathlib.Path(root).expanduser()
+    files = sorted((os.path.relpath(f, root), os.path.getsize(f)) for s in SPLITS for f in listing.files[s])
+    digest = hashlib.sha256("".join(f"{path}\0{size}\n" for path, size in files).encode()).hexdigest()
+    return {"class_names": list(listing.class_names), "files": len(files), "sha256": digest}
+
+
+def changes(old: dict, new: dict) -> Optional[str]:
+    """How the folder of fingerprint ``new`` differs from that of ``old`` (:func:`fingerprint`), in
+    words ("classes added: ['tri']; 5 files more (47, the run had 42)"), or None when it is the same."""
+    if old == new:
+        return None
+    added = sorted(set(new["class_names"]) - set(old["class_names"]))
+    removed = sorted(set(old["class_names"]) - set(new["class_names"]))
+    said = [f"classes added: {added}" if added else "", f"classes removed: {removed}" if removed else ""]
+    more = new["files"] - old["files"]
+    said.append(f"{abs(more)} {'file' if abs(more) == 1 else 'files'} {'more' if more > 0 else 'fewer'} "
+                f"({new['files']}, the run had {old['files']})"
+                if more else "" if added or removed else
+                f"the same number of files ({new['files']}), but other names or sizes")
+    return "; ".join(w for w in said if w)
+
+
+def duplicates(listing: FolderListing) -> dict:
+    """The files of val and test whose bytes are those of a training file: ``{"val" | "test":
+    [(file, training file), ...]}``. Cheap: only files of a size that a training file has too
+    are read and hashed."""
+    by_size = collections.defaultdict(list)
+    for s in SPLITS:
+        for f in listing.files[s]:
+            by_size[os.path.getsize(f)].append((s, f))
+
+    def digest(path) -> str:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+
+    found = {"val": [], "test": []}
+    for group in by_size.values():
+        if len({s for s, _ in group}) < 2 or not any(s == "train" for s, _ in group):
+            continue
+        train = {}
+        for s, f in group:
+            if s == "train":
+                train.setdefault(digest(f), f)
+        for s, f in group:
+            if s != "train":
+                match = train.get(digest(f))
+                if match is not None:
+                    found[s].append((f, match))
+    return {s: sorted(v) for s, v in found.items()}
+
+
+def warn_duplicates(root, found: dict, examples: int = 3) -> None:
+    """One warning on the ``jaxcnn`` logger when val or test holds copies of training files (a data
+    leak: the scores on them overstate what the model does on new images); nothing when none."""
+    pairs = found["val"] + found["test"]
+    if not pairs:
+        return
+    counts = " and ".join(f"{s} ({len(found[s])})" for s in ("val", "test") if found[s])
+    shown = "; ".join(f"{os.path.relpath(a, root)} = {os.path.relpath(b, root)}" for a, b in sorted(pairs)[:examples])
+    logger.warning("%s: %d image file(s) in %s are byte for byte copies of training files (a data leak: the scores "
+                   "on those splits overstate what the model does on new images), e.g. %s%s", root, len(pairs), counts,
+                   shown,
+                   f" (and {len(pairs) - examples} more)" if len(pairs) > examples else "")
+
+
 def warn_skipped(root, skipped: Sequence[tuple[str, str]]) -> None:
     """One warning on the ``jaxcnn`` logger listing the skipped files and why (nothing when none)."""
     if not skipped:
@@ -323,8 +414,10 @@ def warn_skipped(root, skipped: Sequence[tuple[str, str]]) -> None:
     logger.warning("%s: skipped %d file(s) that are not usable images:\n%s", root, len(skipped), "\n".join(lines))
 
 
-def decode_images(paths: Sequence[str], image_size, *, workers: int | None = None) -> tuple[np.ndarray, list]:
-    """:func:`decode_image` of each path, in threads (Pillow decodes without the GIL).
+def decode_images(paths: Sequence[str], image_size, *, workers: int | None = None,
+                  warn_large: bool = True) -> tuple[np.ndarray, list]:
+    """:func:`decode_image` of each path, in threads (Pillow decodes without the GIL); ``warn_large``
+    as there (False for images decoded, and warned about, once already).
 
     Returns ``(images uint8 (n, H, W, 3), errors)``: ``errors`` lists ``(index, reason)`` of the
     paths that could not be decoded; their rows of ``images`` are zeros.
@@ -335,7 +428,7 @@ def decode_images(paths: Sequence[str], image_size, *, workers: int | None = Non
 
     def one(i):
         try:
-            images[i] = decode_image(paths[i], (height, width))
+            images[i] = decode_image(paths[i], (height, width), warn_large=warn_large)
         except ImageReadError as e:
             errors.append((i, e.reason))
 
@@ -465,10 +558,11 @@ def load_folder(data_dir: Union[str, os.PathLike], *, image_size: int = 224, val
         else:
             splits[s] = Split(images=images[keep], labels=labels[keep])
     warn_skipped(data_dir, skipped)
+    warn_duplicates(data_dir, duplicates(listing))
     names = listing.class_names
     counts = np.bincount(np.concatenate([splits[s].labels for s in SPLITS]), minlength=len(names))
     imbalance = class_imbalance(counts, names)
     if imbalance:
         logger.warning("%s: %s", data_dir, imbalance)
     return Dataset(name="folder", train=splits["train"], val=splits["val"], test=splits["test"],
-                   num_classes=len(names), class_names=tuple(names))
+                   num_classes=len(names), class_names=tuple(names), fingerprint=fingerprint(listing, data_dir))

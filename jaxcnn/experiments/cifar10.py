@@ -18,22 +18,82 @@ import argparse
 import dataclasses
 import logging
 import pathlib
+import sys
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
+from jaxcnn.cli import ArgumentParser, description
+from jaxcnn.experiments.flags import (DATASETS, PRESETS, add_class_weight_flag, add_distributed_flags, add_folder_flags,
+                                      add_max_loss_flag, add_precision_flag)
 
-from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
-                                   add_precision_flag, with_class_weight,
-                                   check_workdir, exit_process, join_processes, max_loss_setting, path_flag,
-                                   run_main)
-from jaxcnn.experiments.configs import (DATASETS, PRECISIONS, PRESETS, ExperimentConfig, bn_momentum_float32_error,
-                                       get_config, load_data)
-from jaxcnn.models.cifar_cnn import CifarCNN
-from jaxcnn.runfolder import RunFolder
-from jaxcnn.train import TrainState, adam, fit, make_mesh
-from jaxcnn.train.distributed import load_in_turn
-from jaxcnn.train.precise_bn import batches_in_epoch
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=description(__doc__),
+                       allow_abbrev=False)
+    p.add_argument("--preset", choices=PRESETS,
+                   help="default: the seed's experiment; demo: the seed's model for a few epochs on the embedded "
+                        "offline data; smoke: a tiny model, seconds (their settings: jaxcnn/experiments/configs.py; "
+                        "default: default; with --resume: the run's own settings, whatever its preset)")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (cifar10 for 'default')")
+    p.add_argument("--epochs", type=int, help="the most epochs to train (early stopping may end the run sooner); "
+                                              "default: the preset's")
+    p.add_argument("--batch_size", type=int,
+                   help="the training batch (a multiple of the device count); default: the preset's")
+    p.add_argument("--learning_rate", type=float,
+                   help="Adam's learning rate at the start (lowered when the validation loss stops improving); "
+                        "default: the preset's")
+    p.add_argument("--seed", type=int, help="the seed of the initial weights, the epoch order and the dropout and "
+                                            "augmentation keys; default: the preset's")
+    add_max_loss_flag(p)
+    add_class_weight_flag(p)
+    p.add_argument("--data_dir", help="cifar10: tfds data directory (CIFAR-10 without network: "
+                                      "<data_dir>/downloads/manual/cifar-10-binary.tar.gz); folder: the folder of "
+                                      "class subfolders of JPEG / PNG images (required)")
+    p.add_argument("--val_size", type=int, help="cifar10: examples of the train split held out for validation (5000)")
+    p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
+    add_folder_flags(p)
+    p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"),
+                   help="what drops after each conv block: dropout (single activations, the seed's), spatial "
+                        "(whole feature maps), dropblock (square blocks) or none; default: the preset's")
+    p.add_argument("--bn_momentum", type=float, metavar="M",
+                   help="every BatchNorm's moving-average momentum, in [0, 1) (default 0.99, Keras' and the seed's)")
+    p.add_argument("--warmup_epochs", type=int, metavar="N",
+                   help="epochs in which early stopping and the LR plateau schedule do not count an epoch without "
+                        "improvement (default 0)")
+    p.add_argument("--precise_bn", type=int, metavar="N",
+                   help="re-estimate the BatchNorm statistics over N training batches, weights fixed, before each "
+                        "validation (precise BatchNorm), at most an epoch's (more: the epoch's, said and recorded); 0: off "
+                        "(default: 20 with --dataset folder, else 0: the seed's recipe)")
+    add_precision_flag(p)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
+    p.add_argument("--workdir", help="default: checkpoints/cifar10-<dataset>-<preset> (a fresh run takes the "
+                                     "first of it, -2, -3, ... without checkpoints; --resume takes it as is)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --workdir that holds a run: the old run is set aside in "
+                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new run has saved its "
+                        "first checkpoint; if the new run stops before that, the old one is put back")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_distributed_flags(p)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxcnn.experiments.cli import (check_workdir, exit_process, join_processes, max_loss_setting,  # noqa: E402
+                                    path_flag, run_main, with_class_weight)
+from jaxcnn.data import AugmentConfig  # noqa: E402
+from jaxcnn.experiments.configs import (PRECISIONS, ExperimentConfig, bn_momentum_float32_error,  # noqa: E402
+                                        check_same_folder, get_config, load_data, recorded_config, resumed_config)
+from jaxcnn.models.cifar_cnn import CifarCNN  # noqa: E402
+from jaxcnn.runfolder import RunFolder  # noqa: E402
+from jaxcnn.train import TrainState, adam, fit, make_mesh  # noqa: E402
+from jaxcnn.train.distributed import load_in_turn  # noqa: E402
+from jaxcnn.train.precise_bn import batches_in_epoch  # noqa: E402
 
 log = logging.getLogger("jaxcnn")
 
@@ -112,46 +172,56 @@ def _precise_bn_in_epoch(config: ExperimentConfig, args, num_train: int, primary
     return dataclasses.replace(config, fit=dataclasses.replace(config.fit, precise_bn_batches=used))
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.cifar10", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("--preset", default="default", choices=PRESETS)
-    p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (cifar10 for 'default')")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--learning_rate", type=float)
-    p.add_argument("--seed", type=int)
-    add_max_loss_flag(p)
-    add_class_weight_flag(p)
-    p.add_argument("--data_dir", help="cifar10: tfds data directory (CIFAR-10 without network: "
-                                      "<data_dir>/downloads/manual/cifar-10-binary.tar.gz); folder: the folder of "
-                                      "class subfolders of JPEG / PNG images (required)")
-    p.add_argument("--val_size", type=int, help="cifar10: examples of the train split held out for validation (5000)")
-    p.add_argument("--image_size", type=int, help="folder: images are resized to this square size (32)")
-    add_folder_flags(p)
-    p.add_argument("--conv_dropout", choices=("dropout", "spatial", "dropblock", "none"))
-    p.add_argument("--bn_momentum", type=float, metavar="M",
-                   help="every BatchNorm's moving-average momentum, in [0, 1) (default 0.99, Keras' and the seed's)")
-    p.add_argument("--warmup_epochs", type=int, metavar="N",
-                   help="epochs in which early stopping and the LR plateau schedule do not count an epoch without "
-                        "improvement (default 0)")
-    p.add_argument("--precise_bn", type=int, metavar="N",
-                   help="re-estimate the BatchNorm statistics over N training batches, weights fixed, before each "
-                        "validation (precise BatchNorm), at most an epoch's (more: the epoch's, said and recorded); 0: off "
-                        "(default: 20 with --dataset folder, else 0: the seed's recipe)")
-    add_precision_flag(p)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="on-device augmentation as the seed's ImageDataGenerator (default: the preset's)")
-    p.add_argument("--workdir", help="default: checkpoints/cifar10-<dataset>-<preset> (a fresh run takes the "
-                                     "first of it, -2, -3, ... without checkpoints; --resume takes it as is)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a --workdir that holds a run: the old run is set aside in "
-                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new run has saved its "
-                        "first checkpoint; if the new run stops before that, the old one is put back")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    add_distributed_flags(p)
-    return p.parse_args(argv)
+#: The settings a ``--resume`` may change (``jaxcnn.runfolder.RESUMABLE``); any other flag given must be the run's.
+RESUMABLE_SETTINGS = frozenset({"epochs", "max_loss", "data_dir", "stream"})
+#: The flags that set a setting of the config, as (flag, setting) where the two names differ.
+_FLAG_SETTINGS = {"precise_bn": "precise_bn_batches"}
+
+
+def config_of_flags(args) -> ExperimentConfig:
+    """The config the flags make: the preset's, with the flags given."""
+    config = get_config(args.preset or "default", dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
+                        val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
+                        image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                        stream=args.stream, precision=args.precision, bn_momentum=args.bn_momentum,
+                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn)
+    given, max_loss = max_loss_setting(args.max_loss)
+    if given:
+        config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
+    return with_class_weight(config, args.class_weight)
+
+
+def given_settings(args) -> dict:
+    """The settings the command line gave: ``{flag as given: (setting, value)}`` (for ``resumed_config``)."""
+    given = {}
+    for flag in ("preset", "dataset", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "val_size",
+                 "image_size", "val_fraction", "test_fraction", "stream", "conv_dropout", "bn_momentum",
+                 "warmup_epochs", "precise_bn", "precision", "augment", "max_loss", "class_weight"):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if flag == "augment":
+            v = AugmentConfig() if v else None
+        elif flag == "max_loss":
+            v = max_loss_setting(v)[1]
+        elif flag == "class_weight":
+            v = None if v == "none" else v
+        given[f"--no-{flag}" if v is False or (flag == "augment" and v is None) else f"--{flag}"] = \
+            (_FLAG_SETTINGS.get(flag, flag), v)
+    return given
+
+
+def _as_recorded_precise_bn(args, recorded: dict):
+    """``args`` with ``--precise_bn N`` as the run recorded it when the run used an epoch's batches
+    for it (fewer than N: ``_precise_bn_in_epoch``), so that the run's own command line resumes it."""
+    fit, data = recorded.get("fit", {}), recorded.get("data", {})
+    used, n = fit.get("precise_bn_batches"), args.precise_bn
+    if n is None or not isinstance(used, int) or not 0 < used < n:
+        return args
+    if data.get("num_train") and fit.get("batch_size") and used == data["num_train"] // fit["batch_size"]:
+        return argparse.Namespace(**{**vars(args), "precise_bn": used})
+    return args
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -162,16 +232,16 @@ def main(argv: Optional[list] = None) -> int:
 def _main(args) -> int:
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
     check_bn_flags(args)
-    config = get_config(args.preset, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, seed=args.seed, data_dir=args.data_dir,
-                        val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
-                        image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        stream=args.stream, precision=args.precision, bn_momentum=args.bn_momentum,
-                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn)
-    given, max_loss = max_loss_setting(args.max_loss)
-    if given:
-        config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
-    config = with_class_weight(config, args.class_weight)
+    workdir = path_flag("--workdir", args.workdir)
+    if workdir is None:
+        workdir = pathlib.Path(procs.share(str(default_workdir(config_of_flags(args), fresh=not args.resume))))
+    recorded = procs.on_primary(lambda: RunFolder(workdir).config_to_resume() if args.resume else None)
+    if recorded is None:
+        config = config_of_flags(args)
+    else:  # --resume: the run's own settings, and of the flags given those that may change
+        config = resumed_config(recorded_config(ExperimentConfig, recorded, "cifar10", workdir),
+                                given_settings(_as_recorded_precise_bn(args, recorded)), may_change=RESUMABLE_SETTINGS)
+        procs.on_primary(lambda: check_same_folder(recorded, config, workdir))
     # a flag that would be recorded but do nothing is refused
     if config.dataset == "offline":
         for flag in ("val_size", "data_dir"):
@@ -186,8 +256,6 @@ def _main(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset} (its images are "
                                  f"32x32 and its splits are its own)")
-    workdir = path_flag("--workdir", args.workdir) or \
-        pathlib.Path(procs.share(str(default_workdir(config, fresh=not args.resume))))
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)
     config = _precise_bn_in_epoch(config, args, len(dataset.train), procs.primary)

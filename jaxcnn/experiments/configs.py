@@ -39,11 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcnn.data.augment import AugmentConfig
+from jaxcnn.experiments.flags import DATASETS, PRECISION_NAMES, PRESETS  # (the parser's, without JAX)
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.state import check_learning_rate
-
-PRESETS = ("default", "demo", "smoke")
-DATASETS = ("cifar10", "offline", "folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +98,7 @@ class ExperimentConfig:
 
 #: ``--precision``: the models' compute dtype. ``bfloat16`` computes convolutions and dense layers
 #: in bfloat16; parameters, optimizer state, BatchNorm statistics and the loss stay float32.
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRECISIONS = {name: getattr(jnp, name) for name in PRECISION_NAMES}  # {"float32": jnp.float32, ...}
 
 
 def check_precision(precision) -> None:
@@ -223,3 +221,74 @@ def load_data(config):
         return load_dataset("cifar10", data_dir=config.data_dir, seed=seed, val_size=config.val_size)
     return load_dataset(kind, data_dir=config.data_dir, seed=seed, image_size=config.image_size)
 
+
+
+def recorded_config(cls, record: dict, experiment: str, path, **fit_fields):
+    """The experiment config (``cls``: ``ExperimentConfig`` or ``FinetuneConfig``) that a run of
+    ``experiment`` recorded in its ``config.json`` (``record``, read by
+    :meth:`jaxcnn.runfolder.RunFolder.read_config` from the run ``path``): its ``experiment``
+    settings and its ``fit``, with ``fit_fields`` replacing some of the latter (a fine-tuning
+    phase's own epochs). ValueError when the run is not one of ``experiment``."""
+    name = (record.get("experiment") or {}).get("name")
+    if name != experiment:
+        raise ValueError(f"--resume: {path} is not a run of the {experiment} experiment ("
+                         + (f"it is one of {name}: resume it with python -m jaxcnn.experiments.{name}" if name else
+                            "its config.json names no experiment") + ")")
+    names = {f.name for f in dataclasses.fields(cls)} - {"fit"}
+    own = {k: tuple(v) if isinstance(v, list) else v for k, v in (record.get("experiment") or {}).items() if k in names}
+    fit_names = {f.name for f in dataclasses.fields(FitConfig)}
+    fit = {k: v for k, v in (record.get("fit") or {}).items() if k in fit_names}
+    if fit.get("augment") is not None:
+        fit["augment"] = AugmentConfig(**fit["augment"])
+    return cls(**own, fit=FitConfig(**{**fit, **fit_fields}))
+
+
+def _setting(config, name: str):
+    return getattr(config, name) if name in {f.name for f in dataclasses.fields(config)} else getattr(config.fit, name)
+
+
+def _shown(value) -> str:
+    if isinstance(value, (AugmentConfig, bool)):
+        return "on" if value else "off"
+    return "off" if value is None else str(value)
+
+
+def resumed_config(recorded, given: dict, *, may_change=frozenset()):
+    """What a ``--resume`` trains with: the run's own settings (``recorded``, from
+    :func:`recorded_config`) with those the command line gave (``given``: flag -> (setting
+    name, value); ``augment`` an ``AugmentConfig`` or None) that are in ``may_change``. A given
+    setting outside ``may_change`` whose value is not the run's raises one ValueError naming
+    every such flag, its value and the run's."""
+    changed = [f"{flag if isinstance(value, (AugmentConfig, bool)) or flag.startswith('--no-') else f'{flag} {_shown(value)}'}"
+               f" (the run's: {_shown(_setting(recorded, name))})"
+               for flag, (name, value) in given.items()
+               if name not in may_change and value != _setting(recorded, name)]
+    if changed:
+        these = len(changed) > 1
+        raise ValueError(f"--resume: {', '.join(changed)}: a run continues with its own settings and "
+                         f"{'these' if these else 'this'} cannot change (what can: "
+                         f"{', '.join(sorted(f'--{n}' for n in may_change))}); leave {'them' if these else 'it'} "
+                         f"out, or start a new run with another --workdir (nothing was changed)")
+    top = {f.name for f in dataclasses.fields(recorded)}
+    keep = {name: value for name, value in given.values() if name in may_change}
+    fit = {k: v for k, v in keep.items() if k not in top}
+    return dataclasses.replace(recorded, **{k: v for k, v in keep.items() if k in top},
+                               **({"fit": dataclasses.replace(recorded.fit, **fit)} if fit else {}))
+
+
+def check_same_folder(recorded: dict, config, path) -> None:
+    """A ``--resume`` of the run ``path`` (its ``config.json``: ``recorded``) on ``--dataset folder``:
+    ValueError in one line, before anything is loaded, when the folder's images are not those the
+    run trained on (``jaxcnn.data.folder.fingerprint``: classes, file count, names and sizes)."""
+    from jaxcnn.data.folder import changes, fingerprint, scan_folder
+
+    old = (recorded.get("data") or {}).get("fingerprint")
+    if config.dataset != "folder" or not old:
+        return
+    listing = scan_folder(config.data_dir, seed=config.fit.seed, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction)
+    what = changes(old, fingerprint(listing, config.data_dir))
+    if what:
+        raise ValueError(f"--resume: the images in {config.data_dir} are not those {path} trained on ({what}); a run "
+                         f"resumes on its own data: put the folder back as it was, or train on it as it is now with "
+                         f"another --workdir (nothing was changed)")

@@ -33,27 +33,18 @@ Measured results, hardware and time: ``experiments/dropout_study/README.md``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import pathlib
 import platform
 import shutil
+import sys
 import time
 from typing import Any, Optional
 
-import jax
-import numpy as np
-
-from jaxcnn import inference, viz
-from jaxcnn.experiments import cifar10
-from jaxcnn.experiments.cli import (add_host_memory_flag, add_max_loss_flag, exit_process, max_loss_setting,
-                                   path_flag, prepare_host, run_main)
-from jaxcnn.experiments.configs import get_config as cifar_config
-from jaxcnn.experiments.configs import with_overrides
-from jaxcnn.runfolder import RunFolder
-from jaxcnn.train import Steps, make_mesh
+from jaxcnn.cli import ArgumentParser, description
+from jaxcnn.experiments.flags import add_host_memory_flag, add_max_loss_flag
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": dict(conv_dropout="none", conv_dropout_rate=0.0, dense_dropout=0.0),
@@ -68,6 +59,43 @@ DESCRIPTIONS = {
     "dropblock": "DropBlock 0.25 (3×3 blocks) after conv blocks, 0.5 before last dense",
 }
 PRESETS = ("default", "smoke")
+
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.experiments.dropout_study", description=description(__doc__),
+                       allow_abbrev=False)
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="default: the study on a subset of the embedded offline data; smoke: a tiny model, seconds "
+                        "(the tests'); their settings: get_config in jaxcnn/experiments/dropout_study.py "
+                        "(default: default)")
+    p.add_argument("--num_train", type=int,
+                   help="the training images every variant trains on; default: the preset's")
+    p.add_argument("--epochs", type=int,
+                   help="the epochs every variant trains (no early stopping); default: the preset's")
+    p.add_argument("--seed", type=int, help="the seed every variant shares: the initial weights, the batch order, "
+                                            "the dropout keys; default: the preset's")
+    add_max_loss_flag(p)
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="default: all four")
+    p.add_argument("--workdir", help="default: runs/dropout_study-<preset>")
+    p.add_argument("--export", help="copy records and plots (no checkpoints) to this folder")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_host_memory_flag(p)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcnn import inference, viz  # noqa: E402
+from jaxcnn.experiments import cifar10  # noqa: E402
+from jaxcnn.experiments.cli import exit_process, max_loss_setting, path_flag, prepare_host, run_main  # noqa: E402
+from jaxcnn.experiments.configs import get_config as cifar_config  # noqa: E402
+from jaxcnn.experiments.configs import with_overrides  # noqa: E402
+from jaxcnn.runfolder import RunFolder  # noqa: E402
+from jaxcnn.train import Steps, make_mesh  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +150,7 @@ def experiment_config(study: StudyConfig, variant: str):
 
 def train_accuracy_inference(workdir: pathlib.Path, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(accuracy, loss) on ``images`` of the run's **latest** (final-epoch) weights, dropout off."""
-    probs = inference.restore(workdir, which="latest").predict(images, temperature=False)  # (N, K), raw softmax
+    probs = inference.restore(workdir, which="latest", temperature=False).predict(images)  # (N, K), raw softmax
     acc = float(np.mean(probs.argmax(-1) == labels))
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
     return acc, loss
@@ -266,19 +294,7 @@ def run_study(study: StudyConfig, workdir, *, progress: bool = True, dataset=Non
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.dropout_study", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("--preset", default="default", choices=PRESETS)
-    p.add_argument("--num_train", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
-    add_max_loss_flag(p)
-    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), help="default: all four")
-    p.add_argument("--workdir", help="default: runs/dropout_study-<preset>")
-    p.add_argument("--export", help="copy records and plots (no checkpoints) to this folder")
-    p.add_argument("--no_progress", action="store_true")
-    add_host_memory_flag(p)
-    args = p.parse_args(argv)
+    args = _parse(argv)
     return run_main(lambda: _main(args))
 
 

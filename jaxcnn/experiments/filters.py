@@ -38,19 +38,44 @@ Writes into ``--out``, by default the run's ``plots/filters/`` (``runs/filters/`
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from jaxcnn.cli import ArgumentParser, description
 
-from jaxcnn import inference, layers, viz
-from jaxcnn.cli import check_run_flag, path_flag, run_main
-from jaxcnn.runfolder import RunFolder
+#: ``--normalize``'s values: ``jaxcnn.viz.NORMALIZE`` (viz loads matplotlib: not for ``--help``).
+NORMALIZE = ("layer", "filter")
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m jaxcnn.experiments.filters", description=description(__doc__),
+                       allow_abbrev=False)
+    p.add_argument("--run", type=Path, help="a run folder (a cifar10 run, a fine-tuning phase, a fit() of yours)")
+    p.add_argument("--which", choices=("best", "latest"), default="best", help="which checkpoint of --run")
+    p.add_argument("--resnet_weights", default="imagenet",
+                   help="'imagenet' (default), a Keras .h5 path, 'random' (labelled as such) or 'none'")
+    p.add_argument("--out", help="the folder to draw into (default: <run>/plots/filters/ with --run, else "
+                                 "runs/filters/; the committed figures of experiments/filters/ only when named here)")
+    p.add_argument("--normalize", choices=NORMALIZE, default="layer",
+                   help="the filters' colour scale: layer (one min / max over the whole layer, as the seed) or "
+                        "filter (each filter its own); default layer")
+    p.add_argument("--image_index", type=int, default=0, help="which validation image to show activations for")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --resnet_weights random (default 0)")
+    return p
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parser().parse_args()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcnn import inference, layers, viz  # noqa: E402
+from jaxcnn.cli import check_run_flag, path_flag, run_main  # noqa: E402
+from jaxcnn.runfolder import RunFolder  # noqa: E402
 
 CIFAR_FIRST_CONV = "block1_conv1"
 RESNET_FIRST_CONV = "conv1_conv"
@@ -236,7 +261,7 @@ def load_run(run: Path, *, which: str = "best") -> tuple[inference.Restored, Opt
     from jaxcnn.data import DatasetUnavailableError, load_dataset
     from jaxcnn.experiments import cifar10
 
-    restored = inference.restore(run, which=which)
+    restored = inference.restore(run, which=which, temperature=False)  # (the weights only)
     config = restored.config
     dataset = None
     source = config.get("data", {}).get("source")
@@ -253,17 +278,7 @@ def load_run(run: Path, *, which: str = "best") -> tuple[inference.Restored, Opt
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.filters", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("--run", type=Path, help="a run folder (a cifar10 run, a fine-tuning phase, a fit() of yours)")
-    p.add_argument("--which", choices=("best", "latest"), default="best", help="which checkpoint of --run")
-    p.add_argument("--resnet_weights", default="imagenet",
-                   help="'imagenet' (default), a Keras .h5 path, 'random' (labelled as such) or 'none'")
-    p.add_argument("--out", help="the folder to draw into (default: <run>/plots/filters/ with --run, else "
-                                 "runs/filters/; the committed figures of experiments/filters/ only when named here)")
-    p.add_argument("--normalize", choices=viz.NORMALIZE, default="layer")
-    p.add_argument("--image_index", type=int, default=0, help="which validation image to show activations for")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --resnet_weights random")
+    p = _parser()
     args = p.parse_args(argv)
     if args.run is None and args.resnet_weights == "none":
         p.error("nothing to draw: give --run and/or --resnet_weights")

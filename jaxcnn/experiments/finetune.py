@@ -62,25 +62,82 @@ import time
 from collections.abc import Callable
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
-
-from jaxcnn import freeze, inference
-from jaxcnn.checkpoint import tree_checksum
-from jaxcnn.data.augment import AugmentConfig
-from jaxcnn.experiments.cli import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
-                                   add_precision_flag, with_class_weight,
-                                   exit_process, join_processes, max_loss_setting, path_flag, run_main)
-from jaxcnn.experiments.configs import PRECISIONS, check_folder_settings, check_precision, load_data, with_overrides
-from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables
-from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: F401 (re-exported)
-from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh
-from jaxcnn.train.distributed import Processes, load_in_turn
-from jaxcnn.train.state import check_learning_rate
+from jaxcnn.cli import ArgumentParser, description
+from jaxcnn.experiments.flags import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
+                                      add_precision_flag)
 
 PRESETS = ("default", "offline", "quick", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
 MODELS = ("resnet50", "small", "tiny")  # ResNet50, ResNetSmall (the quick preset's), ResNetTiny (tests)
+
+
+def _parse(argv):
+    p = ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=description(__doc__),
+                       allow_abbrev=False)
+    p.add_argument("--preset", choices=PRESETS,
+                   help="default: tf_flowers at 224 from ImageNet weights (wants a GPU); offline: the embedded data "
+                        "at 32x32; quick: a small ResNet from random weights, no download; smoke: a tiny one, for the "
+                        "tests (their settings: get_config in jaxcnn/experiments/finetune.py; default: default; with --resume: "
+                        "the run's own settings, whatever its preset)")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
+    p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none (random weights); "
+                                     "default: the preset's (imagenet for 'default')")
+    p.add_argument("--image_size", type=int, help="the square size the images are resized to (at least 32); "
+                                                  "default: the preset's")
+    p.add_argument("--phase1_epochs", type=int,
+                   help="epochs of phase 1 (the backbone frozen, the new head trains); default: the preset's")
+    p.add_argument("--phase2_epochs", type=int,
+                   help="epochs of phase 2 (all but --phase2_frozen_layers train); default: the preset's")
+    p.add_argument("--phase2_frozen_layers", type=int,
+                   help="Keras base_model.layers[:n] frozen in phase 2, 0 .. the model's Keras layers; default: the "
+                        "preset's (100 for 'default')")
+    p.add_argument("--batch_size", type=int,
+                   help="the training batch of both phases (a multiple of the device count); default: the preset's")
+    p.add_argument("--seed", type=int, help="the seed of the new head's initial weights, the epoch order and the "
+                                            "dropout and augmentation keys; default: the preset's")
+    add_max_loss_flag(p)
+    add_class_weight_flag(p)
+    p.add_argument("--model", choices=MODELS,
+                   help="resnet50, small (the quick preset's) or tiny (tests); default: the preset's (resnet50 for "
+                        "'default'); small and tiny, where the preset's model is another, default to --weights none, "
+                        "--phase2_frozen_layers 0, --image_size 32 and the quick preset's phase-2 rate (1e-3)")
+    p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
+                                      "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
+                                      "class subfolders of JPEG / PNG images (required)")
+    add_folder_flags(p)
+    p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
+    add_precision_flag(p)
+    p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --workdir phase by phase (a finished phase is not repeated)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --workdir that holds a run: the old run (both phases) is set aside in "
+                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new phase 1 has "
+                        "ended; if the new run stops before its first checkpoint, the old one is put back")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_distributed_flags(p)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a bad flag answer here, before the imports below load JAX (seconds)
+    _parse(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxcnn import freeze, inference  # noqa: E402
+from jaxcnn.checkpoint import tree_checksum  # noqa: E402
+from jaxcnn.data.augment import AugmentConfig  # noqa: E402
+from jaxcnn.experiments.cli import (exit_process, join_processes, max_loss_setting, path_flag,  # noqa: E402
+                                    run_main, with_class_weight)
+from jaxcnn.experiments.configs import (PRECISIONS, check_folder_settings, check_precision,  # noqa: E402
+                                        check_same_folder, load_data, recorded_config, resumed_config, with_overrides)
+from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables  # noqa: E402
+from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: E402, F401 (re-exported)
+from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh  # noqa: E402
+from jaxcnn.train.distributed import Processes, load_in_turn  # noqa: E402
+from jaxcnn.train.state import check_learning_rate  # noqa: E402
+
 log = logging.getLogger("jaxcnn")
 
 
@@ -139,6 +196,7 @@ class FinetuneConfig:
         if self.image_size < 32:
             raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
         check_folder_settings(self)
+        check_frozen_layers(self.phase2_frozen_layers, self.model)
         if self.model != "resnet50" and self.weights == "imagenet":
             raise ValueError(f"FinetuneConfig: weights='imagenet' is a ResNet50 file; with model={self.model!r} use "
                              "'none' or a path to a file of that model")
@@ -152,6 +210,25 @@ class FinetuneConfig:
         (no early stop, no LR drop: the patiences are the phase's length)."""
         epochs = self.phase1_epochs if phase == 1 else self.phase2_epochs
         return dataclasses.replace(self.fit, epochs=epochs, early_stopping_patience=epochs, plateau_patience=epochs)
+
+
+BACKBONES = {"resnet50": ResNet50, "small": ResNetSmall, "tiny": ResNetTiny}  # MODELS' modules
+
+
+def check_frozen_layers(n, model: str) -> None:
+    """``phase2_frozen_layers`` (``--phase2_frozen_layers``): Keras ``base_model.layers[:n]`` of
+    ``model``'s backbone, so 0 .. its number of Keras layers. Checked when the config is made,
+    before phase 1 trains, rather than when phase 2 builds its rule."""
+    count = len(BACKBONES[model](include_top=False, pooling="avg").layer_order())
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= count:
+        raise ValueError(f"phase2_frozen_layers={n!r} (--phase2_frozen_layers): the {model} model has {count} Keras "
+                         f"layers; allowed 0 .. {count} (0: phase 2 trains every layer)")
+
+
+#: What ``--model small`` / ``tiny`` brings when the preset's model is another (a flag given still
+#: wins): no ImageNet file exists for them, so a random backbone (``weights`` none), trained whole in
+#: phase 2 at the ``quick`` preset's rate, at the 32x32 input they were made for (the quick preset's).
+MODEL_DEFAULTS = {"weights": "none", "phase2_frozen_layers": 0, "phase2_lr": 1e-3, "image_size": 32}
 
 
 def get_config(name: str = "default", **overrides) -> FinetuneConfig:
@@ -182,6 +259,8 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
         raise ValueError(f"get_config: {per_phase} are set per phase; use phase1_epochs / phase2_epochs")
     if overrides.get("augment") is True:  # --augment: the seed's flips and shifts, not the rotation
         overrides["augment"] = AugmentConfig(rotation=0.0)
+    if overrides.get("model") not in (None, "resnet50", base.model) and overrides.get("weights") in (None, "none"):
+        overrides = {**MODEL_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}  # (a file: as given)
     return with_overrides(base, overrides)
 
 
@@ -190,8 +269,7 @@ def get_config(name: str = "default", **overrides) -> FinetuneConfig:
 
 def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
     """The fine-tuning ``Classifier``: backbone (no top, average pooling) + the seed's head."""
-    make = {"resnet50": ResNet50, "small": ResNetSmall, "tiny": ResNetTiny}[config.model]
-    return Classifier(make(include_top=False, pooling="avg", dtype=PRECISIONS[config.precision]),
+    return Classifier(BACKBONES[config.model](include_top=False, pooling="avg", dtype=PRECISIONS[config.precision]),
                       num_classes=int(num_classes),
                       dropout_rate=float(config.dropout), hidden=int(config.hidden))
 
@@ -214,7 +292,8 @@ def weights_path(config: FinetuneConfig) -> Optional[pathlib.Path]:
         return resolve_weights(None if config.weights == "none" else config.weights, include_top=False)
     except (RuntimeError, FileNotFoundError) as e:
         raise WeightsUnavailableError(f"{e} Or fine-tune without pretrained weights: --weights none (a random "
-                                      f"backbone; what to expect: experiments/finetune/README.md)") from None
+                                      f"backbone; what to expect: experiments/finetune/README.md), or --model small "
+                                      f"(a small random one at 32x32, quick on a CPU)") from None
 
 
 def initial_variables(config: FinetuneConfig, model: Classifier, image_shape,
@@ -396,48 +475,15 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
     return summary
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m jaxcnn.experiments.finetune", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
-    p.add_argument("--preset", default="default", choices=PRESETS)
-    p.add_argument("--dataset", choices=DATASETS, help="default: the preset's (tf_flowers for 'default')")
-    p.add_argument("--weights", help="imagenet | PATH to a Keras legacy .h5 no-top file | none")
-    p.add_argument("--image_size", type=int)
-    p.add_argument("--phase1_epochs", type=int)
-    p.add_argument("--phase2_epochs", type=int)
-    p.add_argument("--phase2_frozen_layers", type=int, help="Keras base_model.layers[:n] frozen in phase 2 (100)")
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--seed", type=int)
-    add_max_loss_flag(p)
-    add_class_weight_flag(p)
-    p.add_argument("--model", choices=MODELS, help="resnet50 (default), small (the quick preset's) or tiny (tests)")
-    p.add_argument("--data_dir", help="tf_flowers: tfds data directory (without network: "
-                                      "<data_dir>/downloads/manual/flower_photos.tgz); folder: the folder of "
-                                      "class subfolders of JPEG / PNG images (required)")
-    add_folder_flags(p)
-    p.add_argument("--no_augment", action="store_true", help="train without flips and shifts")
-    add_precision_flag(p)
-    p.add_argument("--workdir", help="default: checkpoints/finetune-<dataset>-<preset>")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --workdir phase by phase (a finished phase is not repeated)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a --workdir that holds a run: the old run (both phases) is set aside in "
-                        "<workdir>/.previous/ (its disk space still taken) and deleted once the new phase 1 has "
-                        "ended; if the new run stops before its first checkpoint, the old one is put back")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    add_distributed_flags(p)
-    return p.parse_args(argv)
-
-
 def main(argv: Optional[list] = None) -> int:
     args = _parse(argv)
     return run_main(lambda: _main(args), user_errors=(WeightsUnavailableError,))
 
 
-def _main(args) -> int:
-    procs = join_processes(args)  # first: JAX must not start before the processes are joined
-    config = get_config(args.preset, dataset=args.dataset, weights=args.weights, image_size=args.image_size,
-                        phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
+def config_of_flags(args) -> FinetuneConfig:
+    """The config the flags make: the preset's, with the flags given."""
+    config = get_config(args.preset or "default", dataset=args.dataset, weights=args.weights,
+                        image_size=args.image_size, phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
                         augment=False if args.no_augment else None, val_fraction=args.val_fraction,
@@ -445,15 +491,60 @@ def _main(args) -> int:
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
-    config = with_class_weight(config, args.class_weight)
+    return with_class_weight(config, args.class_weight)
+
+
+def given_settings(args) -> dict:
+    """The settings the command line gave: ``{flag as given: (setting, value)}`` (for ``resumed_config``)."""
+    given = {}
+    for flag in ("preset", "dataset", "weights", "image_size", "phase1_epochs", "phase2_epochs",
+                 "phase2_frozen_layers", "batch_size", "seed", "model", "data_dir", "val_fraction", "test_fraction",
+                 "stream", "precision", "max_loss", "class_weight"):
+        v = getattr(args, flag)
+        if v is None:
+            continue
+        if flag == "max_loss":
+            v = max_loss_setting(v)[1]
+        elif flag == "class_weight":
+            v = None if v == "none" else v
+        given[f"--no-{flag}" if v is False else f"--{flag}"] = (flag, v)
+    if args.no_augment:
+        given["--no_augment"] = ("augment", None)
+    return given
+
+
+def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneConfig]:
+    """With ``--resume`` of a run in ``workdir``: its recorded settings, with those of the flags given
+    that may change (``configs.resumed_config``); None when there is no run to take them from.
+    ``--phase2_epochs`` may change, ``--phase1_epochs`` and ``--phase2_frozen_layers`` until phase 2 has started."""
+    got = procs.on_primary(FinetuneFolder(workdir).config_to_resume) if args.resume else None
+    if got is None:
+        return None
+    record, phase2_started = got
+    fresh = FitConfig()  # (each phase sets its epochs and patiences: phase_fit)
+    recorded = recorded_config(FinetuneConfig, record, "finetune", workdir, epochs=fresh.epochs,
+                               early_stopping_patience=fresh.early_stopping_patience,
+                               plateau_patience=fresh.plateau_patience)
+    may_change = {"max_loss", "data_dir", "stream", "phase2_epochs"} | (
+        {"phase1_epochs", "phase2_frozen_layers"} if not phase2_started else set())
+    config = resumed_config(recorded, given_settings(args), may_change=may_change)
+    procs.on_primary(lambda: check_same_folder(record, config, workdir))
+    return config
+
+
+def _main(args) -> int:
+    procs = join_processes(args)  # first: JAX must not start before the processes are joined
+    workdir = path_flag("--workdir", args.workdir)
+    if workdir is None:
+        flags = config_of_flags(args)
+        workdir = pathlib.Path(f"checkpoints/finetune-{flags.dataset}-{flags.preset}")
+    config = resumed(args, workdir, procs) or config_of_flags(args)
     if config.dataset == "offline" and args.data_dir is not None:
         raise ValueError("--data_dir applies to --dataset tf_flowers or folder, not to the embedded offline data")
     if config.dataset != "folder":
         for flag in ("val_fraction", "test_fraction", "stream"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset}")
-    workdir = path_flag("--workdir", args.workdir) or pathlib.Path(f"checkpoints/finetune-{config.dataset}-"
-                                                                    f"{config.preset}")
     summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     s1, s2 = summary["phase1"], summary["phase2"]
     print(f"\n{summary['dataset']} {summary['image_size']}px, "

@@ -364,14 +364,20 @@ def _accumulator(max_loss: Optional[float]) -> Callable:
     return acc
 
 
+def devices() -> str:
+    """The devices this run trains on, as ``"cpu x2"`` (``" (2 processes)"`` added for several)."""
+    return (f"{jax.devices()[0].platform} x{jax.device_count()}"
+            + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""))
+
+
 def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional[nn.Module] = None,
                experiment: Optional[dict] = None) -> dict:
     """What ``fit`` writes to ``config.json``: enough to rebuild the model, reload the data and
     check a resume, in any process.
 
     ``{"model": spec, "data": {...}, "optimizer": {"learning_rate", "weight_decay"}, "fit": {...},
-    "experiment": {...}}`` (the optimizer's settings read from its state: ``weight_decay`` 0 is Adam;
-    the input preprocessing is ``fit.preprocess``); ``model`` is None when no Flax module is known.
+    "experiment": {...}, "devices": "cpu x1"}`` (the optimizer's settings read from its state: ``weight_decay``
+    0 is Adam; the input preprocessing is ``fit.preprocess``); ``model`` is None when no Flax module is known.
     """
     model = module_of(state.apply_fn) if model is None else model
     sizes = {k: len(getattr(dataset, k)) for k in ("train", "val", "test")}  # every process holds whole splits
@@ -380,11 +386,13 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
         "model": None if model is None else model_spec(model),
         "data": {"name": dataset.name, "source": dataset.source, "image_shape": list(dataset.image_shape),
                  "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
-                 **{f"num_{k}": int(n) for k, n in sizes.items()}},
+                 **{f"num_{k}": int(n) for k, n in sizes.items()},
+                 **({"fingerprint": dataset.fingerprint} if getattr(dataset, "fingerprint", None) else {})},
         "optimizer": {"learning_rate": float(f"{get_learning_rate(state.opt_state):.7g}"),
                       "weight_decay": float(f"{get_weight_decay(state.opt_state):.7g}")},
         "fit": config.to_dict(),
         "experiment": dict(experiment or {}),
+        "devices": devices(),  # of this start (a resume on others warns: jaxcnn.runfolder.RunFolder.prepare)
     }
 
 
@@ -425,8 +433,7 @@ def _summary(out: Trained, callbacks: EpochCallbacks, dataset, wall_time_s: floa
         "best_val_accuracy": best_row["val_accuracy"] if best_row else None,
         "test_loss": None, "test_accuracy": None, "num_test": None,
         "wall_time_s": wall_time_s, "dataset": dataset.name, "num_train": num_train,
-        "device": f"{jax.devices()[0].platform} x{jax.device_count()}"
-                  + (f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""),
+        "device": devices(),
     }
     if out.diverged:
         summary["diverged"] = out.diverged

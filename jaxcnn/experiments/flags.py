@@ -1,0 +1,84 @@
+"""The training commands' flags, and the names they choose from, with nothing heavy imported.
+
+A command builds its parser from these before it imports JAX, Flax or TensorFlow (seconds), so
+that ``--help`` and a mistyped flag answer at once; ``jaxcnn.experiments.cli`` reads the values
+(``max_loss_setting``, ``with_class_weight``, ``join_processes``) and ``jaxcnn.experiments.configs``
+builds the configs from the names (:data:`PRESETS`, :data:`DATASETS`, :data:`PRECISION_NAMES`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+#: ``jaxcnn.experiments.cifar10``'s presets and datasets (``jaxcnn.experiments.configs.get_config``).
+PRESETS = ("default", "demo", "smoke")
+DATASETS = ("cifar10", "offline", "folder")
+#: ``--precision``'s values, the keys of ``jaxcnn.experiments.configs.PRECISIONS`` (their dtypes).
+PRECISION_NAMES = ("float32", "bfloat16")
+#: ``jaxcnn.train.FitConfig().max_loss``, said in ``--max_loss``'s help (tests/test_help.py checks it).
+DEFAULT_MAX_LOSS_TEXT = "1000"
+
+
+def add_precision_flag(p) -> None:
+    p.add_argument("--precision", choices=PRECISION_NAMES,
+                   help="the model's compute dtype (float32); bfloat16 keeps parameters, optimizer state, "
+                        "BatchNorm statistics and the loss in float32 (measured: benchmarks/README.md)")
+
+
+def add_folder_flags(p) -> None:
+    """The flags of ``--dataset folder`` that every training command shares (``--data_dir`` and
+    ``--image_size`` are the commands' own: they mean more there)."""
+    p.add_argument("--val_fraction", type=float,
+                   help="folder: fraction of the images for validation (0.1; a val/ subfolder takes precedence)")
+    p.add_argument("--test_fraction", type=float,
+                   help="folder: fraction of the images for the test (0.1; a test/ subfolder takes precedence)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="folder: decode each batch from disk in background threads (--stream) or all images into "
+                        "memory first (--no-stream); default: stream when they would not fit in a quarter of memory")
+
+
+def add_class_weight_flag(p) -> None:
+    """``--class_weight none|balanced`` (read by ``jaxcnn.experiments.cli.with_class_weight``)."""
+    p.add_argument("--class_weight", choices=("none", "balanced"),
+                   help="balanced: weight each training example's loss by n / (K * n_c) of its class, so that an "
+                        "imbalanced training set's small classes count as much as its large ones (Keras' class_weight); "
+                        "default none")
+
+
+def add_max_loss_flag(p) -> None:
+    """``--max_loss`` (read by ``jaxcnn.experiments.cli.max_loss_setting``)."""
+    p.add_argument("--max_loss", metavar="LOSS|none",
+                   help=f"a training step's loss above this stops the run as diverged, exit 1 (default "
+                        f"{DEFAULT_MAX_LOSS_TEXT}; "
+                        "the loss of a uniform guess over K classes is ln K, 2.3 for 10); none: no limit. A loss "
+                        "that is not finite, training or validation, always stops it")
+
+
+def add_host_memory_flag(parser) -> None:
+    """``--keep_host_memory`` (on) / ``--no-keep_host_memory``; applied by ``jaxcnn.experiments.cli.prepare_host``."""
+    parser.add_argument("--keep_host_memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the memory each step frees for the next one instead of handing it back to the "
+                             "kernel (glibc's malloc; on by default: it spares the page faults of every step; "
+                             "measured: benchmarks/README.md); --no-keep_host_memory: glibc's default")
+
+
+def add_distributed_flags(parser) -> None:
+    """``--distributed`` and how to reach the other processes (``jax.distributed.initialize``)."""
+    parser.add_argument("--cpu_devices", type=int,
+                        help="split the CPU into this many XLA devices, each taking a share of every batch; on the "
+                             "2-core CPUs measured (benchmarks/README.md) one device per core trained faster than one "
+                             "device at batch 256, less or not at all faster at batch 64; "
+                             "batch sizes must divide by it; no effect on a GPU")
+    add_host_memory_flag(parser)
+    g = parser.add_argument_group("several processes (one per host or per GPU; see the README)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join the run's other processes (jax.distributed) before anything else; without the "
+                        "three flags below, JAX finds them in the environment (TPU pods, SLURM, Open MPI)")
+    g.add_argument("--coordinator_address", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num_processes", type=int, help="how many processes the run has")
+    g.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")
+    g.add_argument("--init_timeout", type=int, default=120,
+                   help="seconds to wait at the start for the coordinator and the other processes (120)")
+    g.add_argument("--heartbeat_timeout", type=int, default=60,
+                   help="seconds without a sign of life after which a process counts as dead and the others "
+                        "stop with a message (60)")

@@ -58,7 +58,7 @@ def report_missing(folder: RunFolder) -> list[str]:
 
 def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, class_names: Sequence[str],
                  test_labels, test_logits, test_images, val_labels=None, val_logits=None,
-                 k: int = 16, check: Optional[Callable[[], None]] = None) -> dict:
+                 k: int = 16, check: Optional[Callable[[], None]] = None, lr_schedule: str = "plateau") -> dict:
     """Write the report's plots into ``folder``'s ``plots/`` and return the summary fields.
 
     Args:
@@ -75,6 +75,7 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
         (``jaxcnn.metrics.choose_temperature``; None: no temperature, and the note says so).
       k: how many wrong images to draw.
       check: called before each plot (``fit`` raises ``RunInterrupted`` from it when a signal came).
+      lr_schedule: the run's ``fit.lr_schedule`` (the curves' learning-rate panel says it).
     """
     check = check or (lambda: None)
     names = tuple(str(n) for n in class_names)
@@ -117,7 +118,7 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
     name = folder.path.name
     check()
     viz.plot_curves(list(history), path=folder.plot_path(CURVES_PNG), summary=summary,
-                    title=f"{name}: training curves")
+                    title=f"{name}: training curves", lr_schedule=lr_schedule)
     check()
     viz.plot_confusion(confusion, names, path=folder.plot_path(CONFUSION_PNG),
                        title=f"{name}: test accuracy {accuracy:.4f} ({len(test_labels)} images, "

@@ -81,6 +81,7 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
                                        test_labels=dataset.test.labels, test_logits=test_logits,
                                        test_images=test_images, k=k,
                                        val_labels=None if val_logits is None else dataset.val.labels,
-                                       val_logits=val_logits))
+                                       val_logits=val_logits,
+                                       lr_schedule=run.config.get("fit", {}).get("lr_schedule", "plateau")))
     folder.write_summary(summary)
     return summary

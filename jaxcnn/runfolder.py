@@ -76,8 +76,10 @@ FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 
 
 #: The format of ``config.json`` this jaxcnn writes (``config["format_version"]``). Format 4 added the
-#: soft targets ``fit.label_smoothing``, ``fit.mixup_alpha`` and ``fit.cutmix_alpha`` (:func:`_from_format_3`:
-#: 0, what a format-3 run ran with). Format 3 added
+#: soft targets ``fit.label_smoothing``, ``fit.mixup_alpha`` and ``fit.cutmix_alpha``, the learning-rate
+#: schedule ``fit.lr_schedule`` and AdamW's ``optimizer.weight_decay`` (:func:`_from_format_3`: 0, 0, 0,
+#: ``"plateau"`` and 0, what a format-3 run ran with; a format-4 config written before the last two
+#: were added, on 2026-12-07, gets them the same way). Format 3 added
 #: ``fit.warmup_epochs``, ``fit.precise_bn_batches``, ``fit.class_weight`` and the cifar10
 #: experiment's ``bn_momentum``: :func:`_from_format_2` gives a format-2 run them at what it ran
 #: with (0, 0, None and its model's momentum). Format 1 is format 2 without the field (runs recorded before
@@ -98,7 +100,7 @@ def migrate_config(config: dict, path) -> dict:
         raise UnsupportedRunFormat(f"{path} is not a run's config (a JSON object)")
     version = config.get("format_version")
     if version == FORMAT_VERSION:
-        return config
+        return _with_format_4_schedule(config)
     if version is None and {"model", "data", "fit"} <= set(config):  # format 1: format 2, unversioned
         return _from_format_3(_from_format_2({"format_version": 2, **config}))
     if version is None and isinstance(config.get("model"), str) and "epochs" in config:  # format 0: flat
@@ -133,10 +135,29 @@ def _from_format_2(config: dict) -> dict:
 
 def _from_format_3(config: dict) -> dict:
     """A format-3 config in format 4: no label smoothing, mixup or cutmix (``fit.label_smoothing``,
-    ``fit.mixup_alpha``, ``fit.cutmix_alpha`` 0: format 3 had none of them)."""
+    ``fit.mixup_alpha``, ``fit.cutmix_alpha`` 0), the seed's reduce-on-plateau (``fit.lr_schedule``
+    ``"plateau"``) and Adam (``optimizer.weight_decay`` 0): format 3 had none of them."""
     new = {**config, "format_version": 4}
     if isinstance(config.get("fit"), dict):
-        new["fit"] = {**config["fit"], "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+        new["fit"] = {**config["fit"], "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
+                      "lr_schedule": "plateau"}
+    if isinstance(config.get("optimizer"), dict):
+        new["optimizer"] = {**config["optimizer"], "weight_decay": 0.0}
+    return new
+
+
+def _with_format_4_schedule(config: dict) -> dict:
+    """A format-4 config with ``fit.lr_schedule`` and ``optimizer.weight_decay``: one written
+    before they were added to the format gets what it ran with (``"plateau"``, 0)."""
+    fit, optimizer = config.get("fit"), config.get("optimizer")
+    if (not isinstance(fit, dict) or "lr_schedule" in fit) and (not isinstance(optimizer, dict)
+                                                                 or "weight_decay" in optimizer):
+        return config
+    new = dict(config)
+    if isinstance(fit, dict):
+        new["fit"] = {**fit, "lr_schedule": fit.get("lr_schedule", "plateau")}
+    if isinstance(optimizer, dict):
+        new["optimizer"] = {**optimizer, "weight_decay": optimizer.get("weight_decay", 0.0)}
     return new
 
 

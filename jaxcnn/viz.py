@@ -296,6 +296,7 @@ def plot_curves(
     summary: Optional[Mapping[str, Any]] = None,
     title: Optional[str] = None,
     dpi: int = 100,
+    lr_schedule: str = "plateau",
 ) -> Figure:
     """Training curves of one run: loss, accuracy and learning rate per epoch.
 
@@ -307,6 +308,9 @@ def plot_curves(
         ``stop_epoch`` with a dotted one when ``stopped_early``.
       title: figure title.
       dpi: the PNG is ``(9, 7.5)`` inches ``* dpi`` pixels.
+      lr_schedule: the run's ``FitConfig.lr_schedule``: ``"plateau"`` draws the rate as steps
+        (reduce-on-plateau's drops), ``"cosine"`` as a line through each epoch's last-step rate,
+        labelled "learning rate (warm-up + cosine)".
 
     Three stacked panels share the epoch axis: loss (train, val), accuracy (train, val),
     and the learning rate on its own panel (log scale when it changes by more than 10x)
@@ -330,8 +334,9 @@ def plot_curves(
         ax.grid(True, alpha=0.3)
     lr = _column(history, "lr")
     if lr is not None:
-        ax_lr.plot(epochs, lr, drawstyle="steps-post", color="tab:purple", marker="o", markersize=3,
-                   label="learning rate")
+        cosine = lr_schedule == "cosine"
+        ax_lr.plot(epochs, lr, drawstyle="default" if cosine else "steps-post", color="tab:purple", marker="o",
+                   markersize=3, label="learning rate (warm-up + cosine)" if cosine else "learning rate")
         pos = lr[np.isfinite(lr) & (lr > 0)]
         if pos.size and pos.max() / pos.min() > 10.0:
             ax_lr.set_yscale("log")
@@ -350,6 +355,8 @@ def plot_curves(
     for ax in (ax_loss, ax_acc):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
+    if lr is not None and lr_schedule == "cosine":
+        ax_lr.legend(fontsize=8, loc="best")
     ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=11)

@@ -3,17 +3,20 @@
 import dataclasses
 import json
 import math
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcnn import inference
 from jaxcnn.runfolder import RunFolder
 from jaxcnn.data import Dataset, Split
 from jaxcnn.models.cifar_cnn import CifarCNN
-from jaxcnn.train import (EarlyStopping, FitConfig, ReduceLROnPlateau, Steps, TrainState, adam, fit, make_eval_step,
-                          state_from_tree, state_to_tree)
+from jaxcnn.train import (EarlyStopping, FitConfig, ReduceLROnPlateau, RunInterrupted, Steps, TrainState, adam, fit,
+                          get_learning_rate, make_eval_step, state_from_tree, state_to_tree)
 
 # val loss per epoch: best at epoch 4, then five epochs without improvement.
 SCRIPT = [1.0, 0.8, 0.9, 0.7, 0.75, 0.76, 0.77, 0.78, 0.79, 0.5, 0.4]
@@ -216,3 +219,111 @@ def test_fit_does_not_end_a_warming_up_run(tmp_path):
 def test_warmup_and_precise_bn_settings_are_validated(field):
     with pytest.raises(ValueError, match=rf"FitConfig: {field}=-1; must be an int >= 0"):
         FitConfig(**{field: -1})
+
+
+# --------------------------------------------------------------------------- with the warm-up + cosine schedule
+
+
+def _tiny_state(weight_decay=0.0):
+    model = CifarCNN(widths=(4,), dense_units=8, num_classes=3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    return TrainState.create(apply_fn=model.apply, variables=variables, tx=adam(1e-3, weight_decay=weight_decay),
+                             key=jax.random.key(1))
+
+
+def _cosine(t, total, warm):
+    """float64: the rate's factor at optimizer step t (0-based)."""
+    return t / warm if t < warm else (1 + math.cos(math.pi * (t - warm) / (total - warm))) / 2
+
+
+def test_a_cosine_run_records_the_rate_of_each_epochs_last_step_and_the_plateau_leaves_it(tmp_path, monkeypatch):
+    """lr_schedule="cosine" over 6 epochs of 2 steps, 1 of warm-up: the history's lr is 1e-3 * f(2e - 1);
+    the scripted validation loss gets worse after epoch 1, so a plateau of patience 1 would halve the rate
+    after epoch 2, and does not; early stopping (patience 2) still ends the run after epoch 3."""
+    from jaxcnn import viz
+
+    script = jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    real_eval = make_eval_step()
+
+    def scripted_eval(state, batch):
+        out = real_eval(state, batch)
+        return {**out, "loss_sum": script[state.step // 2 - 1] * out["count"]}
+
+    curves = []
+    real_curves = viz.plot_curves
+    monkeypatch.setattr(viz, "plot_curves", lambda *a, **k: curves.append(real_curves(*a, **k)) or curves[-1])
+    config = FitConfig(epochs=6, batch_size=16, eval_batch_size=8, augment=None, early_stopping_patience=2,
+                       plateau_patience=1, warmup_epochs=1, lr_schedule="cosine")
+    final, history, summary = fit(_tiny_state(), _tiny_dataset(), config, tmp_path, progress=False,
+                                  steps=dataclasses.replace(Steps.build(config, steps_per_epoch=2), eval=scripted_eval))
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert summary["stopped_early"] and summary["stop_epoch"] == 3 and summary["best_epoch"] == 1
+    for r in history:  # f in float32 (a few ulps of 1), the rate written with 7 significant digits
+        want = 1e-3 * _cosine(2 * r["epoch"] - 1, 12, 2)
+        assert abs(r["lr"] - want) <= 1e-3 * 4 * 2.0 ** -23 + 5e-7 * want, (r["epoch"], r["lr"], want)
+    assert history[0]["lr"] == 5e-4 and history[1]["lr"] < 1e-3
+    with RunFolder(tmp_path).checkpoints(read_only=True) as ckpts:
+        tree, meta = ckpts.restore("latest", target=state_to_tree(final))
+    assert meta["plateau"] is None
+    assert get_learning_rate(state_from_tree(final, tree).opt_state) == float(np.float32(1e-3))  # never halved
+    assert json.loads((tmp_path / "config.json").read_text())["fit"]["lr_schedule"] == "cosine"
+    assert curves[-1].axes[2].lines[0].get_label() == "learning rate (warm-up + cosine)"
+    # the report made again from the folder alone (jaxcnn.results) says it too, from config.json
+    from jaxcnn import results
+
+    results.write_test_results(tmp_path, _tiny_dataset())
+    assert len(curves) == 2 and curves[-1].axes[2].lines[0].get_label() == "learning rate (warm-up + cosine)"
+
+
+class _SignalsAt:
+    """A train step that sends SIGINT to this process before global step ``at``."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.lower, self.at = inner, inner.lower, at
+
+    def __call__(self, state, batch):
+        if int(state.step) == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner(state, batch)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_a_cosine_run_resumed_after_epoch_1_is_the_uninterrupted_run_bit_for_bit(tmp_path, weight_decay):
+    """2 epochs of 4 steps, 1 of warm-up, Adam or AdamW: stopped by a signal after epoch 1 (at its last
+    step) and resumed, the run ends with the uninterrupted run's state, history and scores."""
+    config = FitConfig(epochs=2, batch_size=8, eval_batch_size=8, warmup_epochs=1, lr_schedule="cosine")
+    data = _tiny_dataset()
+    _, history, summary = fit(_tiny_state(weight_decay), data, config, tmp_path / "a", progress=False)
+    steps = Steps.build(config, steps_per_epoch=4)
+    with pytest.raises(RunInterrupted, match="after epoch 1"):
+        fit(_tiny_state(weight_decay), data, config, tmp_path / "b", progress=False,
+            steps=dataclasses.replace(steps, train=_SignalsAt(steps.train, 3)))
+    _, history2, summary2 = fit(_tiny_state(weight_decay), data, config, tmp_path / "b", progress=False, resume=True)
+
+    def latest(workdir):
+        template = _tiny_state(weight_decay)
+        with RunFolder(workdir).checkpoints(read_only=True) as c:
+            tree, meta = c.restore("latest", target=state_to_tree(template))
+        return tree, meta
+
+    (a, meta_a), (b, meta_b) = latest(tmp_path / "a"), latest(tmp_path / "b")
+    assert int(a["step"]) == int(b["step"]) == 8
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")} for r in h]  # noqa: E731
+    assert strip(history2) == strip(history) and history[1]["lr"] < history[0]["lr"]
+    assert meta_a["plateau"] is meta_b["plateau"] is None and meta_a["early_stopping"] == meta_b["early_stopping"]
+    assert (summary2["test_loss"], summary2["test_accuracy"]) == (summary["test_loss"], summary["test_accuracy"])
+    recorded = json.loads((tmp_path / "b" / "config.json").read_text())["optimizer"]
+    assert recorded == {"learning_rate": 1e-3, "weight_decay": weight_decay}
+    assert inference.restore(tmp_path / "b").epoch == summary2["best_epoch"]
+
+
+def test_a_resume_with_another_weight_decay_is_refused_naming_it(tmp_path):
+    config = FitConfig(epochs=1, batch_size=16, eval_batch_size=8, augment=None)
+    fit(_tiny_state(0.05), _tiny_dataset(), config, tmp_path, progress=False)
+    before = (tmp_path / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"optimizer.weight_decay \(0.05 -> 0.0\)"):
+        fit(_tiny_state(0.0), _tiny_dataset(), dataclasses.replace(config, epochs=2), tmp_path, progress=False,
+            resume=True)
+    assert (tmp_path / "config.json").read_bytes() == before

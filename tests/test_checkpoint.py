@@ -85,7 +85,7 @@ def test_run_records(two_epochs, data):
                                "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
                                "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 0.001,
                                "dtype": {"dtype": "float32"}}
-    assert config["optimizer"] == {"learning_rate": 1e-3}
+    assert config["optimizer"] == {"learning_rate": 1e-3, "weight_decay": 0.0}  # Adam: no weight decay
     assert config["fit"]["epochs"] == 2 and config["fit"]["preprocess"] == "unit"
     assert "learning_rate" not in config["fit"]  # one home: the optimizer
     assert config["experiment"]["name"] == "cifar10" and config["experiment"]["preset"] == "smoke"

@@ -94,7 +94,8 @@ def test_records_and_accuracies(smoke_run):
         assert rec["num_test"] == 32 and config["freeze_rule"] == ("backbone('backbone')" if phase == 1
                                                                    else f"first_n_keras_layers({K})")
         lr = 1e-3 if phase == 1 else 1e-5  # recorded once, from the optimizer
-        assert restored.config["optimizer"] == {"learning_rate": lr} and "learning_rate" not in restored.config["fit"]
+        assert restored.config["optimizer"] == {"learning_rate": lr, "weight_decay": 0.0}
+        assert "learning_rate" not in restored.config["fit"]
     assert on_disk["phase1"]["learning_rate"] == 1e-3 and on_disk["phase2"]["learning_rate"] == 1e-5
     # The Keras-like counts, printed at the start of each phase; phase 1: the head alone trains.
     head = 32 * 256 + 256 + 256 * 10 + 10
@@ -310,6 +311,25 @@ def test_filters_of_a_finetune_phase(smoke_run, tmp_path, capsys):
         "test_accuracy"]
     for name in record["files"]:
         assert (out / name).stat().st_size > 1000
+
+
+def test_a_cosine_schedule_runs_over_each_phase(tmp_path):
+    """lr_schedule="cosine": each phase builds its own steps, and each gets its own warm-up + cosine
+    over its epochs (2 of 64 // 16 = 4 steps, no warm-up): epoch e records base * f(4e - 1)."""
+    import contextlib
+    import io
+    import math
+
+    config = finetune.get_config("smoke", lr_schedule="cosine")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        finetune.run(config, tmp_path, progress=False)
+    for phase, base in ((1, 1e-3), (2, 1e-5)):
+        run = RunFolder(tmp_path / f"phase{phase}")
+        assert run.read_config()["fit"]["lr_schedule"] == "cosine"
+        for row in run.read_history():
+            want = base * (1 + math.cos(math.pi * (4 * row["epoch"] - 1) / 8)) / 2
+            # f in float32 (a few ulps of 1), the rate written with 7 significant digits
+            assert abs(row["lr"] - want) <= base * 4 * 2.0 ** -23 + 5e-7 * want, (phase, row)
 
 
 def test_resume_takes_the_runs_own_settings_and_refuses_a_changed_one_in_one_line(tmp_path, capsys):

@@ -257,3 +257,108 @@ def test_fit_config_checks_the_soft_target_settings_and_steps_need_the_classes()
     steps.check(FitConfig(mixup_alpha=0.2, label_smoothing=0.1, augment=None))
     with pytest.raises(ValueError, match=r"the steps apply mixup_alpha=0.2 but the FitConfig says mixup_alpha=0.0"):
         steps.check(FitConfig(label_smoothing=0.1, augment=None))
+
+
+# --------------------------------------------------------------------------- AdamW and the cosine schedule in the core
+
+from jaxcnn import freeze  # noqa: E402
+from jaxcnn.train import get_learning_rate, get_weight_decay, set_learning_rate  # noqa: E402
+
+
+def _adamw_tree():
+    """A conv kernel and bias, a dense kernel and a BatchNorm's scale and bias, and their gradients."""
+    params = {"conv": {"kernel": jnp.full((2, 2, 1, 2), 2.0), "bias": jnp.full((2,), 2.0)},
+              "dense": {"kernel": jnp.full((2, 3), -4.0)},
+              "bn": {"scale": jnp.full((2,), 2.0), "bias": jnp.full((2,), 2.0)}}
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    return params, grads
+
+
+def test_adamw_decays_the_kernels_and_not_the_biases_or_batchnorm():
+    """One step of adam(0.1, weight_decay=0.5) by hand: Adam's first step is -lr * g / (|g| + eps)
+    (m and v bias-corrected to g and g^2); AdamW adds -lr * wd * p to the kernels only."""
+    params, grads = _adamw_tree()
+    tx = adam(0.1, weight_decay=0.5)
+    state = tx.init(params)
+    assert (get_learning_rate(state), get_weight_decay(state)) == (pytest.approx(0.1), 0.5)
+    updates, _ = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    adam_step = 0.1 * 0.5 / (0.5 + 1e-8)
+    for path, want in ((("conv", "kernel"), 2.0 - adam_step - 0.1 * 0.5 * 2.0),
+                       (("dense", "kernel"), -4.0 - adam_step - 0.1 * 0.5 * -4.0),
+                       (("conv", "bias"), 2.0 - adam_step), (("bn", "scale"), 2.0 - adam_step),
+                       (("bn", "bias"), 2.0 - adam_step)):
+        np.testing.assert_allclose(np.asarray(new[path[0]][path[1]], np.float64), want, rtol=4 * EPS32, err_msg=path)
+    # weight_decay 0: Adam, its state as it was (no weight_decay hyperparameter)
+    plain = adam(0.1).init(params)
+    assert get_weight_decay(plain) == 0.0 and "weight_decay" not in plain.hyperparams
+
+
+def test_adamw_with_frozen_layers_decays_the_trainable_kernels_only():
+    params, grads = _adamw_tree()
+    labels = freeze.label_tree(params, freeze.by_prefix("conv"))
+    tx = adam(0.1, weight_decay=0.5, labels=labels)
+    state = tx.init(params)
+    assert get_weight_decay(state) == 0.5
+    new = freeze.apply_trainable_updates(params, tx.update(grads, state, params)[0], labels)
+    adam_step = 0.1 * 0.5 / (0.5 + 1e-8)
+    np.testing.assert_array_equal(new["conv"]["kernel"], params["conv"]["kernel"])  # frozen: not decayed
+    np.testing.assert_allclose(np.asarray(new["dense"]["kernel"], np.float64), -4.0 - adam_step + 0.1 * 0.5 * 4.0,
+                               rtol=4 * EPS32)
+    np.testing.assert_allclose(np.asarray(new["bn"]["bias"], np.float64), 2.0 - adam_step, rtol=4 * EPS32)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), True, "0.1"])
+def test_adam_refuses_a_weight_decay_that_is_not_a_number_at_least_0(bad):
+    with pytest.raises(ValueError, match=r"adam: weight_decay=.*; must be a finite number >= 0 \(0: Adam, no decay\)"):
+        adam(1e-3, weight_decay=bad)
+
+
+def _cosine(t, total, warm):
+    """float64: the rate's factor at optimizer step t (0-based)."""
+    return t / warm if t < warm else (1 + math.cos(math.pi * (t - warm) / (total - warm))) / 2
+
+
+@pytest.mark.parametrize("t", [0, 3, 8, 12, 15])
+def test_a_cosine_step_is_the_optimizer_step_at_the_scheduled_rate(t):
+    """Steps.build(lr_schedule="cosine") over 2 epochs of 8 steps, 1 of warm-up: step t's update is
+    that of the plain step with the rate set to lr * f(t) (Adam's update is linear in the rate)."""
+    config = FitConfig(lr_schedule="cosine", epochs=2, warmup_epochs=1, augment=None)
+    steps = Steps.build(config, steps_per_epoch=8)
+    assert steps.schedule_steps == (16, 8)
+    assert abs(steps.lr_scale(t) - _cosine(t, 16, 8)) <= 4 * EPS32
+    state, batch = _state_and_batch()
+    state = state.replace(step=jnp.asarray(t, jnp.int32))
+    before = jax.device_get(state.params)  # (the step donates the state)
+    base = get_learning_rate(state.opt_state)
+    plain = jax.jit(make_train_step())(set_learning_rate(state, base * _cosine(t, 16, 8)), batch)[0]
+    scheduled = steps.train(state, batch)[0]
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(scheduled.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=8 * EPS32, atol=8 * EPS32 * 1e-2)
+    if t == 0:  # the warm-up starts from 0: the first step leaves the weights as they are
+        jax.tree.map(np.testing.assert_array_equal, scheduled.params, before)
+    assert get_learning_rate(scheduled.opt_state) == base  # the optimizer's own rate is not changed
+
+
+def test_fit_config_checks_the_schedule_and_steps_need_the_steps_per_epoch():
+    with pytest.raises(ValueError, match=r"FitConfig: lr_schedule='step'; allowed: 'plateau', 'cosine'"):
+        FitConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match=r"FitConfig: warmup_epochs=3 with lr_schedule='cosine' and epochs=3; the "
+                                         r"learning rate's warm-up must end before the last epoch"):
+        FitConfig(lr_schedule="cosine", epochs=3, warmup_epochs=3)
+    FitConfig(lr_schedule="plateau", epochs=3, warmup_epochs=3)  # (the plateau's warm-up may last the run)
+    cosine = FitConfig(lr_schedule="cosine", epochs=3, warmup_epochs=1, augment=None)
+    with pytest.raises(ValueError, match=r"Steps.build: lr_schedule='cosine' needs steps_per_epoch= \(an int >= 1"):
+        Steps.build(cosine)
+    steps = Steps.build(cosine, steps_per_epoch=4)
+    steps.check(cosine, steps_per_epoch=4)
+    with pytest.raises(ValueError, match=r"the steps apply lr_schedule='cosine' but the FitConfig says "
+                                         r"lr_schedule='plateau'"):
+        steps.check(FitConfig(augment=None, epochs=3, warmup_epochs=1))
+    with pytest.raises(ValueError, match=r"the steps apply lr_schedule='plateau' but the FitConfig says "
+                                         r"lr_schedule='cosine'"):
+        Steps.build(FitConfig(augment=None)).check(cosine, steps_per_epoch=4)
+    with pytest.raises(ValueError, match=r"the steps' warm-up \+ cosine runs over 12 steps with 4 of warm-up, but the "
+                                         r"FitConfig's 3 epochs \(1 of warm-up\) of 5 steps make 15 with 5"):
+        steps.check(cosine, steps_per_epoch=5)
+    assert Steps.build(FitConfig(augment=None)).lr_scale(123) == 1.0

@@ -15,20 +15,24 @@ from jaxcnn.runfolder import FORMAT_VERSION, RunFolder, UnsupportedRunFormat, mi
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-#: The keys format 4 added to "fit".
-FORMAT_4_FIT = ("label_smoothing", "mixup_alpha", "cutmix_alpha")
+#: The keys format 4 added to "fit" (and "weight_decay" to "optimizer").
+FORMAT_4_FIT = ("label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_schedule")
+
+
+def _without_format_4(raw: dict, version) -> dict:
+    return {**raw, "format_version": version, "fit": {k: v for k, v in raw["fit"].items() if k not in FORMAT_4_FIT},
+            "optimizer": {k: v for k, v in raw["optimizer"].items() if k != "weight_decay"}}
 
 
 def _as_format_3(raw: dict) -> dict:
     """Today's config as a format-3 jaxcnn wrote it: without the keys format 4 added."""
-    return {**raw, "format_version": 3, "fit": {k: v for k, v in raw["fit"].items() if k not in FORMAT_4_FIT}}
+    return _without_format_4(raw, 3)
 
 
 def _as_format_2(raw: dict) -> dict:
     """Today's config as a format-2 jaxcnn wrote it: without the keys formats 3 and 4 added."""
-    old = {**raw, "format_version": 2, "fit": {k: v for k, v in raw["fit"].items()
-                                               if k not in ("warmup_epochs", "precise_bn_batches", "class_weight",
-                                                            *FORMAT_4_FIT)}}
+    old = _without_format_4(raw, 2)
+    old["fit"] = {k: v for k, v in old["fit"].items() if k not in ("warmup_epochs", "precise_bn_batches", "class_weight")}
     old["experiment"] = {k: v for k, v in raw["experiment"].items() if k != "bn_momentum"}
     return old
 
@@ -40,8 +44,13 @@ def test_a_run_records_its_format_and_a_format_2_run_resumes(tmp_path):
     assert raw["format_version"] == FORMAT_VERSION == 4
     assert (raw["fit"]["warmup_epochs"], raw["fit"]["precise_bn_batches"], raw["fit"]["class_weight"],
             raw["experiment"]["bn_momentum"]) == (0, 0, None, 0.99)
-    assert [raw["fit"][k] for k in FORMAT_4_FIT] == [0.0, 0.0, 0.0]
+    assert [raw["fit"][k] for k in FORMAT_4_FIT] == [0.0, 0.0, 0.0, "plateau"]
+    assert raw["optimizer"] == {"learning_rate": 1e-3, "weight_decay": 0.0}
     assert migrate_config(_as_format_3(raw), "x") == raw
+    # a format-4 config written before lr_schedule and weight_decay were added to the format: what it ran with
+    early_4 = _without_format_4(raw, 4)
+    early_4["fit"].update({k: raw["fit"][k] for k in FORMAT_4_FIT[:3]})
+    assert migrate_config(early_4, "x") == raw
     # the same run as format 2 wrote it (no warm-up, precise BN or momentum keys): migrated to what ran, and it resumes
     (workdir / "config.json").write_text(json.dumps(_as_format_2(raw)))
     assert RunFolder(workdir).read_config() == raw
@@ -59,7 +68,7 @@ def test_the_migration_from_format_2_keeps_what_the_run_ran_with():
     assert migrate_config(old, "x") == {
         "format_version": 4, "model": {"kind": "cifar_cnn", "bn_momentum": 0.9}, "data": {},
         "fit": {"epochs": 3, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None,
-                "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
+                "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau"},
         "experiment": {"name": "cifar10", "widths": [8], "bn_momentum": 0.9}}
     finetune = {**old, "experiment": {"name": "finetune"}}  # its own settings have no momentum
     assert migrate_config(finetune, "x")["experiment"] == {"name": "finetune"}
@@ -112,7 +121,7 @@ def test_a_format_0_config_is_migrated_key_by_key():
     from jaxcnn.models.spec import build_model
 
     new = migrate_config(FLAT_DEMO, "x/config.json")
-    assert new["format_version"] == 4 and new["optimizer"] == {"learning_rate": 0.001}
+    assert new["format_version"] == 4 and new["optimizer"] == {"learning_rate": 0.001, "weight_decay": 0.0}
     assert new["model"] == {"kind": "cifar_cnn", "num_classes": 10, "widths": [32, 64, 128], "dense_units": 128,
                             "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
                             "dropblock_size": 3, "bn_momentum": 0.99, "bn_epsilon": 1e-3, "dtype": {"dtype": "float32"}}
@@ -125,7 +134,7 @@ def test_a_format_0_config_is_migrated_key_by_key():
                           "preprocess": "unit", "early_stopping_patience": 5, "plateau_factor": 0.5,
                           "plateau_patience": 3, "plateau_min_delta": 0.0001, "min_lr": 0.0, "keep_checkpoints": 3,
                           "max_loss": None, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None,
-                          "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+                          "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau"}
     # augmentation off: its unused ranges stay with the experiment's settings, as every other unmapped key
     assert new["experiment"] == {"name": "cifar10", "learning_rate": 0.001, "rotation": 15.0, "width_shift": 0.1,
                                  "height_shift": 0.1, "horizontal_flip": True, "preset": "demo", "dataset": "offline",
@@ -153,7 +162,7 @@ def test_a_format_0_finetune_phase_is_migrated():
     assert (model.backbone.stage_sizes, model.backbone.include_top, model.backbone.pooling) == ((3, 4, 6, 3), False,
                                                                                               "avg")
     assert (model.hidden, model.dropout_rate, model.num_classes) == (256, 0.5, 10)
-    assert new["optimizer"] == {"learning_rate": 1e-05} and new["fit"]["preprocess"] == "caffe"
+    assert new["optimizer"] == {"learning_rate": 1e-05, "weight_decay": 0.0} and new["fit"]["preprocess"] == "caffe"
     assert new["data"]["source"]["image_size"] == 32
     ex = new["experiment"]
     assert (ex["name"], ex["model"], ex["phase"], ex["phase1_lr"], ex["freeze_rule"]) == (

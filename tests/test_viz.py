@@ -174,6 +174,16 @@ def test_curves_of_a_history_and_summary_write_the_png(tmp_path):
     assert "offline" in fig._suptitle.get_text()
 
 
+def test_the_curves_of_a_cosine_run_say_the_schedule_and_join_the_rates():
+    cosine = [dict(r, lr=1e-3 * (1 + np.cos(np.pi * r["epoch"] / 5)) / 2) for r in HISTORY]
+    ax_lr = viz.plot_curves(cosine, summary=SUMMARY, lr_schedule="cosine").axes[2]
+    line = lines_by_label(ax_lr)["learning rate (warm-up + cosine)"]
+    np.testing.assert_allclose(line.get_ydata(), [r["lr"] for r in cosine])
+    assert line.get_drawstyle() == "default" and ax_lr.get_legend() is not None
+    plain = lines_by_label(viz.plot_curves(HISTORY).axes[2])["learning rate"]  # the plateau's: steps, as before
+    assert plain.get_drawstyle() == "steps-post"
+
+
 def test_curves_from_history_without_summary_or_lr(tmp_path):
     hist = [{k: v for k, v in r.items() if k != "lr"} for r in HISTORY[:1]]  # a one-epoch run, no lr column
     fig = viz.plot_curves(hist)

@@ -363,7 +363,8 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
     try:
         _, _, summary = fit(state, dataset, fit_config, run.path, mesh=mesh,
                             steps=Steps.build(fit_config, labels, train_labels=dataset.train.labels,
-                                              num_classes=dataset.num_classes),
+                                              num_classes=dataset.num_classes,
+                                              steps_per_epoch=len(dataset.train) // fit_config.batch_size),
                             progress=progress, resume=resume and (run.is_run() or run.has_checkpoints()),
                             overwrite=overwrite, model=model, experiment=experiment)  # (with its end-of-run report)
         if Processes().primary:  # once the phase ran: a refused start leaves no freeze summary

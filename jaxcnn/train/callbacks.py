@@ -10,6 +10,7 @@ the loop acts on what they decide. They work for negative values too (optax's
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 
 def _check(name: str, value, *, minimum, integer=False, below=None):
@@ -128,24 +129,27 @@ class ReduceLROnPlateau:
 
 class EpochCallbacks:
     """Early stopping and reduce-LR-on-plateau as ``fit`` runs them: both watch the validation
-    loss once per epoch; their state is saved in every checkpoint (``state_dict``)."""
+    loss once per epoch; their state is saved in every checkpoint (``state_dict``). ``plateau``
+    None: the learning rate is never changed here (a schedule in the train step sets it)."""
 
-    def __init__(self, early: EarlyStopping, plateau: ReduceLROnPlateau):
+    def __init__(self, early: EarlyStopping, plateau: Optional[ReduceLROnPlateau]):
         self.early, self.plateau = early, plateau
 
     @classmethod
     def from_config(cls, config) -> "EpochCallbacks":
         """From a ``FitConfig``'s ``early_stopping_patience``, ``plateau_*`` / ``min_lr`` and
-        ``warmup_epochs`` (both callbacks' ``start_from_epoch``)."""
+        ``warmup_epochs`` (both callbacks' ``start_from_epoch``); with ``lr_schedule="cosine"``, no
+        reduce-LR-on-plateau (the schedule is the train step's)."""
         warmup = config.warmup_epochs
-        return cls(EarlyStopping(patience=config.early_stopping_patience, start_from_epoch=warmup),
-                   ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
-                                     min_delta=config.plateau_min_delta, min_lr=config.min_lr,
-                                     start_from_epoch=warmup))
+        plateau = None if config.lr_schedule == "cosine" else ReduceLROnPlateau(
+            factor=config.plateau_factor, patience=config.plateau_patience, min_delta=config.plateau_min_delta,
+            min_lr=config.min_lr, start_from_epoch=warmup)
+        return cls(EarlyStopping(patience=config.early_stopping_patience, start_from_epoch=warmup), plateau)
 
     def update(self, epoch: int, val_loss: float, lr: float) -> tuple[bool, float]:
         """``(improved, next_lr)`` after epoch ``epoch``: whether it is the new best, the next rate."""
-        return self.early.update(epoch, val_loss), self.plateau.update(epoch, val_loss, lr)
+        improved = self.early.update(epoch, val_loss)
+        return improved, lr if self.plateau is None else self.plateau.update(epoch, val_loss, lr)
 
     @property
     def should_stop(self) -> bool:
@@ -156,8 +160,10 @@ class EpochCallbacks:
         return self.early.best_epoch
 
     def state_dict(self) -> dict:
-        return {"early_stopping": self.early.state_dict(), "plateau": self.plateau.state_dict()}
+        return {"early_stopping": self.early.state_dict(),
+                "plateau": None if self.plateau is None else self.plateau.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         self.early.load_state_dict(d["early_stopping"])
-        self.plateau.load_state_dict(d["plateau"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(d["plateau"])

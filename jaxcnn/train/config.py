@@ -17,6 +17,9 @@ from jaxcnn.preprocess import PREPROCESS
 #: ``FitConfig.class_weight``'s values.
 CLASS_WEIGHTS = (None, "balanced")
 
+#: ``FitConfig.lr_schedule``'s values.
+LR_SCHEDULES = ("plateau", "cosine")
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -44,7 +47,16 @@ class FitConfig:
       preprocess: ``"unit"`` (``x / 255``) or ``"caffe"`` (Keras' ResNet50 mode); the run
         records it, so inference applies the same.
       early_stopping_patience: epochs without a better validation loss before stopping (>= 0).
-      plateau_factor, plateau_patience, plateau_min_delta, min_lr: reduce-LR-on-plateau.
+      plateau_factor, plateau_patience, plateau_min_delta, min_lr: reduce-LR-on-plateau (with
+        ``lr_schedule="plateau"``; unused with ``"cosine"``).
+      lr_schedule: ``"plateau"`` (the seed's: the optimizer's learning rate, lowered by
+        reduce-LR-on-plateau) or ``"cosine"``: warm-up + cosine (``recipe.warmup_cosine``; Goyal
+        et al. 2017, Loshchilov & Hutter 2017), the rate at optimizer step ``t`` is the
+        optimizer's rate times ``f(t)``, rising linearly from 0 over the ``warmup_epochs`` and
+        then falling along a half cosine to 0 at the end of the ``epochs``. It depends on the step
+        only (a resumed run is the uninterrupted one); reduce-LR-on-plateau is off, early stopping
+        is as configured. The history's ``lr`` is the rate of each epoch's last step. A resume
+        that changes ``epochs`` stretches the schedule of the steps still to do.
       keep_checkpoints: how many latest epochs to keep on disk (the best is kept apart).
       class_weight: None (every example counts the same) or ``"balanced"``: each example's loss is
         weighted by ``n / (K * n_c)`` of its class (``n_c`` of the ``n`` training examples;
@@ -56,7 +68,8 @@ class FitConfig:
         not finite: a finite spike (BatchNorm statistics still settling) is not divergence.
       warmup_epochs: the first epochs are a warm-up in which neither early stopping nor the
         plateau schedule counts an epoch without improvement (their ``start_from_epoch``); the
-        best checkpoint is still the best validation loss of the whole run. 0: no warm-up.
+        best checkpoint is still the best validation loss of the whole run. 0: no warm-up. With
+        ``lr_schedule="cosine"`` they are also the learning rate's warm-up (< ``epochs``).
       precise_bn_batches: 0 (off), or re-estimate the BatchNorm population statistics over that
         many training batches with the weights fixed before each validation evaluation
         (precise BatchNorm, ``jaxcnn.train.precise_bn``). The estimate replaces the moving
@@ -91,6 +104,7 @@ class FitConfig:
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    lr_schedule: str = "plateau"
 
     def __post_init__(self):
         name = type(self).__name__
@@ -119,6 +133,13 @@ class FitConfig:
             v = getattr(self, field)
             if not _is_number(v) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name}: {field}={v!r}; must be a finite number >= 0 (0: off)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{name}: lr_schedule={self.lr_schedule!r}; allowed: "
+                             f"{', '.join(map(repr, LR_SCHEDULES))}")
+        if self.lr_schedule == "cosine" and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"{name}: warmup_epochs={self.warmup_epochs} with lr_schedule='cosine' and "
+                             f"epochs={self.epochs}; the learning rate's warm-up must end before the last epoch "
+                             f"(warmup_epochs < epochs)")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"{name}: class_weight={self.class_weight!r}; allowed: None, 'balanced'")
         if self.preprocess not in PREPROCESS:

@@ -55,7 +55,7 @@ from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
 from jaxcnn.train.precise_bn import batches_in_epoch, bn_momentum_of, make_reestimate
 from jaxcnn.train.session import Best, RunSession
-from jaxcnn.train.state import TrainState, get_learning_rate
+from jaxcnn.train.state import TrainState, get_learning_rate, get_weight_decay
 from jaxcnn.train.steps import Steps, make_logits_fn
 
 log = logging.getLogger("jaxcnn")
@@ -80,7 +80,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
         is set aside in ``<workdir>/.previous/``, still taking its disk space, and deleted once
         the new one has saved its first checkpoint; put back if the new one stops before).
       steps: the train and eval steps with the settings they apply (:class:`Steps`); default
-        ``Steps.build(config)``. Pass ``Steps.build(config, labels)`` to freeze parameters by a
+        ``Steps.build(config, ...)`` (with ``lr_schedule="cosine"``: ``steps_per_epoch=len(dataset.train)
+        // config.batch_size``). Pass ``Steps.build(config, labels)`` to freeze parameters by a
         ``"trainable"``/``"frozen"`` label tree (``jaxcnn.freeze``; build ``state.tx`` with
         ``adam(labels=labels)`` too), or steps compiled once and reused over several runs.
       mesh: a 1-D ``data`` mesh (default: all devices); batch sizes must divide by its size.
@@ -107,10 +108,11 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     t_start = time.perf_counter()
     procs = Processes() if processes is None else processes
     mesh = sharding.make_mesh() if mesh is None else mesh
-    steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes) \
-        if steps is None else steps
-    steps.check(config)
-    used, note = batches_in_epoch(config.precise_bn_batches, len(dataset.train) // config.batch_size,
+    steps_per_epoch = len(dataset.train) // config.batch_size  # (TrainFeed's)
+    steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes,
+                        steps_per_epoch=steps_per_epoch) if steps is None else steps
+    steps.check(config, steps_per_epoch=steps_per_epoch)
+    used, note = batches_in_epoch(config.precise_bn_batches, steps_per_epoch,
                                   f"precise_bn_batches={config.precise_bn_batches}")
     if note is not None:  # config.json records the batches the re-estimate uses
         config = dataclasses.replace(config, precise_bn_batches=used)
@@ -185,7 +187,8 @@ def _train(session: RunSession, steps: Steps, train_feed: TrainFeed, val_feed: E
             raise session.interrupted(out.epoch)
         t0 = time.perf_counter()
         ran = train_epoch(out.state, steps.train, train_feed, out.epoch + 1, config.epochs, start=position, sums=sums,
-                          accumulate=accumulate, stop=session.stop, progress=progress)
+                          accumulate=accumulate, stop=session.stop, progress=progress,
+                          lr_scale=None if steps.schedule_steps is None else steps.lr_scale)
         out.state, position, sums = ran.state, 0, None
         if ran.stopped_by is not None:
             session.save_interrupted(out.state, {"epoch": out.epoch, "position": ran.steps_done, "sums": ran.sums,
@@ -238,7 +241,8 @@ def _write_summary_and_report(session: RunSession, state: TrainState, dataset, s
     summary = {**summary, **report.write_report(
         run, history=out.history, summary=summary, class_names=dataset.class_names, test_labels=dataset.test.labels,
         test_logits=test_logits, test_images=dataset.test.read, val_logits=val_logits,
-        val_labels=None if val_logits is None else dataset.val.labels, check=check)}
+        val_labels=None if val_logits is None else dataset.val.labels, check=check,
+        lr_schedule=config.lr_schedule)}
     run.write_summary(summary)
     return summary
 
@@ -296,19 +300,21 @@ class EpochResult:
 
 def train_epoch(state: TrainState, train_step: Callable, feed: TrainFeed, epoch: int, epochs: int, *,
                 start: int = 0, sums: Optional[dict] = None, accumulate: Optional[Callable] = None, stop=None,
-                progress: bool = True) -> EpochResult:
+                progress: bool = True, lr_scale: Optional[Callable[[int], float]] = None) -> EpochResult:
     """One pass over ``feed``'s batches of epoch ``epoch``, from batch ``start`` with the running
     ``sums`` of a run stopped mid-epoch.
 
     ``accumulate``: ``_accumulator(max_loss)`` (built once per ``fit``): the epoch stops at the
     next check (every 20 steps) after a step whose loss is not finite or above ``max_loss``
     (``bad_step``: the first such step). ``stop``: ``{"signal": None}``, set by a signal
-    handler: the epoch stops after the current step (``stopped_by``).
+    handler: the epoch stops after the current step (``stopped_by``). ``lr_scale``: the train
+    step's schedule (``Steps.lr_scale``): the row's ``lr`` is the rate of the epoch's last step,
+    the optimizer's times ``lr_scale(epoch * steps_per_epoch - 1)``; None: the optimizer's rate.
     """
     t0 = time.perf_counter()
     waited = feed.source.wait_s
-    lr = get_learning_rate(state.opt_state)
     steps = feed.steps_per_epoch
+    lr = get_learning_rate(state.opt_state) * (1.0 if lr_scale is None else lr_scale(epoch * steps - 1))
     accumulate = _accumulator(None) if accumulate is None else accumulate
     sums = sums or {}
     totals = {"loss": jnp.float32(sums.get("loss", 0.0)), "accuracy": jnp.float32(sums.get("accuracy", 0.0)),
@@ -369,9 +375,9 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
     """What ``fit`` writes to ``config.json``: enough to rebuild the model, reload the data and
     check a resume, in any process.
 
-    ``{"model": spec, "data": {...}, "optimizer": {"learning_rate"}, "fit": {...}, "experiment": {...},
-    "devices": "cpu x1"}``
-    (the input preprocessing is ``fit.preprocess``); ``model`` is None when no Flax module is known.
+    ``{"model": spec, "data": {...}, "optimizer": {"learning_rate", "weight_decay"}, "fit": {...},
+    "experiment": {...}, "devices": "cpu x1"}`` (the optimizer's settings read from its state: ``weight_decay``
+    0 is Adam; the input preprocessing is ``fit.preprocess``); ``model`` is None when no Flax module is known.
     """
     model = module_of(state.apply_fn) if model is None else model
     sizes = {k: len(getattr(dataset, k)) for k in ("train", "val", "test")}  # every process holds whole splits
@@ -382,7 +388,8 @@ def run_config(state: TrainState, dataset, config: FitConfig, *, model: Optional
                  "num_classes": int(dataset.num_classes), "class_names": list(dataset.class_names),
                  **{f"num_{k}": int(n) for k, n in sizes.items()},
                  **({"fingerprint": dataset.fingerprint} if getattr(dataset, "fingerprint", None) else {})},
-        "optimizer": {"learning_rate": float(f"{get_learning_rate(state.opt_state):.7g}")},
+        "optimizer": {"learning_rate": float(f"{get_learning_rate(state.opt_state):.7g}"),
+                      "weight_decay": float(f"{get_weight_decay(state.opt_state):.7g}")},
         "fit": config.to_dict(),
         "experiment": dict(experiment or {}),
         "devices": devices(),  # of this start (a resume on others warns: jaxcnn.runfolder.RunFolder.prepare)

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from jaxcnn import freeze
-from jaxcnn.train import sharding
+from jaxcnn.train import recipe, sharding
 
 PyTree = Any
 
@@ -79,15 +79,29 @@ def check_learning_rate(value, name: str = "learning_rate") -> None:
                          f"must be >= {MIN_LEARNING_RATE:.3g} (float32's smallest normal number)")
 
 
-def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None) -> optax.GradientTransformation:
+def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None,
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
     """Adam whose learning rate lives in the optimizer state (``optax.inject_hyperparams``),
     so callbacks set it between epochs (``set_learning_rate``) and checkpoints keep it.
 
     ``labels`` (a ``"trainable"``/``"frozen"`` tree, see ``jaxcnn.freeze``) masks frozen
     parameters with ``jaxcnn.freeze.masked``.
+
+    ``weight_decay`` > 0: AdamW (Loshchilov & Hutter 2019; ``optax.adamw``), the update
+    ``-lr * (adam + weight_decay * p)`` for the kernels only: biases and BatchNorm's scale / bias
+    are not decayed (``jaxcnn.train.recipe.weight_decay_mask``, the usual exclusions). The rate
+    sits in the state beside the learning rate (``get_weight_decay``), and ``fit`` records it.
+    0 (default): Adam, its state and steps as they were without the argument.
     """
     check_learning_rate(learning_rate, "adam: learning_rate")
-    tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(learning_rate))
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) \
+            or weight_decay < 0:
+        raise ValueError(f"adam: weight_decay={weight_decay!r}; must be a finite number >= 0 (0: Adam, no decay)")
+    if weight_decay:
+        tx = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=float(learning_rate), weight_decay=float(weight_decay), mask=recipe.weight_decay_mask)
+    else:
+        tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(learning_rate))
     return tx if labels is None else freeze.masked(tx, labels)
 
 
@@ -120,6 +134,16 @@ def get_learning_rate(opt_state: PyTree) -> float:
         raise ValueError("get_learning_rate: opt_state holds no optax.inject_hyperparams state "
                          "(build the optimizer with jaxcnn.train.adam or optax.inject_hyperparams)")
     return float(states[0].hyperparams["learning_rate"])
+
+
+def get_weight_decay(opt_state: PyTree) -> float:
+    """AdamW's decoupled weight decay held in ``opt_state`` (``adam(weight_decay=...)``); 0.0 for
+    an optimizer without one (Adam)."""
+    states = _inject_states(opt_state)
+    if not states:
+        raise ValueError("get_weight_decay: opt_state holds no optax.inject_hyperparams state "
+                         "(build the optimizer with jaxcnn.train.adam or optax.inject_hyperparams)")
+    return float(states[0].hyperparams.get("weight_decay", 0.0))
 
 
 def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:

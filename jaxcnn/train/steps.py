@@ -59,7 +59,8 @@ MIX_STREAM = 0x6D6978
 
 def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Callable] = None,
                     preprocess: Callable = scale_to_unit, class_weights=None, num_classes: Optional[int] = None,
-                    label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> Callable:
+                    label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                    lr_scale: Optional[Callable] = None) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, pure; jit it with ``donate_argnums=0``.
 
     Args:
@@ -79,6 +80,10 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
       mixup_alpha, cutmix_alpha: > 0 mixes each batch after augmentation (``recipe.mix_batch``: mixup,
         cutmix, or one of the two at random when both are given), keyed by
         ``fold_in(augment_key, MIX_STREAM)``. All three 0: integer labels, as without them.
+      lr_scale: a schedule ``f(step)`` (``optax.Schedule``, e.g. ``recipe.warmup_cosine(1.0, ...)``):
+        the optimizer's updates of step ``state.step`` are multiplied by ``f(state.step)``. For Adam
+        and AdamW the update is linear in the learning rate, so this is the rate ``lr * f(step)``
+        (weight decay scaled with it, as optax's scheduled AdamW does). None: the optimizer's rate.
 
     ``metrics``: ``{"loss": the (weighted) mean softmax cross-entropy against the targets, "accuracy":
     fraction of the batch's own labels predicted}`` (of the mixed images, when mixing).
@@ -111,14 +116,18 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
 
         if labels is None:
             (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
         else:
             trainable, frozen = freeze.partition(state.params, labels)
             (loss, (logits, new_stats)), t_grads = jax.value_and_grad(
                 lambda t: loss_fn(freeze.combine(t, frozen)), has_aux=True)(trainable)
             grads = freeze.fill_frozen(t_grads, frozen)
-            updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        if lr_scale is not None:  # the rate of this step: lr * f(step)
+            scale = lr_scale(state.step)
+            updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+        if labels is None:
+            params = optax.apply_updates(state.params, updates)
+        else:  # (the frozen arrays are kept as they are, whatever their updates)
             params = freeze.apply_trainable_updates(state.params, updates, labels)
 
         accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
@@ -170,6 +179,9 @@ class Steps:
         the per-class loss weights it gave (``balanced_class_weights``).
       label_smoothing, mixup_alpha, cutmix_alpha: the soft targets the train step trains on
         (``FitConfig``'s; 0: off).
+      lr_schedule: ``FitConfig.lr_schedule``; with ``"cosine"``, ``schedule_steps`` is
+        ``(total_steps, warmup_steps)`` of the warm-up + cosine the train step scales its updates by
+        (``epochs`` and ``warmup_epochs`` times the steps per epoch), and :meth:`lr_scale` its value.
 
     Build them with :meth:`build`; to wrap a step (a test, a study sharing compiled steps over
     runs), ``dataclasses.replace(steps, train=wrapper)`` keeps the settings.
@@ -185,6 +197,8 @@ class Steps:
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    lr_schedule: str = "plateau"
+    schedule_steps: Optional[tuple] = None
 
     def __post_init__(self):
         if not hasattr(self.train, "lower"):  # a plain function: jitted here (a jitted one has .lower)
@@ -194,11 +208,12 @@ class Steps:
 
     @classmethod
     def build(cls, config, labels: Optional[PyTree] = None, *, train_labels=None,
-              num_classes: Optional[int] = None) -> "Steps":
+              num_classes: Optional[int] = None, steps_per_epoch: Optional[int] = None) -> "Steps":
         """The steps ``config`` (a ``FitConfig``) asks for: its augmentation, preprocessing and class
         weights (``"balanced"``: from ``train_labels`` over ``num_classes`` classes, the training
-        split's), and ``labels`` (a freeze label tree: build ``state.tx`` with
-        ``adam(labels=labels)`` too)."""
+        split's), its learning-rate schedule (``"cosine"``: over ``steps_per_epoch`` optimizer
+        steps an epoch, ``len(train) // batch_size``), and ``labels`` (a freeze label tree: build
+        ``state.tx`` with ``adam(labels=labels)`` too)."""
         preprocess = get_preprocess(config.preprocess)
         augment_fn = None if config.augment is None else config.augment.fn()
         weights = None
@@ -211,19 +226,49 @@ class Steps:
                 raise ValueError("Steps.build: class_weight='balanced' needs train_labels= and num_classes= (the "
                                  "training split's labels and its number of classes)")
             weights = balanced_class_weights(train_labels, num_classes)
+        schedule = _schedule_steps(config, steps_per_epoch) if config.lr_schedule == "cosine" else None
+        if config.lr_schedule == "cosine" and schedule is None:
+            raise ValueError(f"Steps.build: lr_schedule='cosine' needs steps_per_epoch= (an int >= 1: the training "
+                             f"split's examples // batch_size), got {steps_per_epoch!r}")
         return cls(train=make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess,
-                                         class_weights=weights, num_classes=num_classes, **soft),
+                                         class_weights=weights, num_classes=num_classes, **soft,
+                                         lr_scale=None if schedule is None else recipe.warmup_cosine(1.0, *schedule)),
                    eval=make_eval_step(preprocess=preprocess), augment=config.augment,
                    preprocess=config.preprocess, labels=labels, class_weight=config.class_weight,
-                   class_weights=None if weights is None else tuple(float(w) for w in weights), **soft)
+                   class_weights=None if weights is None else tuple(float(w) for w in weights), **soft,
+                   lr_schedule=config.lr_schedule, schedule_steps=schedule)
 
-    def check(self, config) -> None:
-        """ValueError when these steps apply other settings than ``config`` records."""
-        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS):
+    def check(self, config, *, steps_per_epoch: Optional[int] = None) -> None:
+        """ValueError when these steps apply other settings than ``config`` records (with
+        ``steps_per_epoch``, the cosine schedule's steps too)."""
+        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS, "lr_schedule"):
             if getattr(self, name) != getattr(config, name):
                 raise ValueError(f"fit: the steps apply {name}={getattr(self, name)!r} but the FitConfig says "
                                  f"{name}={getattr(config, name)!r}; build the steps from the config "
                                  f"(Steps.build(config)) so that config.json records what ran")
+        want = _schedule_steps(config, steps_per_epoch) if config.lr_schedule == "cosine" else None
+        if want is not None and self.schedule_steps != want:
+            got = self.schedule_steps
+            raise ValueError(f"fit: the steps' warm-up + cosine runs over {got[0]} steps with {got[1]} of warm-up, but "
+                             f"the FitConfig's {config.epochs} epochs ({config.warmup_epochs} of warm-up) of "
+                             f"{steps_per_epoch} steps make {want[0]} with {want[1]}; build the steps with "
+                             f"Steps.build(config, steps_per_epoch={steps_per_epoch})")
+
+    def lr_scale(self, step: int) -> float:
+        """The factor of the optimizer's learning rate at optimizer step ``step`` (0-based), as the
+        train step computes it (float32): ``warmup_cosine(1.0, *schedule_steps)(step)``; 1.0 with
+        ``lr_schedule="plateau"``."""
+        if self.schedule_steps is None:
+            return 1.0
+        return float(recipe.warmup_cosine(1.0, *self.schedule_steps)(jnp.asarray(step, jnp.int32)))
+
+
+def _schedule_steps(config, steps_per_epoch) -> Optional[tuple]:
+    """``(total_steps, warmup_steps)`` of ``config``'s cosine schedule, or None when
+    ``steps_per_epoch`` is not an int >= 1."""
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+        return None
+    return config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
 
 
 def balanced_class_weights(train_labels, num_classes: int):

@@ -146,7 +146,8 @@ def test_finetune_lr_find_sweeps_phase_1_and_writes_only_the_plot(tmp_path, caps
 
 
 def test_finetune_lr_find_starts_from_phase_1s_state_and_steps(tmp_path, monkeypatch):
-    """The sweep's state, steps and loop settings are those ``run`` gives phase 1's ``fit``."""
+    """The sweep's state (Adam at ``--phase1_lr`` included), steps and loop settings are those ``run``
+    gives phase 1's ``fit``."""
     seen = {}
 
     class Stop(Exception):
@@ -158,15 +159,19 @@ def test_finetune_lr_find_starts_from_phase_1s_state_and_steps(tmp_path, monkeyp
             raise Stop
         return fake
 
-    config = finetune.get_config("smoke")
+    config = finetune.get_config("smoke", phase1_lr=0.003)
     monkeypatch.setattr(finetune, "fit", capture("fit"))
     with pytest.raises(Stop):
         finetune.run(config, tmp_path / "a", progress=False)
     monkeypatch.setattr(finetune.lr_find, "find_learning_rate", capture("lr_find"))
     with pytest.raises(Stop):
-        finetune._main(finetune._parse(["--preset", "smoke", "--workdir", str(tmp_path / "b"), "--lr_find"]))
+        finetune._main(finetune._parse(["--preset", "smoke", "--workdir", str(tmp_path / "b"), "--lr_find",
+                                        "--phase1_lr", "0.003"]))
     (tree_a, kw_a, labels_a, fit_a), (tree_b, kw_b, labels_b, fit_b) = seen["fit"], seen["lr_find"]
     assert kw_a == kw_b and labels_a == labels_b and fit_a == fit_b
+    rates = [float(v) for p, v in jax.tree_util.tree_leaves_with_path(tree_b["opt_state"])
+             if "learning_rate" in jax.tree_util.keystr(p)]
+    assert rates and set(rates) == {np.float32(0.003)}
     assert jax.tree.structure(tree_a) == jax.tree.structure(tree_b)
     for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)):
         assert np.array_equal(a, b)

@@ -197,3 +197,10 @@ def test_lr_find_flags_that_do_not_go_together_are_one_line(tmp_path, capsys, ar
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
         assert not (tmp_path / "run").exists()
+
+
+def test_phase1_lr_is_a_setting_a_resume_checks():
+    """``--phase1_lr`` given with ``--resume`` is held to the run's (``configs.resumed_config``)."""
+    args = finetune._parse(["--phase1_lr", "0.003", "--resume"])
+    assert finetune.given_settings(args)["--phase1_lr"] == ("phase1_lr", 0.003)
+    assert finetune.config_of_flags(args).phase1_lr == 0.003

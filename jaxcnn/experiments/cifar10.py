@@ -22,8 +22,9 @@ import sys
 from typing import Optional
 
 from jaxcnn.cli import ArgumentParser, description
-from jaxcnn.experiments.flags import (DATASETS, PRESETS, add_class_weight_flag, add_distributed_flags, add_folder_flags,
-                                      add_max_loss_flag, add_precision_flag)
+from jaxcnn.experiments.flags import (DATASETS, LR_FIND_STEPS, PRESETS, add_class_weight_flag, add_distributed_flags,
+                                      add_folder_flags, add_lr_find_flags, add_max_loss_flag, add_precision_flag,
+                                      check_lr_find_flags)
 
 
 def _parse(argv):
@@ -74,6 +75,7 @@ def _parse(argv):
                         "<workdir>/.previous/ (its disk space still taken) and deleted once the new run has saved its "
                         "first checkpoint; if the new run stops before that, the old one is put back")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_lr_find_flags(p, "--learning_rate")
     add_distributed_flags(p)
     return p.parse_args(argv)
 
@@ -91,7 +93,7 @@ from jaxcnn.experiments.configs import (PRECISIONS, ExperimentConfig, bn_momentu
                                         check_same_folder, get_config, load_data, recorded_config, resumed_config)
 from jaxcnn.models.cifar_cnn import CifarCNN  # noqa: E402
 from jaxcnn.runfolder import RunFolder  # noqa: E402
-from jaxcnn.train import TrainState, adam, fit, make_mesh  # noqa: E402
+from jaxcnn.train import TrainState, adam, fit, lr_find, make_mesh  # noqa: E402
 from jaxcnn.train.distributed import load_in_turn  # noqa: E402
 from jaxcnn.train.precise_bn import batches_in_epoch  # noqa: E402
 
@@ -224,12 +226,29 @@ def _as_recorded_precise_bn(args, recorded: dict):
     return args
 
 
+def _lr_find(config: ExperimentConfig, workdir: pathlib.Path, args, procs) -> int:
+    """``--lr_find``: ``jaxcnn.train.lr_find.find_learning_rate`` on the state the run would start
+    from; the plot goes into ``workdir`` (default: the run's), which must be new or empty."""
+    procs.on_primary(lambda: lr_find.check_folder(workdir))  # before the data
+    dataset = load_in_turn(lambda: load_data(config), procs)
+    model = build_model(config, dataset.num_classes)
+    _, line = lr_find.find_learning_rate(create_state(config, model, dataset.image_shape), dataset, config.fit,
+                                         workdir, num_steps=args.lr_find_steps or LR_FIND_STEPS, mesh=make_mesh(),
+                                         processes=procs, progress=not args.no_progress)
+    print(line)
+    if procs.primary:
+        print(f"plot: {workdir / lr_find.PLOT}")
+    procs.barrier("done")
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     args = _parse(argv)
     return run_main(lambda: _main(args))
 
 
 def _main(args) -> int:
+    check_lr_find_flags(args)
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
     check_bn_flags(args)
     workdir = path_flag("--workdir", args.workdir)
@@ -256,6 +275,8 @@ def _main(args) -> int:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset} (its images are "
                                  f"32x32 and its splits are its own)")
+    if args.lr_find:  # a sweep instead of a run: only <workdir>/lr_find.png is written
+        return _lr_find(config, workdir, args, procs)
     procs.on_primary(lambda: check_workdir(workdir, resume=args.resume, overwrite=args.overwrite))  # before the data
     dataset = load_in_turn(lambda: load_data(config), procs)
     config = _precise_bn_in_epoch(config, args, len(dataset.train), procs.primary)

@@ -63,8 +63,8 @@ from collections.abc import Callable
 from typing import Optional
 
 from jaxcnn.cli import ArgumentParser, description
-from jaxcnn.experiments.flags import (add_class_weight_flag, add_distributed_flags, add_folder_flags, add_max_loss_flag,
-                                      add_precision_flag)
+from jaxcnn.experiments.flags import (LR_FIND_STEPS, add_class_weight_flag, add_distributed_flags, add_folder_flags,
+                                      add_lr_find_flags, add_max_loss_flag, add_precision_flag, check_lr_find_flags)
 
 PRESETS = ("default", "offline", "quick", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
@@ -91,6 +91,8 @@ def _parse(argv):
     p.add_argument("--phase2_frozen_layers", type=int,
                    help="Keras base_model.layers[:n] frozen in phase 2, 0 .. the model's Keras layers; default: the "
                         "preset's (100 for 'default')")
+    p.add_argument("--phase1_lr", type=float,
+                   help="Adam's learning rate of phase 1 (the new head); default: the preset's (1e-3)")
     p.add_argument("--batch_size", type=int,
                    help="the training batch of both phases (a multiple of the device count); default: the preset's")
     p.add_argument("--seed", type=int, help="the seed of the new head's initial weights, the epoch order and the "
@@ -115,6 +117,7 @@ def _parse(argv):
                         "<workdir>/.previous/ (its disk space still taken) and deleted once the new phase 1 has "
                         "ended; if the new run stops before its first checkpoint, the old one is put back")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_lr_find_flags(p, "--phase1_lr (phase 1's setup: the backbone frozen, the new head trains)")
     add_distributed_flags(p)
     return p.parse_args(argv)
 
@@ -134,7 +137,7 @@ from jaxcnn.experiments.configs import (PRECISIONS, check_folder_settings, check
                                         check_same_folder, load_data, recorded_config, resumed_config, with_overrides)
 from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, with_backbone_variables  # noqa: E402
 from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: E402, F401 (re-exported)
-from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, make_mesh  # noqa: E402
+from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, lr_find, make_mesh  # noqa: E402
 from jaxcnn.train.distributed import Processes, load_in_turn  # noqa: E402
 from jaxcnn.train.state import check_learning_rate  # noqa: E402
 
@@ -475,6 +478,35 @@ def run(config: FinetuneConfig, workdir, *, dataset=None, resume: bool = False, 
     return summary
 
 
+def _lr_find(config: FinetuneConfig, workdir: pathlib.Path, args, procs: Processes) -> int:
+    """``--lr_find``: ``jaxcnn.train.lr_find.find_learning_rate`` on phase 1's start, as ``run_phase``
+    builds it (the backbone frozen, its weights loaded, the new head training under Adam with
+    ``phase1_lr``): phase 2 starts from phase 1's best weights, which a sweep before training cannot
+    have. The plot goes into ``workdir``, which must be new or empty."""
+    procs.on_primary(lambda: lr_find.check_folder(workdir))  # before the weights and the data
+    path = load_in_turn(lambda: weights_path(config), procs)
+    dataset = load_in_turn(lambda: load_data(config), procs)
+    model = build_model(config, dataset.num_classes)
+    variables = initial_variables(config, model, dataset.image_shape, path)
+    if path is None and procs.primary:
+        print(NO_WEIGHTS_WARNING, file=sys.stderr)
+    labels = freeze.label_tree(variables["params"], phase_rule(config, 1, model.backbone.layer_order()))
+    frozen_bn = freeze.frozen_layer_names(labels, under="backbone")
+    state_key = jax.random.fold_in(jax.random.split(jax.random.key(config.fit.seed))[1], 1)
+    state = TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn), variables=variables,
+                              tx=adam(config.phase1_lr, labels=labels), key=state_key)
+    fit_config = config.phase_fit(1)
+    steps = Steps.build(fit_config, labels, train_labels=dataset.train.labels, num_classes=dataset.num_classes)
+    _, line = lr_find.find_learning_rate(state, dataset, fit_config, workdir, flag="--phase1_lr", steps=steps,
+                                         num_steps=args.lr_find_steps or LR_FIND_STEPS, mesh=make_mesh(),
+                                         processes=procs, progress=not args.no_progress)
+    print(line)
+    if procs.primary:
+        print(f"plot: {workdir / lr_find.PLOT}")
+    procs.barrier("done")
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     args = _parse(argv)
     return run_main(lambda: _main(args), user_errors=(WeightsUnavailableError,))
@@ -483,7 +515,8 @@ def main(argv: Optional[list] = None) -> int:
 def config_of_flags(args) -> FinetuneConfig:
     """The config the flags make: the preset's, with the flags given."""
     config = get_config(args.preset or "default", dataset=args.dataset, weights=args.weights,
-                        image_size=args.image_size, phase1_epochs=args.phase1_epochs, phase2_epochs=args.phase2_epochs,
+                        image_size=args.image_size, phase1_epochs=args.phase1_epochs, phase1_lr=args.phase1_lr,
+                        phase2_epochs=args.phase2_epochs,
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
                         augment=False if args.no_augment else None, val_fraction=args.val_fraction,
@@ -497,7 +530,7 @@ def config_of_flags(args) -> FinetuneConfig:
 def given_settings(args) -> dict:
     """The settings the command line gave: ``{flag as given: (setting, value)}`` (for ``resumed_config``)."""
     given = {}
-    for flag in ("preset", "dataset", "weights", "image_size", "phase1_epochs", "phase2_epochs",
+    for flag in ("preset", "dataset", "weights", "image_size", "phase1_epochs", "phase1_lr", "phase2_epochs",
                  "phase2_frozen_layers", "batch_size", "seed", "model", "data_dir", "val_fraction", "test_fraction",
                  "stream", "precision", "max_loss", "class_weight"):
         v = getattr(args, flag)
@@ -533,6 +566,7 @@ def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneC
 
 
 def _main(args) -> int:
+    check_lr_find_flags(args)
     procs = join_processes(args)  # first: JAX must not start before the processes are joined
     workdir = path_flag("--workdir", args.workdir)
     if workdir is None:
@@ -545,6 +579,8 @@ def _main(args) -> int:
         for flag in ("val_fraction", "test_fraction", "stream"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --dataset folder, not to {config.dataset}")
+    if args.lr_find:  # a sweep of phase 1 instead of a run: only <workdir>/lr_find.png is written
+        return _lr_find(config, workdir, args, procs)
     summary = run(config, workdir, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     s1, s2 = summary["phase1"], summary["phase2"]
     print(f"\n{summary['dataset']} {summary['image_size']}px, "

@@ -82,3 +82,45 @@ def add_distributed_flags(parser) -> None:
     g.add_argument("--heartbeat_timeout", type=int, default=60,
                    help="seconds without a sign of life after which a process counts as dead and the others "
                         "stop with a message (60)")
+
+
+#: ``--lr_find_steps``' default (``jaxcnn.train.lr_find``) and its least (the suggestion smooths over
+#: at least 5 steps of at least 10).
+LR_FIND_STEPS = 200
+LR_FIND_MIN_STEPS = 10
+
+
+def _lr_find_steps(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < LR_FIND_MIN_STEPS:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= {LR_FIND_MIN_STEPS} (the sweep's training "
+                                         f"steps; default {LR_FIND_STEPS})")
+    return n
+
+
+def add_lr_find_flags(p, rate_flag: str) -> None:
+    """``--lr_find`` and ``--lr_find_steps`` (read by ``check_lr_find_flags``); ``rate_flag``: the
+    flag the suggestion is for."""
+    p.add_argument("--lr_find", action="store_true",
+                   help=f"instead of training: sweep the learning rate from 1e-7 up over --lr_find_steps steps on a "
+                        f"fresh model (nothing of a run is recorded), plot the loss against it into "
+                        f"<workdir>/lr_find.png and print the suggested {rate_flag} and why (fastai's lr_find); the "
+                        f"workdir must be new or empty")
+    p.add_argument("--lr_find_steps", type=_lr_find_steps, metavar="N",
+                   help=f"--lr_find: the sweep's training steps, at least {LR_FIND_MIN_STEPS} (default "
+                        f"{LR_FIND_STEPS}; it stops sooner where the loss diverges)")
+
+
+def check_lr_find_flags(args) -> None:
+    """ValueError for ``--lr_find_steps`` without ``--lr_find``, or ``--lr_find`` with ``--resume`` /
+    ``--overwrite`` (the sweep writes no run)."""
+    if args.lr_find_steps is not None and not args.lr_find:
+        raise ValueError(f"--lr_find_steps {args.lr_find_steps} applies with --lr_find (add it, or leave the flag out)")
+    if args.lr_find:
+        for flag in ("resume", "overwrite"):
+            if getattr(args, flag):
+                raise ValueError(f"--lr_find with --{flag}: the sweep writes no run, only <workdir>/lr_find.png into "
+                                 f"a new or empty folder; leave --{flag} out")

@@ -176,6 +176,17 @@ def test_the_lr_finder_suggests_where_a_constructed_loss_falls_fastest():
     assert abs(math.log10(lr3) - (-4)) <= 1 / 50 + 1e-9
 
 
+def test_the_lr_finder_never_suggests_the_lowest_point_itself():
+    # the loss falls faster and faster up to its lowest point, then the sweep diverges: the steepest
+    # slope (one-sided) would be at the lowest point, where the loss stops falling
+    lrs = np.logspace(-6, 0, 121)
+    x = np.log10(lrs)
+    loss = np.where(x <= -1, 2.0 - 0.05 * (x + 6) ** 2, 0.75 + 100 * (x + 1))
+    lr, why = recipe.suggest_learning_rate(lrs, loss, window=1)
+    lowest = lrs[np.argmin(loss)]
+    assert lr < lowest and abs(math.log10(lr) - math.log10(lowest)) <= 1 / 20 + 1e-9, (lr, why)
+
+
 def test_the_lr_finder_says_when_the_loss_never_fell():
     lrs = np.logspace(-6, 0, 100)
     with pytest.raises(ValueError, match="the loss did not fall over the sweep; start it at a smaller"):

@@ -131,7 +131,7 @@ def suggest_learning_rate(lrs, losses, *, window: int = 0) -> tuple[float, str]:
     The losses are smoothed by a centred moving average (``window`` points, default ``n // 20``
     and at least 5: no lag, unlike a running EMA), cut where they first exceed 4x their
     minimum (the sweep diverged), and the suggestion is the learning rate where the smoothed
-    loss falls fastest against ``log(lr)``, before its minimum (Smith 2017; fastai's "steep").
+    loss falls fastest against ``log(lr)``, strictly before its minimum (Smith 2017; fastai's "steep").
     """
     lrs, losses = np.asarray(lrs, np.float64), np.asarray(losses, np.float64)
     if lrs.ndim != 1 or lrs.shape != losses.shape or len(lrs) < 10:
@@ -154,7 +154,7 @@ def suggest_learning_rate(lrs, losses, *, window: int = 0) -> tuple[float, str]:
         raise ValueError("suggest_learning_rate: the loss did not fall over the sweep; start it at a smaller "
                          "learning rate")
     slope = np.gradient(smooth[:lowest + 1], np.log(lrs[:lowest + 1]))
-    i = int(np.argmin(slope))
+    i = int(np.argmin(slope[:lowest]))  # before the lowest point: there the loss has stopped falling
     why = (f"the loss falls fastest at lr {lrs[i]:.2g} (smoothed over {w} steps); it is lowest at "
            f"{lrs[lowest]:.2g}")
     return float(lrs[i]), why

@@ -88,6 +88,12 @@ FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 #: migrates it to format 2.
 FORMAT_VERSION = 4
 
+#: The ``fit`` keys format 4 added, at the value that is what a run without them ran with (a format-3
+#: run, or a format-4 one written before the key was added to the format).
+FORMAT_4_FIT = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau"}
+#: The ``optimizer`` keys format 4 added, likewise (0: Adam).
+FORMAT_4_OPTIMIZER = {"weight_decay": 0.0}
+
 
 class UnsupportedRunFormat(ValueError):
     """A run folder whose ``config.json`` this jaxcnn cannot read (the message says what to do)."""
@@ -139,25 +145,21 @@ def _from_format_3(config: dict) -> dict:
     ``"plateau"``) and Adam (``optimizer.weight_decay`` 0): format 3 had none of them."""
     new = {**config, "format_version": 4}
     if isinstance(config.get("fit"), dict):
-        new["fit"] = {**config["fit"], "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
-                      "lr_schedule": "plateau"}
+        new["fit"] = {**config["fit"], **FORMAT_4_FIT}
     if isinstance(config.get("optimizer"), dict):
-        new["optimizer"] = {**config["optimizer"], "weight_decay": 0.0}
+        new["optimizer"] = {**config["optimizer"], **FORMAT_4_OPTIMIZER}
     return new
 
 
 def _with_format_4_schedule(config: dict) -> dict:
-    """A format-4 config with ``fit.lr_schedule`` and ``optimizer.weight_decay``: one written
-    before they were added to the format gets what it ran with (``"plateau"``, 0)."""
+    """A format-4 config with every key of :data:`FORMAT_4_FIT` and :data:`FORMAT_4_OPTIMIZER`: one
+    written before a key was added to the format gets what it ran with (the key's value there)."""
     fit, optimizer = config.get("fit"), config.get("optimizer")
-    if (not isinstance(fit, dict) or "lr_schedule" in fit) and (not isinstance(optimizer, dict)
-                                                                 or "weight_decay" in optimizer):
-        return config
     new = dict(config)
-    if isinstance(fit, dict):
-        new["fit"] = {**fit, "lr_schedule": fit.get("lr_schedule", "plateau")}
-    if isinstance(optimizer, dict):
-        new["optimizer"] = {**optimizer, "weight_decay": optimizer.get("weight_decay", 0.0)}
+    if isinstance(fit, dict) and not set(FORMAT_4_FIT) <= set(fit):
+        new["fit"] = {**FORMAT_4_FIT, **fit}
+    if isinstance(optimizer, dict) and not set(FORMAT_4_OPTIMIZER) <= set(optimizer):
+        new["optimizer"] = {**FORMAT_4_OPTIMIZER, **optimizer}
     return new
 
 

@@ -151,3 +151,5 @@ def test_what_the_light_parsers_repeat_matches_its_home():
     assert flags.DEFAULT_MAX_LOSS_TEXT == f"{FitConfig().max_loss:g}"
     assert filters.NORMALIZE == viz.NORMALIZE
     assert tuple(configs.PRECISIONS) == flags.PRECISION_NAMES
+    from jaxcnn.train.config import LR_SCHEDULES
+    assert flags.LR_SCHEDULE_NAMES == LR_SCHEDULES

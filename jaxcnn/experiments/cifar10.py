@@ -24,7 +24,7 @@ from typing import Optional
 from jaxcnn.cli import ArgumentParser, description
 from jaxcnn.experiments.flags import (DATASETS, LR_FIND_STEPS, PRESETS, add_class_weight_flag, add_distributed_flags,
                                       add_folder_flags, add_lr_find_flags, add_max_loss_flag, add_precision_flag,
-                                      check_lr_find_flags)
+                                      add_recipe_flags, check_lr_find_flags, recipe_given, recipe_overrides)
 
 
 def _parse(argv):
@@ -75,6 +75,7 @@ def _parse(argv):
                         "<workdir>/.previous/ (its disk space still taken) and deleted once the new run has saved its "
                         "first checkpoint; if the new run stops before that, the old one is put back")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_recipe_flags(p)
     add_lr_find_flags(p, "--learning_rate")
     add_distributed_flags(p)
     return p.parse_args(argv)
@@ -115,11 +116,12 @@ def init_variables(model, seed: int, image_shape) -> dict:
 
 
 def create_state(config: ExperimentConfig, model, image_shape) -> TrainState:
-    """A fresh ``TrainState``: ``init_variables(model, seed)``, Adam(``config.learning_rate``),
+    """A fresh ``TrainState``: ``init_variables(model, seed)``, Adam(``config.learning_rate``; AdamW with
+    ``config.weight_decay`` > 0),
     step key from the second split of ``key(seed)`` (the epoch order is a third stream)."""
     state_key = jax.random.split(jax.random.key(config.fit.seed))[1]
     return TrainState.create(apply_fn=model.apply, variables=init_variables(model, config.fit.seed, image_shape),
-                             tx=adam(config.learning_rate), key=state_key)
+                             tx=adam(config.learning_rate, weight_decay=config.weight_decay), key=state_key)
 
 
 def run(config: ExperimentConfig, workdir, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -187,7 +189,7 @@ def config_of_flags(args) -> ExperimentConfig:
                         val_size=args.val_size, conv_dropout=args.conv_dropout, augment=args.augment,
                         image_size=args.image_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                         stream=args.stream, precision=args.precision, bn_momentum=args.bn_momentum,
-                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn)
+                        warmup_epochs=args.warmup_epochs, precise_bn_batches=args.precise_bn, **recipe_overrides(args))
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
@@ -211,7 +213,7 @@ def given_settings(args) -> dict:
             v = None if v == "none" else v
         given[f"--no-{flag}" if v is False or (flag == "augment" and v is None) else f"--{flag}"] = \
             (_FLAG_SETTINGS.get(flag, flag), v)
-    return given
+    return {**given, **recipe_given(args)}
 
 
 def _as_recorded_precise_bn(args, recorded: dict):

@@ -41,7 +41,7 @@ import numpy as np
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.experiments.flags import DATASETS, PRECISION_NAMES, PRESETS  # (the parser's, without JAX)
 from jaxcnn.train.config import FitConfig
-from jaxcnn.train.state import check_learning_rate
+from jaxcnn.train.state import check_learning_rate, check_weight_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,7 @@ class ExperimentConfig:
     dense_dropout: float = 0.5
     bn_momentum: float = 0.99  # every BatchNorm's moving-average momentum (Keras' default, the seed's)
     learning_rate: float = 1e-3  # Adam's, built in jaxcnn.experiments.cifar10.create_state
+    weight_decay: float = 0.0  # > 0: AdamW's decoupled decay (jaxcnn.train.adam); 0: Adam, the seed's
     precision: str = "float32"  # the model's compute dtype (PRECISIONS); parameters stay float32
     fit: FitConfig = FitConfig()
 
@@ -87,6 +88,7 @@ class ExperimentConfig:
         check_bn_momentum(self.bn_momentum)
         check_precision(self.precision)
         check_learning_rate(self.learning_rate)
+        check_weight_decay(self.weight_decay)
         if not isinstance(self.fit, FitConfig):
             raise TypeError(f"fit={self.fit!r}; must be a jaxcnn.train.FitConfig")
 

@@ -64,7 +64,8 @@ from typing import Optional
 
 from jaxcnn.cli import ArgumentParser, description
 from jaxcnn.experiments.flags import (LR_FIND_STEPS, add_class_weight_flag, add_distributed_flags, add_folder_flags,
-                                      add_lr_find_flags, add_max_loss_flag, add_precision_flag, check_lr_find_flags)
+                                      add_lr_find_flags, add_max_loss_flag, add_precision_flag, add_recipe_flags,
+                                      check_lr_find_flags, recipe_given, recipe_overrides)
 
 PRESETS = ("default", "offline", "quick", "smoke")
 DATASETS = ("tf_flowers", "offline", "folder")
@@ -117,6 +118,7 @@ def _parse(argv):
                         "<workdir>/.previous/ (its disk space still taken) and deleted once the new phase 1 has "
                         "ended; if the new run stops before its first checkpoint, the old one is put back")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_recipe_flags(p)
     add_lr_find_flags(p, "--phase1_lr (phase 1's setup: the backbone frozen, the new head trains)")
     add_distributed_flags(p)
     return p.parse_args(argv)
@@ -139,7 +141,7 @@ from jaxcnn.models.resnet import Classifier, ResNet50, ResNetSmall, ResNetTiny, 
 from jaxcnn.runfolder import PHASES, SUMMARY, FinetuneFolder, NothingToDo, SetAside  # noqa: E402, F401 (re-exported)
 from jaxcnn.train import FitConfig, Steps, TrainState, adam, fit, lr_find, make_mesh  # noqa: E402
 from jaxcnn.train.distributed import Processes, load_in_turn  # noqa: E402
-from jaxcnn.train.state import check_learning_rate  # noqa: E402
+from jaxcnn.train.state import check_learning_rate, check_weight_decay  # noqa: E402
 
 log = logging.getLogger("jaxcnn")
 
@@ -175,6 +177,7 @@ class FinetuneConfig:
     phase2_epochs: int = 20
     phase2_lr: float = 1e-5
     phase2_frozen_layers: int = 100
+    weight_decay: float = 0.0  # > 0: AdamW's decoupled decay in both phases (jaxcnn.train.adam); 0: Adam
     precision: str = "float32"  # the model's compute dtype (configs.PRECISIONS); parameters stay float32
     # The seed's fine-tuning augmentation: flips and shifts, no rotation; Keras' caffe preprocessing.
     fit: FitConfig = FitConfig(batch_size=32, eval_batch_size=64, augment=AugmentConfig(rotation=0.0),
@@ -196,6 +199,13 @@ class FinetuneConfig:
                 raise ValueError(f"FinetuneConfig: {name}={v!r}; must be an int >= 1")
         for name in ("phase1_lr", "phase2_lr"):
             check_learning_rate(getattr(self, name), f"FinetuneConfig: {name}")
+        check_weight_decay(self.weight_decay, "FinetuneConfig: weight_decay")
+        if self.fit.lr_schedule == "cosine":  # each phase's warm-up + cosine runs over its own epochs
+            for phase, epochs in ((1, self.phase1_epochs), (2, self.phase2_epochs)):
+                if self.fit.warmup_epochs >= epochs:
+                    raise ValueError(f"FinetuneConfig: warmup_epochs={self.fit.warmup_epochs} with "
+                                     f"lr_schedule='cosine' and phase{phase}_epochs={epochs}; each phase's warm-up "
+                                     f"must end before its last epoch (warmup_epochs < phase{phase}_epochs)")
         if self.image_size < 32:
             raise ValueError(f"FinetuneConfig: image_size={self.image_size}; ResNet50 needs >= 32")
         check_folder_settings(self)
@@ -357,7 +367,7 @@ def run_phase(config: FinetuneConfig, phase: int, model: Classifier, variables: 
 
     state_key = jax.random.fold_in(jax.random.split(jax.random.key(config.fit.seed))[1], phase)
     state = TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn), variables=variables,
-                              tx=adam(lr, labels=labels), key=state_key)
+                              tx=adam(lr, labels=labels, weight_decay=config.weight_decay), key=state_key)
     if on_start is not None:
         on_start(phase, state)
     experiment = {"name": "finetune", **config.settings(), "phase": phase, "freeze_rule": rule.description,
@@ -494,7 +504,8 @@ def _lr_find(config: FinetuneConfig, workdir: pathlib.Path, args, procs: Process
     frozen_bn = freeze.frozen_layer_names(labels, under="backbone")
     state_key = jax.random.fold_in(jax.random.split(jax.random.key(config.fit.seed))[1], 1)
     state = TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn), variables=variables,
-                              tx=adam(config.phase1_lr, labels=labels), key=state_key)
+                              tx=adam(config.phase1_lr, labels=labels, weight_decay=config.weight_decay),
+                              key=state_key)
     fit_config = config.phase_fit(1)
     steps = Steps.build(fit_config, labels, train_labels=dataset.train.labels, num_classes=dataset.num_classes)
     _, line = lr_find.find_learning_rate(state, dataset, fit_config, workdir, flag="--phase1_lr", steps=steps,
@@ -520,7 +531,8 @@ def config_of_flags(args) -> FinetuneConfig:
                         phase2_frozen_layers=args.phase2_frozen_layers, batch_size=args.batch_size,
                         seed=args.seed, model=args.model, data_dir=args.data_dir,
                         augment=False if args.no_augment else None, val_fraction=args.val_fraction,
-                        test_fraction=args.test_fraction, stream=args.stream, precision=args.precision)
+                        test_fraction=args.test_fraction, stream=args.stream, precision=args.precision,
+                        **recipe_overrides(args))
     given, max_loss = max_loss_setting(args.max_loss)
     if given:
         config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, max_loss=max_loss))
@@ -543,7 +555,7 @@ def given_settings(args) -> dict:
         given[f"--no-{flag}" if v is False else f"--{flag}"] = (flag, v)
     if args.no_augment:
         given["--no_augment"] = ("augment", None)
-    return given
+    return {**given, **recipe_given(args)}
 
 
 def resumed(args, workdir: pathlib.Path, procs: Processes) -> Optional[FinetuneConfig]:

@@ -124,3 +124,67 @@ def check_lr_find_flags(args) -> None:
             if getattr(args, flag):
                 raise ValueError(f"--lr_find with --{flag}: the sweep writes no run, only <workdir>/lr_find.png into "
                                  f"a new or empty folder; leave --{flag} out")
+
+
+#: ``--lr_schedule``'s values: ``jaxcnn.train.config.LR_SCHEDULES`` (tests/test_help.py checks it).
+LR_SCHEDULE_NAMES = ("plateau", "cosine")
+
+
+def _number(flag: str, low: float, *, high=None, allowed: str):
+    """An argparse type: a finite float >= ``low`` (and < ``high``), else one line naming ``flag``."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not (v >= low and (high is None or v < high)) or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {allowed}")
+        return v
+    parse.__name__ = flag  # (argparse names the type in some messages)
+    return parse
+
+
+#: The training recipe's flags, each off by default: ``(flag, setting, argparse keywords)``; the
+#: setting is a field of the experiment's config or of its ``fit`` (``jaxcnn.train.FitConfig``).
+RECIPE_FLAGS = (
+    ("label_smoothing", "label_smoothing",
+     dict(type=_number("label_smoothing", 0.0, high=1.0, allowed="a number in [0, 1) (0: off)"), metavar="S",
+          help="train on the targets (1 - S) one_hot + S / K (label smoothing; the validation and test losses stay "
+               "plain cross-entropy); default 0: off")),
+    ("mixup", "mixup_alpha",
+     dict(type=_number("mixup", 0.0, allowed="a finite number >= 0 (0: off)"), metavar="ALPHA",
+          help="mixup: blend each training batch, after augmentation, with itself in reverse order, "
+               "lam ~ Beta(ALPHA, ALPHA), images and one-hot labels alike; with --class_weight an example weighs "
+               "its mixed label's mix of the class weights; with --cutmix one of the two per batch; default 0: off")),
+    ("cutmix", "cutmix_alpha",
+     dict(type=_number("cutmix", 0.0, allowed="a finite number >= 0 (0: off)"), metavar="ALPHA",
+          help="cutmix: paste a box of the reversed batch into each training image, the labels mixed by the box's "
+               "area, lam ~ Beta(ALPHA, ALPHA); default 0: off")),
+    ("lr_schedule", "lr_schedule",
+     dict(choices=LR_SCHEDULE_NAMES,
+          help="plateau: the seed's (the rate halves after 3 epochs without a better validation loss); cosine: a "
+               "linear warm-up over the warm-up epochs (cifar10's --warmup_epochs; 0: none), then a half cosine to 0 at the last epoch, step by step; "
+               "default plateau")),
+    ("weight_decay", "weight_decay",
+     dict(type=_number("weight_decay", 0.0, allowed="a finite number >= 0 (0: Adam)"), metavar="WD",
+          help="AdamW: decay the kernels by lr * WD each step (not the biases or BatchNorm's scale and bias); "
+               "default 0: Adam")),
+)
+
+
+def add_recipe_flags(p) -> None:
+    """The training recipe's flags (:data:`RECIPE_FLAGS`; read by :func:`recipe_overrides`)."""
+    g = p.add_argument_group("training recipe (each off by default; measured: experiments/small_data/README.md)")
+    for flag, _, kwargs in RECIPE_FLAGS:
+        g.add_argument(f"--{flag}", **kwargs)
+
+
+def recipe_overrides(args) -> dict:
+    """``{setting: value}`` of the recipe flags given (for ``get_config``)."""
+    return {setting: getattr(args, flag) for flag, setting, _ in RECIPE_FLAGS if getattr(args, flag) is not None}
+
+
+def recipe_given(args) -> dict:
+    """``{"--flag": (setting, value)}`` of the recipe flags given (for ``configs.resumed_config``)."""
+    return {f"--{flag}": (setting, getattr(args, flag)) for flag, setting, _ in RECIPE_FLAGS
+            if getattr(args, flag) is not None}

@@ -79,6 +79,12 @@ def check_learning_rate(value, name: str = "learning_rate") -> None:
                          f"must be >= {MIN_LEARNING_RATE:.3g} (float32's smallest normal number)")
 
 
+def check_weight_decay(value, name: str = "weight_decay") -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number >= 0 (AdamW's decoupled decay; 0: Adam)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r}; must be a finite number >= 0 (0: Adam, no decay)")
+
+
 def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None,
          weight_decay: float = 0.0) -> optax.GradientTransformation:
     """Adam whose learning rate lives in the optimizer state (``optax.inject_hyperparams``),
@@ -94,9 +100,7 @@ def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None,
     0 (default): Adam, its state and steps as they were without the argument.
     """
     check_learning_rate(learning_rate, "adam: learning_rate")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) \
-            or weight_decay < 0:
-        raise ValueError(f"adam: weight_decay={weight_decay!r}; must be a finite number >= 0 (0: Adam, no decay)")
+    check_weight_decay(weight_decay, "adam: weight_decay")
     if weight_decay:
         tx = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
             learning_rate=float(learning_rate), weight_decay=float(weight_decay), mask=recipe.weight_decay_mask)

@@ -84,8 +84,9 @@ def table(rows: list) -> None:
             spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else " (1 seed)"
             vs = f"{statistics.mean(acc) - statistics.mean(base):+.3f}" if base and setting != "base" else ""
             maj = sorted({round(r["test_majority_share"], 3) for r in rs})
+            per_seed = [f"{a:.3f} (s{r['seed']})" for a, r in zip(acc, rs)]
             print(f"| {dataset} | {setting} | {statistics.mean(acc):.3f}{spread} | "
-                  f"{', '.join(f'{a:.3f} (s{r['seed']})' for a, r in zip(acc, rs))} | {vs} | "
+                  f"{', '.join(per_seed)} | {vs} | "
                   f"{', '.join(f'{m:.3f}' for m in maj)} | {', '.join(str(r['best_epoch']) for r in rs)} | "
                   f"{sum(bool(r['stopped_early']) for r in rs)}/{len(rs)} | "
                   f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")

@@ -130,8 +130,9 @@ def _tree(workdir, which: str = "latest") -> dict:
 
 
 def test_a_run_with_an_ema_stopped_mid_epoch_and_resumed_is_the_uninterrupted_one(whole, tmp_path):
-    """SIGTERM during global step 5 (epoch 2's second of 3; the run stops after it), then ``resume``: bitwise the uninterrupted run's latest
-    and best checkpoints (raw weights, optimizer and EMA), history and test scores."""
+    """SIGTERM during global step 5 (epoch 2's second of 3; the run stops after it), then ``resume``:
+    bitwise the uninterrupted run's latest and best checkpoints (raw weights, optimizer and EMA), history
+    and test scores."""
     from test_reliability import assert_same_run
 
     cut = tmp_path / "cut"

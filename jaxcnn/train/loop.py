@@ -158,8 +158,8 @@ class Trained:
     wall_s: float  # add perf_counter() for the run's wall time so far
 
     def best_state(self) -> TrainState:
-        if self.best is None:
-            return self.state
+        if self.best is None:  # (no epoch's weights kept: the weights it has, as they are evaluated)
+            return ema_view(self.state)
         return self.state.replace(params=self.best.params, batch_stats=self.best.batch_stats, ema={})
 
 

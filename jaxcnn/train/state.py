@@ -1,9 +1,10 @@
 """``TrainState``: everything a training run changes, in one pytree.
 
 ``params``, ``batch_stats``, ``opt_state``, ``step``, the run's base PRNG ``key`` and the
-weights' moving average ``ema`` (``{}`` without one) are arrays (so the state can be jitted, donated, sharded and checkpointed); ``apply_fn`` and
-``tx`` are static. The step's randomness is ``fold_in(key, step)``, never a stored,
-advancing key, so a run resumed from a checkpoint repeats exactly.
+weights' moving average ``ema`` (``{}`` without one) are arrays (so the state can be jitted,
+donated, sharded and checkpointed); ``apply_fn`` and ``tx`` are static. The step's randomness
+is ``fold_in(key, step)``, never a stored, advancing key, so a run resumed from a checkpoint
+repeats exactly.
 """
 
 from __future__ import annotations

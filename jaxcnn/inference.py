@@ -38,7 +38,7 @@ from jaxcnn.checkpoint import BEST, LATEST, check_which
 from jaxcnn.metrics import TEMPERATURE_RANGE, check_temperature
 from jaxcnn.models.spec import build_model
 from jaxcnn.preprocess import get_preprocess, scale_to_unit
-from jaxcnn.runfolder import RunFolder
+from jaxcnn.runfolder import RunFolder, reported_weights
 
 PyTree = Any
 
@@ -49,7 +49,8 @@ class Restored:
 
     Attributes:
       model: the Flax module (``model.apply(variables, x, train=False)``).
-      variables: ``{"params": ..., "batch_stats": ...}`` on the default device.
+      variables: ``{"params": ..., "batch_stats": ...}`` on the default device: the run's moving
+        average of them when it kept one (``config["fit"]["ema_decay"]`` > 0), as it reported.
       config: the run's ``config.json``.
       epoch: the epoch whose weights these are; ``which``: ``"best"`` or ``"latest"``.
       temperature: the run's fitted temperature (``summary.json``'s ``temperature``, fitted on the
@@ -125,9 +126,10 @@ def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None, te
             raise FileNotFoundError(f"restore: no {which!r} checkpoint under {ckpts.directory}")
         t = _temperature(run, int(epoch)) if temperature else None  # (before the weights are read)
         tree, _ = ckpts.restore(which, epoch)  # as saved, checksum checked; the optimizer state is dropped below
-    variables = {"params": tree["params"]}
-    if tree.get("batch_stats"):
-        variables["batch_stats"] = tree["batch_stats"]
+    params, batch_stats = reported_weights(tree)  # (a run with an EMA reports the EMA's)
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
     image_shape = config.get("data", {}).get("image_shape")
     if image_shape:
         check_variables(model, variables, image_shape)

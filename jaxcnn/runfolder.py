@@ -79,7 +79,7 @@ FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 #: soft targets ``fit.label_smoothing``, ``fit.mixup_alpha`` and ``fit.cutmix_alpha``, the learning-rate
 #: schedule ``fit.lr_schedule`` and AdamW's ``optimizer.weight_decay`` (:func:`_from_format_3`: 0, 0, 0,
 #: ``"plateau"`` and 0, what a format-3 run ran with; a format-4 config written before the last two
-#: were added, on 2026-12-07, gets them the same way). Format 3 added
+#: were added, on 2026-12-07, gets them the same way; so does ``fit.ema_decay``, 0: no weight EMA). Format 3 added
 #: ``fit.warmup_epochs``, ``fit.precise_bn_batches``, ``fit.class_weight`` and the cifar10
 #: experiment's ``bn_momentum``: :func:`_from_format_2` gives a format-2 run them at what it ran
 #: with (0, 0, None and its model's momentum). Format 1 is format 2 without the field (runs recorded before
@@ -90,7 +90,8 @@ FORMAT_VERSION = 4
 
 #: The ``fit`` keys format 4 added, at the value that is what a run without them ran with (a format-3
 #: run, or a format-4 one written before the key was added to the format).
-FORMAT_4_FIT = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau"}
+FORMAT_4_FIT = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau",
+                "ema_decay": 0.0}
 #: The ``optimizer`` keys format 4 added, likewise (0: Adam).
 FORMAT_4_OPTIMIZER = {"weight_decay": 0.0}
 
@@ -428,6 +429,14 @@ def write_refused(folder: pathlib.Path) -> Optional[str]:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as strict, indented JSON (non-finite floats as null), written atomically."""
     _write_text(pathlib.Path(path), json.dumps(_finite(obj), indent=1, allow_nan=False, default=str) + "\n")
+
+
+def reported_weights(tree: dict) -> tuple[Any, Any]:
+    """``(params, batch_stats)`` that a checkpoint's tree (``jaxcnn.train.state_to_tree``: ``{"params",
+    "batch_stats", ..., "ema"}``) reports: its ``"ema"``'s when it holds one (a run with
+    ``fit.ema_decay``), else its own; ``batch_stats`` ``{}`` for a model without BatchNorm."""
+    src = tree.get("ema") or tree
+    return src["params"], src.get("batch_stats") or {}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -83,6 +83,16 @@ class FitConfig:
       mixup_alpha, cutmix_alpha: > 0 mixes each training batch, after augmentation, with itself in
         reverse order, ``lam ~ Beta(alpha, alpha)``: mixup blends whole images, cutmix pastes a box;
         both > 0: one of the two per batch at random (timm's ``Mixup``). 0: off.
+      ema_decay: 0 (off), or ``d`` in (0, 1): an exponential moving average of the weights and of
+        the BatchNorm statistics, ``ema = d * ema + (1 - d) * new`` after every optimizer step
+        (``recipe.ema_update``), started at the initial weights (Keras' ``use_ema``; 0.999 is usual:
+        an average over about ``1 / (1 - d)`` steps). The EMA is what the run evaluates and reports:
+        the validation loss (so early stopping, the plateau schedule and the best checkpoint), the test
+        scores and report (``summary.json``'s ``"weights": "ema"``), ``jaxcnn.inference.restore``
+        (and so predict and export). Training goes on from the raw weights; the checkpoints hold
+        both (``TrainState.ema``), so a resume is the uninterrupted run. With ``precise_bn_batches``
+        the statistics are re-estimated for the EMA's weights and replace the EMA's statistics (the
+        raw weights' moving statistics, which nothing evaluates, are left as training made them).
     """
 
     epochs: int = 50
@@ -105,6 +115,7 @@ class FitConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     lr_schedule: str = "plateau"
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         name = type(self).__name__
@@ -140,6 +151,8 @@ class FitConfig:
             raise ValueError(f"{name}: warmup_epochs={self.warmup_epochs} with lr_schedule='cosine' and "
                              f"epochs={self.epochs}; the learning rate's warm-up must end before the last epoch "
                              f"(warmup_epochs < epochs)")
+        if not _is_number(self.ema_decay) or not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
+            raise ValueError(f"{name}: ema_decay={self.ema_decay!r}; must be 0 (off) or a number in (0, 1)")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"{name}: class_weight={self.class_weight!r}; allowed: None, 'balanced'")
         if self.preprocess not in PREPROCESS:

@@ -55,7 +55,7 @@ from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
 from jaxcnn.train.precise_bn import batches_in_epoch, bn_momentum_of, make_reestimate
 from jaxcnn.train.session import Best, RunSession
-from jaxcnn.train.state import TrainState, get_learning_rate, get_weight_decay
+from jaxcnn.train.state import TrainState, ema_view, get_learning_rate, get_weight_decay, with_ema
 from jaxcnn.train.steps import Steps, make_logits_fn
 
 log = logging.getLogger("jaxcnn")
@@ -92,7 +92,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
       experiment: the calling experiment's own settings, saved as ``config["experiment"]``.
 
     Returns:
-      ``(state, history, summary)``: the state with the **best** weights, the per-epoch
+      ``(state, history, summary)``: the state with the **best** weights (with ``ema_decay``: the
+      EMA's best as its ``params`` and ``batch_stats``, and no ``ema``), the per-epoch
       rows (``HISTORY_FIELDS``), and the summary also written to ``summary.json``, with the
       end-of-run report's fields (``jaxcnn.report``: per-class results, calibration; its plots
       are in ``<workdir>/plots/``).
@@ -118,6 +119,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
         config = dataclasses.replace(config, precise_bn_batches=used)
         if procs.primary:
             log.warning(note)
+    state = with_ema(state, bool(config.ema_decay))  # (started at the weights given)
     run = RunFolder(workdir)
     record = run_config(state, dataset, config, model=model, experiment=experiment)
     reestimate = _precise_bn(config, record, state, steps)
@@ -135,7 +137,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
             raise session.interrupted(out.epoch)  # resume then writes the summary and the report
         state = out.best_state()
         summary = _summary(out, session.callbacks, dataset, out.wall_s + time.perf_counter(),
-                           num_train=train_feed.num_examples)
+                           num_train=train_feed.num_examples, ema=bool(config.ema_decay))
         summary = procs.on_primary(lambda: _write_summary_and_report(session, state, dataset, steps, config,
                                                                      out, summary))
     if out.diverged:
@@ -156,9 +158,9 @@ class Trained:
     wall_s: float  # add perf_counter() for the run's wall time so far
 
     def best_state(self) -> TrainState:
-        if self.best is None:
-            return self.state
-        return self.state.replace(params=self.best.params, batch_stats=self.best.batch_stats)
+        if self.best is None:  # (no epoch's weights kept: the weights it has, as they are evaluated)
+            return ema_view(self.state)
+        return self.state.replace(params=self.best.params, batch_stats=self.best.batch_stats, ema={})
 
 
 def _precise_bn(config: FitConfig, record: dict, state: TrainState, steps: Steps) -> Optional[Callable]:
@@ -178,7 +180,8 @@ def _train(session: RunSession, steps: Steps, train_feed: TrainFeed, val_feed: E
     ``reestimate`` (precise BatchNorm): before each validation, the state's BatchNorm statistics
     are replaced by ``reestimate(state, train_feed, epoch)``; the checkpoints and the best weights
     hold them, so the end-of-run test scores the best weights with the statistics estimated for
-    them (re-estimating there would compute the same again)."""
+    them (re-estimating there would compute the same again). With an EMA (``FitConfig.ema_decay``)
+    the weights evaluated, re-estimated for and kept as the best are the EMA's (``ema_view``)."""
     start, accumulate = session.start, _accumulator(config.max_loss)
     out = Trained(start.state, start.epoch, start.history, start.best, None, wall_s)
     position, sums = start.position, start.sums
@@ -196,8 +199,10 @@ def _train(session: RunSession, steps: Steps, train_feed: TrainFeed, val_feed: E
             raise session.interrupted(out.epoch + 1, ran.stopped_by, step=ran.steps_done,
                                       steps=train_feed.steps_per_epoch)
         if reestimate is not None and ran.bad_step is None:
-            out.state = out.state.replace(batch_stats=reestimate(out.state, train_feed, out.epoch + 1))
-        val = evaluate(out.state, val_feed, steps.eval) if ran.bad_step is None else None
+            stats = reestimate(ema_view(out.state), train_feed, out.epoch + 1)
+            out.state = out.state.replace(ema={**out.state.ema, "batch_stats": stats}) if out.state.ema else \
+                out.state.replace(batch_stats=stats)
+        val = evaluate(ema_view(out.state), val_feed, steps.eval) if ran.bad_step is None else None
         out.diverged = _divergence(ran, val, out.epoch + 1, train_feed.steps_per_epoch, config.max_loss)
         if out.diverged:
             break
@@ -423,8 +428,10 @@ def _diverged_message(out: Trained, session: RunSession, restored: bool = False)
             f"try a lower learning rate than {lr:g}. {kept}")
 
 
-def _summary(out: Trained, callbacks: EpochCallbacks, dataset, wall_time_s: float, *, num_train: int) -> dict:
-    """The summary before the test scores (``test_*`` None until they are added)."""
+def _summary(out: Trained, callbacks: EpochCallbacks, dataset, wall_time_s: float, *, num_train: int,
+             ema: bool = False) -> dict:
+    """The summary before the test scores (``test_*`` None until they are added); ``"weights": "ema"``
+    when the weights scored are the EMA's (``FitConfig.ema_decay``; absent: the trained weights)."""
     best_epoch = out.best.epoch if out.best is not None else 0  # the epoch whose weights are tested (0: none)
     best_row = next((r for r in out.history if r["epoch"] == best_epoch), None)
     summary = {
@@ -435,6 +442,8 @@ def _summary(out: Trained, callbacks: EpochCallbacks, dataset, wall_time_s: floa
         "wall_time_s": wall_time_s, "dataset": dataset.name, "num_train": num_train,
         "device": devices(),
     }
+    if ema:
+        summary["weights"] = "ema"
     if out.diverged:
         summary["diverged"] = out.diverged
     return summary

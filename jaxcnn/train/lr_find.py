@@ -32,7 +32,7 @@ from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import TrainFeed
 from jaxcnn.train.recipe import suggest_learning_rate
-from jaxcnn.train.state import TrainState, check_learning_rate, set_learning_rate
+from jaxcnn.train.state import TrainState, check_learning_rate, set_learning_rate, with_ema
 from jaxcnn.train.steps import Steps
 
 #: The plot's file name in the folder ``find_learning_rate`` writes to (the only file it writes).
@@ -85,7 +85,7 @@ def lr_find(state: TrainState, dataset, config: FitConfig, *, start: float = 1e-
         if steps is None else steps
     steps.check(config)
     feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed, processes=procs)
-    swept = sharding.replicate(_copy(state), mesh)
+    swept = sharding.replicate(_copy(with_ema(state, bool(steps.ema_decay))), mesh)  # (the steps' EMA: unused here)
     losses, lowest = [], math.inf
     batches = (b for epoch in itertools.count(1) for b in feed.epoch(epoch))
     with tqdm(total=num_steps, desc="lr_find", unit="step", disable=not progress, dynamic_ncols=True) as bar:

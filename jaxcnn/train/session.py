@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxcnn.errors import RunInterrupted
-from jaxcnn.runfolder import HISTORY_FIELDS, DamagedCheckpointError, NothingToDo, RunFolder
+from jaxcnn.runfolder import HISTORY_FIELDS, DamagedCheckpointError, NothingToDo, RunFolder, reported_weights
 from jaxcnn.signals import signal_name, signals_deferred
 from jaxcnn.train.callbacks import EpochCallbacks
 from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
-from jaxcnn.train.state import TrainState, set_learning_rate, state_from_tree, state_to_tree
+from jaxcnn.train.state import TrainState, ema_view, set_learning_rate, state_from_tree, state_to_tree
 
 log = logging.getLogger("jaxcnn")
 
@@ -46,7 +46,8 @@ log = logging.getLogger("jaxcnn")
 @dataclasses.dataclass
 class Best:
     """The weights the run reports: of the epochs whose weights it has, the one with the lowest
-    validation loss (the callbacks' best epoch, unless that epoch's checkpoint was lost)."""
+    validation loss (the callbacks' best epoch, unless that epoch's checkpoint was lost); with an
+    EMA, that epoch's EMA (``jaxcnn.runfolder.reported_weights``)."""
 
     epoch: int
     val_loss: float
@@ -168,7 +169,8 @@ class RunSession:
         # as the callbacks' "improved" (min_delta 0), unless a lost best was replaced by a worse epoch
         improved = best is None or row["val_loss"] < best.val_loss
         if improved:  # copies: the next train step donates (invalidates) the state's buffers
-            best = Best(epoch, row["val_loss"], *jax.tree.map(jnp.copy, (state.params, state.batch_stats)))
+            view = ema_view(state)  # (the weights evaluated)
+            best = Best(epoch, row["val_loss"], *jax.tree.map(jnp.copy, (view.params, view.batch_stats)))
         if next_lr != row["lr"]:
             state = set_learning_rate(state, next_lr)
         meta = {"epoch": epoch, "history": history, **self.callbacks.state_dict(), "wall_time_s": wall_time_s}
@@ -235,8 +237,8 @@ class RunSession:
         if found is not None:
             found_epoch = int(found[1]["epoch"])
             if found_epoch == wanted or found_epoch > epoch:  # (newer: saved just before a crash; it is retrained)
-                return Best(found_epoch, val.get(found_epoch, callbacks.early.best), found[0]["params"],
-                            found[0]["batch_stats"]), False
+                return Best(found_epoch, val.get(found_epoch, callbacks.early.best),
+                            *reported_weights(found[0])), False
         if not wanted:  # stopped in its first epoch: no best yet
             return None, False
         candidates = sorted({e for e in ckpts.all_epochs("latest") if e in val} | ({found_epoch} if found else set()),
@@ -251,7 +253,7 @@ class RunSession:
             if procs.primary:
                 log.warning(f"the best epoch's checkpoint (epoch {wanted}) is lost; epoch {e} (val loss {val[e]:.4f}), "
                             f"the best epoch whose checkpoint reads back, is the run's best in its place")
-            return Best(e, val[e], got[0]["params"], got[0]["batch_stats"]), True
+            return Best(e, val[e], *reported_weights(got[0])), True
         if procs.primary:
             log.warning(f"the best epoch's checkpoint (epoch {wanted}) is lost and no other epoch's checkpoint reads "
                         f"back; the run's best is the best epoch it trains from here on")

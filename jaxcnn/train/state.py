@@ -1,9 +1,10 @@
 """``TrainState``: everything a training run changes, in one pytree.
 
-``params``, ``batch_stats``, ``opt_state``, ``step`` and the run's base PRNG ``key`` are
-arrays (so the state can be jitted, donated, sharded and checkpointed); ``apply_fn`` and
-``tx`` are static. The step's randomness is ``fold_in(key, step)``, never a stored,
-advancing key, so a run resumed from a checkpoint repeats exactly.
+``params``, ``batch_stats``, ``opt_state``, ``step``, the run's base PRNG ``key`` and the
+weights' moving average ``ema`` (``{}`` without one) are arrays (so the state can be jitted,
+donated, sharded and checkpointed); ``apply_fn`` and ``tx`` are static. The step's randomness
+is ``fold_in(key, step)``, never a stored, advancing key, so a run resumed from a checkpoint
+repeats exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class TrainState(flax.struct.PyTreeNode):
       apply_fn: ``model.apply`` (or a ``functools.partial`` of it with extra keyword
         arguments, e.g. the ResNet's ``frozen_bn``).
       tx: the optimizer (an ``optax.GradientTransformation``).
+      ema: ``{}`` (no EMA), or the exponential moving average of the weights,
+        ``{"params": ..., "batch_stats": ...}`` (``FitConfig.ema_decay``: ``fit`` adds it with
+        :func:`with_ema`, the train step updates it); :func:`ema_view` is the state it evaluates.
     """
 
     step: jax.Array
@@ -46,6 +50,7 @@ class TrainState(flax.struct.PyTreeNode):
     key: jax.Array
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    ema: PyTree = flax.struct.field(default_factory=dict)
 
     @classmethod
     def create(cls, *, apply_fn: Callable, variables: PyTree, tx: optax.GradientTransformation,
@@ -109,18 +114,39 @@ def adam(learning_rate: float = 1e-3, *, labels: Optional[PyTree] = None,
     return tx if labels is None else freeze.masked(tx, labels)
 
 
+def with_ema(state: TrainState, on: bool = True) -> TrainState:
+    """``state`` with an EMA of its weights (``state.ema``) that starts at them, as Keras' ``use_ema``
+    does (a state that has one keeps it); ``on`` False: without one."""
+    if not on:
+        return state.replace(ema={})
+    if state.ema:
+        return state
+    # copies: the train step donates the state, and one buffer must not be donated twice
+    return state.replace(ema=jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats}))
+
+
+def ema_view(state: TrainState) -> TrainState:
+    """The state a run evaluates: with an EMA, its ``params`` and ``batch_stats`` are the EMA's (and
+    it has no ``ema`` of its own); without one, ``state`` itself."""
+    if not state.ema:
+        return state
+    return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"], ema={})
+
+
 def state_to_tree(state: TrainState) -> dict:
     """The arrays of ``state`` as a plain dict, what a checkpoint stores:
-    ``{"step", "params", "batch_stats", "opt_state", "key"}`` (the key as raw key data)."""
+    ``{"step", "params", "batch_stats", "opt_state", "key"}`` (the key as raw key data), and
+    ``"ema"`` only when the state has one (a run without EMA stores what it stored before EMA existed)."""
     return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state, "key": jax.random.key_data(state.key)}
+            "opt_state": state.opt_state, "key": jax.random.key_data(state.key),
+            **({"ema": state.ema} if state.ema else {})}
 
 
 def state_from_tree(template: TrainState, tree: dict) -> TrainState:
     """Inverse of ``state_to_tree``: ``template`` (same model and optimizer) with ``tree``'s arrays."""
     key = jax.random.wrap_key_data(tree["key"], impl=jax.random.key_impl(template.key))
     return template.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                            opt_state=tree["opt_state"], key=key)
+                            opt_state=tree["opt_state"], key=key, ema=tree.get("ema", {}))
 
 
 def _is_inject_state(x) -> bool:

@@ -60,7 +60,7 @@ MIX_STREAM = 0x6D6978
 def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Callable] = None,
                     preprocess: Callable = scale_to_unit, class_weights=None, num_classes: Optional[int] = None,
                     label_smoothing: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                    lr_scale: Optional[Callable] = None) -> Callable:
+                    lr_scale: Optional[Callable] = None, ema_decay: float = 0.0) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``, pure; jit it with ``donate_argnums=0``.
 
     Args:
@@ -84,6 +84,9 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
         the optimizer's updates of step ``state.step`` are multiplied by ``f(state.step)``. For Adam
         and AdamW the update is linear in the learning rate, so this is the rate ``lr * f(step)``
         (weight decay scaled with it, as optax's scheduled AdamW does). None: the optimizer's rate.
+      ema_decay: ``d`` in (0, 1): after the optimizer's update, ``state.ema`` (``jaxcnn.train.state.with_ema``)
+        becomes ``d * ema + (1 - d) * new`` of the new params and batch_stats (:func:`advance_ema`).
+        0: the EMA is not touched.
 
     ``metrics``: ``{"loss": the (weighted) mean softmax cross-entropy against the targets, "accuracy":
     fraction of the batch's own labels predicted}`` (of the mixed images, when mixing).
@@ -92,7 +95,10 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
     if soft and not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"make_train_step: label smoothing, mixup and cutmix need num_classes= (>= 2), got "
                          f"{num_classes!r}")
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+        raise ValueError(f"make_train_step: ema_decay={ema_decay!r}; must be 0 (off) or a number in (0, 1)")
     weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_key, augment_key = step_keys(state.key, state.step)
         images = preprocess(batch["image"])  # (B, H, W, C) float
@@ -132,9 +138,25 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
 
         accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+        if ema_decay:
+            if not state.ema:
+                raise ValueError(f"train_step: ema_decay={ema_decay} but the state has no EMA; add it with "
+                                 f"jaxcnn.train.state.with_ema(state) (fit does)")
+            new_state = new_state.replace(ema=advance_ema(state.ema, params, new_stats, ema_decay))
         return new_state, {"loss": loss, "accuracy": accuracy}
 
     return train_step
+
+
+def advance_ema(ema: dict, params: PyTree, batch_stats: PyTree, decay: float) -> dict:
+    """The EMA ``{"params", "batch_stats"}`` after a step that made ``params`` and ``batch_stats``:
+    ``decay * ema + (1 - decay) * new`` (``recipe.ema_update``), leaf by leaf; an entry already equal
+    to its new value (a frozen layer's) is kept exactly, not rounded away from it step after step.
+
+    One function for the update, so that a step which leaves the weights as they are (one that only
+    accumulates gradients) can leave the EMA too: ``jnp.where(updated, advance_ema(...), ema)``."""
+    new = {"params": params, "batch_stats": batch_stats}
+    return jax.tree.map(lambda e, n, avg: jnp.where(n == e, e, avg), ema, new, recipe.ema_update(ema, new, decay))
 
 
 def make_eval_step(*, preprocess: Callable = scale_to_unit) -> Callable:
@@ -179,6 +201,7 @@ class Steps:
         the per-class loss weights it gave (``balanced_class_weights``).
       label_smoothing, mixup_alpha, cutmix_alpha: the soft targets the train step trains on
         (``FitConfig``'s; 0: off).
+      ema_decay: ``FitConfig.ema_decay``: the EMA the train step keeps (0: none).
       lr_schedule: ``FitConfig.lr_schedule``; with ``"cosine"``, ``schedule_steps`` is
         ``(total_steps, warmup_steps)`` of the warm-up + cosine the train step scales its updates by
         (``epochs`` and ``warmup_epochs`` times the steps per epoch), and :meth:`lr_scale` its value.
@@ -199,6 +222,7 @@ class Steps:
     cutmix_alpha: float = 0.0
     lr_schedule: str = "plateau"
     schedule_steps: Optional[tuple] = None
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if not hasattr(self.train, "lower"):  # a plain function: jitted here (a jitted one has .lower)
@@ -232,16 +256,17 @@ class Steps:
                              f"split's examples // batch_size), got {steps_per_epoch!r}")
         return cls(train=make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess,
                                          class_weights=weights, num_classes=num_classes, **soft,
-                                         lr_scale=None if schedule is None else recipe.warmup_cosine(1.0, *schedule)),
+                                         lr_scale=None if schedule is None else recipe.warmup_cosine(1.0, *schedule),
+                                         ema_decay=config.ema_decay),
                    eval=make_eval_step(preprocess=preprocess), augment=config.augment,
                    preprocess=config.preprocess, labels=labels, class_weight=config.class_weight,
                    class_weights=None if weights is None else tuple(float(w) for w in weights), **soft,
-                   lr_schedule=config.lr_schedule, schedule_steps=schedule)
+                   lr_schedule=config.lr_schedule, schedule_steps=schedule, ema_decay=config.ema_decay)
 
     def check(self, config, *, steps_per_epoch: Optional[int] = None) -> None:
         """ValueError when these steps apply other settings than ``config`` records (with
         ``steps_per_epoch``, the cosine schedule's steps too)."""
-        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS, "lr_schedule"):
+        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS, "lr_schedule", "ema_decay"):
             if getattr(self, name) != getattr(config, name):
                 raise ValueError(f"fit: the steps apply {name}={getattr(self, name)!r} but the FitConfig says "
                                  f"{name}={getattr(config, name)!r}; build the steps from the config "

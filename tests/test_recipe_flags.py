@@ -12,7 +12,7 @@ from jaxcnn.experiments.flags import RECIPE_FLAGS
 
 #: smoke preset: 256 training images, batch 32.
 SMOKE_STEPS = 256 // 32
-RECIPE = ["--label_smoothing", "0.1", "--mixup", "0.4", "--cutmix", "1.0", "--weight_decay", "0.05"]
+RECIPE = ["--label_smoothing", "0.1", "--mixup", "0.4", "--cutmix", "1.0", "--weight_decay", "0.05", "--ema", "0.9"]
 
 
 def _config(workdir):
@@ -32,6 +32,7 @@ def test_cifar10_records_each_flag_and_resumes_bitwise(tmp_path, capsys):
     assert {k: record["fit"][k] for k in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_schedule")} == \
         {"label_smoothing": 0.1, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "lr_schedule": "plateau"}
     assert record["optimizer"]["weight_decay"] == 0.05 and record["experiment"]["weight_decay"] == 0.05
+    assert record["fit"]["ema_decay"] == 0.9 and json.loads((cut / "summary.json").read_text())["weights"] == "ema"
     assert cifar10.main(["--workdir", str(cut), "--epochs", "2", "--resume", "--no_progress"]) == 0
     assert_same_run(cut, whole, 2)
     capsys.readouterr()
@@ -78,7 +79,8 @@ def test_finetune_records_the_flags_in_both_phases(tmp_path):
 @pytest.mark.parametrize("flag, value, allowed", [
     ("--label_smoothing", "1", "a number in [0, 1) (0: off)"), ("--label_smoothing", "-0.1", "a number in [0, 1)"),
     ("--mixup", "-1", "a finite number >= 0"), ("--cutmix", "nan", "a finite number >= 0"),
-    ("--weight_decay", "inf", "a finite number >= 0 (0: Adam)"), ("--mixup", "x", "a finite number >= 0")])
+    ("--weight_decay", "inf", "a finite number >= 0 (0: Adam)"), ("--mixup", "x", "a finite number >= 0"),
+    ("--ema", "1", "0 (off) or a number in (0, 1)"), ("--ema", "-0.5", "0 (off) or a number in (0, 1)")])
 def test_a_bad_recipe_value_is_one_line_naming_the_flag(tmp_path, capsys, main, flag, value, allowed):
     with pytest.raises(SystemExit) as exc:
         main(["--workdir", str(tmp_path / "run"), flag, value])

@@ -289,7 +289,7 @@ def _main(args) -> int:
         return 0
     folder = RunFolder(workdir)
     print(f"{config.dataset} test accuracy {summary['test_accuracy']:.4f} (loss {summary['test_loss']:.4f}) "
-          f"with the best weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "
+          f"with the best {'EMA ' if summary.get('weights') == 'ema' else ''}weights of epoch {summary['best_epoch']} (val loss {summary['best_val_loss']:.4f}); "
           f"{'stopped early' if summary['stopped_early'] else 'ran'} to epoch {summary['stop_epoch']}, "
           f"{summary['wall_time_s']:.0f} s on {summary['device']}")
     print(f"checkpoints: {folder.checkpoint_dir / 'best'} (best), {folder.checkpoint_dir / 'latest'} (resume)")

@@ -165,6 +165,11 @@ RECIPE_FLAGS = (
           help="plateau: the seed's (the rate halves after 3 epochs without a better validation loss); cosine: a "
                "linear warm-up over the warm-up epochs (cifar10's --warmup_epochs; 0: none), then a half cosine to 0 at the last epoch, step by step; "
                "default plateau")),
+    ("ema", "ema_decay",
+     dict(type=_number("ema", 0.0, high=1.0, allowed="0 (off) or a number in (0, 1)"), metavar="DECAY",
+          help="keep an exponential moving average of the weights and BatchNorm statistics (ema = DECAY * ema + "
+               "(1 - DECAY) * weights after each step): validation, the best checkpoint, the test, predict and "
+               "export use it; a decay of about 1 - 1 / (a few epochs' steps) suits a short run; default 0: off")),
     ("weight_decay", "weight_decay",
      dict(type=_number("weight_decay", 0.0, allowed="a finite number >= 0 (0: Adam)"), metavar="WD",
           help="AdamW: decay the kernels by lr * WD each step (not the biases or BatchNorm's scale and bias); "

@@ -83,6 +83,12 @@ class FitConfig:
       mixup_alpha, cutmix_alpha: > 0 mixes each training batch, after augmentation, with itself in
         reverse order, ``lam ~ Beta(alpha, alpha)``: mixup blends whole images, cutmix pastes a box;
         both > 0: one of the two per batch at random (timm's ``Mixup``). 0: off.
+      flip_tta: horizontal-flip test-time augmentation (``jaxcnn.tta``): every evaluation of the run,
+        the validation of each epoch (so early stopping, reduce-LR-on-plateau and the best
+        checkpoint too) and the end-of-run test scores and report, predicts with the mean of the
+        softmaxes of each image and its left-right mirror (the loss: the cross-entropy of that
+        mean). Training is unchanged. ``jaxcnn.inference.restore(run).predict`` then predicts the
+        same way by default. False: one view.
     """
 
     epochs: int = 50
@@ -105,6 +111,7 @@ class FitConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     lr_schedule: str = "plateau"
+    flip_tta: bool = False
 
     def __post_init__(self):
         name = type(self).__name__
@@ -144,6 +151,9 @@ class FitConfig:
             raise ValueError(f"{name}: class_weight={self.class_weight!r}; allowed: None, 'balanced'")
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"{name}: preprocess={self.preprocess!r}; allowed: {', '.join(map(repr, PREPROCESS))}")
+        if not isinstance(self.flip_tta, bool):
+            raise ValueError(f"{name}: flip_tta={self.flip_tta!r}; must be True (evaluate with the mean of each "
+                             f"image's and its mirror's softmax) or False (one view)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -248,7 +248,8 @@ def test_predict_with_tta_is_the_mean_of_the_single_view_predictions_of_the_imag
     # tta off: one view, softmax(z / T) of the model's own logits
     variables = jax.device_get(run.variables)
     z64 = np.asarray(run.model.apply(variables, images.astype(np.float32) / 255, train=False), np.float64)
-    np.testing.assert_allclose(run.predict(images, tta=False), _softmax64(z64 / TEMPERATURE), rtol=0, atol=_tol(z64))
+    np.testing.assert_allclose(run.predict(images, tta=False), _softmax64(z64 / TEMPERATURE), rtol=0,
+                               atol=_tol(z64))
     # a run that evaluated without it predicts one view unless told
     plain = inference.restore(tta_run["plain"])
     assert not plain.flip_tta

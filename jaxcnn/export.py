@@ -13,13 +13,19 @@ latest weights). The ONNX graph holds the whole of ``restore(RUN).predict``:
   temperature ``T`` the run's report fitted on its validation split, when it has one, as
   ``restore(RUN).predict`` returns by default; ``--no_temperature``: the raw ``softmax(logits)``.
 
+The graph holds one view of each image: no flip test-time augmentation. A run evaluated with it
+(``FitConfig.flip_tta``: its scores, and the temperature, are those of the mean softmax of each image
+and its mirror) is exported all the same, with one warning line: the file predicts without the flip
+average, so its outputs differ from the run's reported scores and from ``restore(RUN).predict``'s
+default; they are ``restore(RUN).predict(x, tta=False)``'s, which the check below compares against.
+
 The model's ``metadata_props`` name what a user of the file needs: ``class_names`` (a JSON list, in
 the order of the probabilities), ``image_shape`` (JSON ``[H, W, 3]``), ``preprocess``,
 ``temperature`` (a number, or ``none``), ``epoch`` and ``which``.
 
 Verified before it is kept: onnxruntime runs the file on seeded random uint8 images in a batch of 1
 and a batch of 5, and the export fails (exit 1, one ``error:`` line) when any probability differs
-from ``restore(RUN).predict``'s (computed with full float32 matmuls, as onnxruntime's) by more
+from ``restore(RUN).predict(x, tta=False)``'s (computed with full float32 matmuls, as onnxruntime's) by more
 than ``TOLERANCE``. The file is written under a temporary
 name beside ``--out`` (``.<name>.jaxcnn-tmp-<pid>``) and moved into place only once verified: a
 failed export leaves no file, and an existing ``--out`` unchanged. An export that was killed
@@ -195,7 +201,8 @@ def float32_run(run: inference.Restored) -> tuple[inference.Restored, Optional[s
 def probabilities_function(run: inference.Restored, *, temperature: bool = True) -> Callable:
     """``images (N, H, W, 3) uint8 -> probabilities (N, K) float32``: the run's preprocessing, model
     (inference mode) and softmax, with the run's temperature when ``temperature`` and it has one:
-    what ``run.predict(images, temperature=temperature)`` computes, as one traceable function."""
+    what ``run.predict(images, temperature=temperature, tta=False)`` computes (one view: no flip
+    test-time augmentation), as one traceable function."""
     t = jnp.float32(run.temperature if temperature and run.temperature is not None else 1.0)
 
     def probabilities(images):
@@ -307,15 +314,16 @@ def to_onnx(run: inference.Restored, *, temperature: bool = True):
 
 def verify(path, run: inference.Restored, *, temperature: bool = True, seed: int = 0) -> float:
     """The largest difference between onnxruntime's probabilities for the file at ``path`` and
-    ``run.predict``'s, on seeded random uint8 images in a batch of 1 and one of 5 (the batch
-    dimension is dynamic); ExportMismatchError when it exceeds :data:`TOLERANCE`."""
+    ``run.predict``'s with one view (``tta=False``, as the graph holds: a run evaluated with flip TTA
+    too), on seeded random uint8 images in a batch of 1 and one of 5 (the batch dimension is dynamic);
+    ExportMismatchError when it exceeds :data:`TOLERANCE`."""
     _, _, ort = _import_extra()
     shape = tuple(run.config["data"]["image_shape"])
     images = np.random.default_rng(seed).integers(0, 256, (6, *shape), dtype=np.uint8)
     # float32 matmuls and convolutions in full (a GPU's default may round them to TF32), as onnxruntime
     # computes them: the check measures the export, not the device's shortcuts.
     with jax.default_matmul_precision("float32"):
-        want = run.predict(images, temperature=temperature)
+        want = run.predict(images, temperature=temperature, tta=False)
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = np.concatenate([session.run(["probabilities"], {"images": batch})[0]
@@ -351,6 +359,10 @@ def export(run_dir, out, *, which: str = "best", temperature: bool = True, model
     if dtype is not None:
         log.warning(f"{run_dir} computes in {dtype}, which onnxruntime's CPU convolutions do not take: exporting "
                     f"it in float32 (the same weights), checked against the run's model computed in float32")
+    if run.flip_tta:
+        log.warning(f"{run_dir} was evaluated with flip test-time augmentation (fit.flip_tta), which the ONNX graph "
+                    f"does not hold: the exported model predicts one view, without the flip average, so its outputs "
+                    f"differ from the run's reported scores")
     proto = to_onnx(run, temperature=temperature)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(out, os.getpid())

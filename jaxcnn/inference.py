@@ -20,6 +20,13 @@ epoch's), and ``run.predict`` returns ``softmax(logits / T)``; ``run.predict(x, 
 gives the raw ``softmax(logits)``. The ranking of the classes is the same either way. A
 temperature outside ``jaxcnn.metrics.TEMPERATURE_RANGE`` (a hand-edited summary) is refused by
 ``restore``; ``restore(workdir, temperature=False)`` does not read it (the commands' ``--no_temperature``).
+
+Flip test-time augmentation: a run trained with ``FitConfig.flip_tta`` was evaluated (validation,
+test scores, report, temperature) with ``p``, the mean of the softmaxes of each image and of its
+left-right mirror (``jaxcnn.tta``), and ``run.predict`` predicts the same way by default: ``p``, or
+``softmax(log p / T)`` with the run's temperature. ``run.predict(x, tta=False)`` gives one view
+(``tta=True``: the flip average, for any run); the temperature, fitted for the run's own evaluation,
+is applied either way.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcnn import tta
 from jaxcnn.checkpoint import BEST, LATEST, check_which
 from jaxcnn.metrics import TEMPERATURE_RANGE, check_temperature
 from jaxcnn.models.spec import build_model
@@ -72,20 +80,33 @@ class Restored:
         return get_preprocess(self.config.get("fit", {}).get("preprocess", "unit"))
 
     @property
+    def flip_tta(self) -> bool:
+        """Whether the run evaluated with flip test-time augmentation (``config["fit"]["flip_tta"]``)."""
+        return bool(self.config.get("fit", {}).get("flip_tta", False))
+
+    @property
     def class_names(self) -> tuple[str, ...]:
         return tuple(self.config.get("data", {}).get("class_names", ()))
 
     def predict(self, images, *, batch_size: int = 256, return_logits: bool = False,
-                temperature: bool = True) -> np.ndarray:
+                temperature: bool = True, tta: Optional[bool] = None) -> np.ndarray:
         """Class probabilities ``(N, num_classes)`` for uint8 images ``(N, H, W, C)`` (see :func:`predict`):
         ``softmax(logits / self.temperature)`` when the run has one and ``temperature`` is True,
-        else ``softmax(logits)``. ``return_logits``: the logits (never scaled)."""
+        else ``softmax(logits)``. ``return_logits``: the logits (never scaled).
+
+        ``tta``: None (default) predicts as the run evaluated (:attr:`flip_tta`); True: flip
+        test-time augmentation, the "logits" are then ``log p`` with ``p`` the mean of the softmaxes
+        of each image and its mirror (so the probabilities are ``p``, or ``softmax(log p / T)``);
+        False: one view."""
         if not isinstance(temperature, bool):
             raise TypeError(f"Restored.predict: temperature must be True (the run's) or False (none), "
                             f"got {temperature!r}")
+        if tta is not None and not isinstance(tta, bool):
+            raise TypeError(f"Restored.predict: tta must be None (as the run evaluated), True (flip test-time "
+                            f"augmentation) or False (one view), got {tta!r}")
         t = self.temperature if temperature else None
         return predict(self.model, self.variables, images, preprocess=self.preprocess, batch_size=batch_size,
-                       return_logits=return_logits, temperature=t)
+                       return_logits=return_logits, temperature=t, flip_tta=self.flip_tta if tta is None else tta)
 
 
 def restore(workdir, *, which: str = BEST, model: Optional[nn.Module] = None, temperature: bool = True) -> Restored:
@@ -170,14 +191,19 @@ def check_variables(model: nn.Module, variables: dict, image_shape) -> None:
                              f"{expected[name]} in the model")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "preprocess", "return_logits"))
-def _forward(model, variables, images, temperature, preprocess, return_logits):
-    logits = model.apply(variables, preprocess(images), train=False)  # (B, K)
+@functools.partial(jax.jit, static_argnames=("model", "preprocess", "return_logits", "flip_tta"))
+def _forward(model, variables, images, temperature, preprocess, return_logits, flip_tta):
+    def one_view(x):
+        return model.apply(variables, x, train=False)  # (B, K)
+
+    x = preprocess(images)
+    logits = tta.flip_tta_log_probs(one_view, x) if flip_tta else one_view(x)  # (B, K)
     return logits if return_logits else jax.nn.softmax(logits / temperature, axis=-1)
 
 
 def predict(model: nn.Module, variables: dict, images, *, preprocess: Callable = scale_to_unit,
-            batch_size: int = 256, return_logits: bool = False, temperature: Optional[float] = None) -> np.ndarray:
+            batch_size: int = 256, return_logits: bool = False, temperature: Optional[float] = None,
+            flip_tta: bool = False) -> np.ndarray:
     """Class probabilities ``(N, num_classes)`` (softmax of the logits) for uint8 images ``(N, H, W, C)``.
 
     Runs ``model.apply(variables, preprocess(x), train=False)`` in batches of ``batch_size``
@@ -185,7 +211,8 @@ def predict(model: nn.Module, variables: dict, images, *, preprocess: Callable =
     input shape (JAX's own jit cache): repeated calls do not compile again. Pass the run's
     preprocessing (``Restored.predict`` does). ``return_logits``: the logits instead.
     ``temperature``: ``T`` in ``jaxcnn.metrics.TEMPERATURE_RANGE`` gives ``softmax(logits / T)``
-    (temperature scaling; None: ``T = 1``).
+    (temperature scaling; None: ``T = 1``). ``flip_tta``: the logits are ``log p``, ``p`` the mean
+    of the softmaxes of each image and its left-right mirror (``jaxcnn.tta.flip_tta_log_probs``).
     """
     images = np.asarray(images)
     if images.ndim != 4:
@@ -201,6 +228,6 @@ def predict(model: nn.Module, variables: dict, images, *, preprocess: Callable =
         pad = batch_size - chunk.shape[0]
         if pad:  # one compiled shape for every batch
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out = _forward(model, variables, chunk, t, preprocess, bool(return_logits))
+        out = _forward(model, variables, chunk, t, preprocess, bool(return_logits), bool(flip_tta))
         outs.append(np.asarray(out)[: batch_size - pad])
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)

@@ -16,6 +16,11 @@ fitted on its validation split (``summary.json``'s ``temperature``; calibrated p
 same ranking); ``--no_temperature`` gives the raw ``softmax(logits)``. A run without one (or
 ``--which latest`` on other weights than the report's) gets the raw softmax.
 
+Flip test-time augmentation, ``--tta``: ``run`` (default) predicts as the run evaluated (its
+``config.json``'s ``fit.flip_tta``); ``on``: with the mean of the softmaxes of each image and its
+left-right mirror (``jaxcnn.inference.Restored.predict(..., tta=True)``); ``off``: one view. The
+last line on stderr says "flip TTA" when it was used, and when a run evaluated with it was not.
+
 ``--explain DIR``: also writes ``DIR/<image name>.png`` per image: the image, its Grad-CAM heat
 map (``jaxcnn.explain.grad_cam``) for the predicted class (``--explain_class NAME``: that class)
 on the model's default layer (the CIFAR CNN's last conv block, a ResNet's last stage;
@@ -45,6 +50,9 @@ from typing import Optional
 
 from jaxcnn.cli import ArgumentParser, description
 
+#: ``--tta``'s values and what ``Restored.predict``'s ``tta`` is for each.
+TTA_MODES = {"run": None, "on": True, "off": False}
+
 
 def _parse(argv):
     p = ArgumentParser(prog="python -m jaxcnn.predict", description=description(__doc__), allow_abbrev=False)
@@ -57,6 +65,9 @@ def _parse(argv):
     p.add_argument("--no_temperature", action="store_true",
                    help="the raw softmax; default: softmax(logits / T) with the temperature T fitted on the run's "
                         "validation split (summary.json), when it has one")
+    p.add_argument("--tta", default="run", choices=tuple(TTA_MODES),
+                   help="flip test-time augmentation (the mean softmax of each image and its mirror): run (as the "
+                        "run evaluated, its config's fit.flip_tta; default), on, off")
     p.add_argument("--explain", metavar="DIR",
                    help="also write a PNG per image into DIR: the image, its Grad-CAM heat map, the top-k classes")
     p.add_argument("--explain_class", metavar="NAME", help="with --explain: the class the maps explain "
@@ -182,10 +193,11 @@ def check_figures(explain_dir: pathlib.Path, names: dict, out: Optional[pathlib.
 
 
 def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch_size: int = 64,
-             temperature: bool = True):
+             temperature: bool = True, tta: Optional[bool] = None):
     """Yields ``(path, [(class name, probability), ...] top_k, most likely first, None)`` per
     readable image, and ``(path, None, why it cannot be read)`` per unreadable one, in the order of ``paths``.
-    ``temperature``: the run's temperature scales the logits (``Restored.predict``)."""
+    ``temperature``: the run's temperature scales the logits; ``tta``: flip test-time augmentation
+    (None: as the run evaluated) (``Restored.predict``)."""
     image_shape = run.config.get("data", {}).get("image_shape")
     if not image_shape:
         raise ValueError("the run's config.json records no data.image_shape: cannot tell the input size")
@@ -195,7 +207,8 @@ def classify(run: inference.Restored, paths: list[str], *, top_k: int = 3, batch
         images, errors = decode_images(chunk, tuple(image_shape[:2]))
         bad = dict(errors)
         good = [i for i in range(len(chunk)) if i not in bad]
-        probs = run.predict(images[good], batch_size=batch_size, temperature=temperature) if good else None  # (n, K)
+        probs = (run.predict(images[good], batch_size=batch_size, temperature=temperature, tta=tta)
+                 if good else None)  # (n, K)
         row = dict(zip(good, range(len(good))))
         for i, path in enumerate(chunk):
             if i in bad:
@@ -280,8 +293,9 @@ def _main(args) -> int:
         explain.check_layer(run.model, run.variables, run.config["data"]["image_shape"], args.explain_layer)
     top_k = min(args.top_k, int(run.config.get("data", {}).get("num_classes") or args.top_k))
     rows, n_ok, tops = [], 0, {}
+    tta = TTA_MODES[args.tta]
     for path, top, error in classify(run, paths, top_k=top_k, batch_size=args.batch_size,
-                                     temperature=not args.no_temperature):
+                                     temperature=not args.no_temperature, tta=tta):
         if error is not None:
             print(f"cannot read {path}: {error}", file=sys.stderr)
             rows.append([path] + [""] * (2 * top_k) + [error])
@@ -305,8 +319,11 @@ def _main(args) -> int:
         explain_images(run, tops, explain_dir, class_index=class_index, layer=args.explain_layer,
                        batch_size=args.batch_size, file_names=file_names)
     t = None if args.no_temperature else run.temperature
+    flipped = run.flip_tta if tta is None else tta
     print(f"{n_ok} of {len(paths)} file(s) classified with {run_dir} ({run.which} epoch {run.epoch}"
-          + (f", temperature {t:.3g}" if t is not None else "") + ")"
+          + (f", temperature {t:.3g}" if t is not None else "")
+          + (", flip TTA" if flipped else ", without the flip TTA the run evaluated with" if run.flip_tta else "")
+          + ")"
           + (f"; predictions in {args.out}" if args.out else "")
           + (f"; Grad-CAM maps in {explain_dir}" if explain_dir is not None else ""), file=sys.stderr)
     return 0

@@ -58,7 +58,8 @@ def report_missing(folder: RunFolder) -> list[str]:
 
 def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, class_names: Sequence[str],
                  test_labels, test_logits, test_images, val_labels=None, val_logits=None,
-                 k: int = 16, check: Optional[Callable[[], None]] = None, lr_schedule: str = "plateau") -> dict:
+                 k: int = 16, check: Optional[Callable[[], None]] = None, lr_schedule: str = "plateau",
+                 flip_tta: bool = False) -> dict:
     """Write the report's plots into ``folder``'s ``plots/`` and return the summary fields.
 
     Args:
@@ -76,6 +77,8 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
       k: how many wrong images to draw.
       check: called before each plot (``fit`` raises ``RunInterrupted`` from it when a signal came).
       lr_schedule: the run's ``fit.lr_schedule`` (the curves' learning-rate panel says it).
+      flip_tta: the run's ``fit.flip_tta``: the logits are the log mean probabilities of each image
+        and its mirror (``jaxcnn.tta``); the confusion and calibration titles say "flip TTA".
     """
     check = check or (lambda: None)
     names = tuple(str(n) for n in class_names)
@@ -116,6 +119,7 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
         out["ece_after_temperature"] = metrics.expected_calibration_error(scaled, test_labels)
 
     name = folder.path.name
+    tta = ", flip TTA" if flip_tta else ""
     check()
     viz.plot_curves(list(history), path=folder.plot_path(CURVES_PNG), summary=summary,
                     title=f"{name}: training curves", lr_schedule=lr_schedule)
@@ -123,7 +127,7 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
     viz.plot_confusion(confusion, names, path=folder.plot_path(CONFUSION_PNG),
                        title=f"{name}: test accuracy {accuracy:.4f} ({len(test_labels)} images, "
                              f"macro F1 {prf['macro_f1'] if prf['macro_f1'] is not None else float('nan'):.3f}, "
-                             f"majority share {out['test_majority_share']:.3f})")
+                             f"majority share {out['test_majority_share']:.3f}{tta})")
     check()
     idx = most_confidently_wrong(test_labels, probs, k)
     images = test_images(idx) if callable(test_images) else np.asarray(test_images)[idx]
@@ -134,7 +138,7 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
     ece_text = f"ECE {out['ece']:.3f}" + (f"; temperature {out['temperature_note'].split(' (')[0]}" if after is None
                                           else f", {out['ece_after_temperature']:.3f} at T = {out['temperature']:.2f}")
     viz.plot_reliability(table, after=after, path=folder.plot_path(RELIABILITY_PNG),
-                         title=f"{name}: test calibration ({ece_text})")
+                         title=f"{name}: test calibration ({ece_text}{tta})")
     check()
     return out
 

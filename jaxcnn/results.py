@@ -64,7 +64,7 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
 
     def logits(split):
         images = split.read(np.arange(len(split)))  # in memory, or decoded from disk (a streamed split)
-        out = run.predict(images, batch_size=batch_size, return_logits=True)  # (N, K)
+        out = run.predict(images, batch_size=batch_size, return_logits=True)  # (N, K); the run's flip TTA, as fit's
         if out.shape[-1] != len(names):
             raise ValueError(f"write_test_results: the model of {workdir} has {out.shape[-1]} outputs but the "
                              f"dataset {dataset.name!r} has {len(names)} classes")
@@ -82,6 +82,7 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
                                        test_images=test_images, k=k,
                                        val_labels=None if val_logits is None else dataset.val.labels,
                                        val_logits=val_logits,
-                                       lr_schedule=run.config.get("fit", {}).get("lr_schedule", "plateau")))
+                                       lr_schedule=run.config.get("fit", {}).get("lr_schedule", "plateau"),
+                                       flip_tta=run.flip_tta))
     folder.write_summary(summary)
     return summary

@@ -89,9 +89,9 @@ FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 FORMAT_VERSION = 4
 
 #: The ``fit`` keys format 4 added, at the value that is what a run without them ran with (a format-3
-#: run, or a format-4 one written before the key was added to the format).
+#: run, or a format-4 one written before the key was added to the format; ``flip_tta`` False: one view).
 FORMAT_4_FIT = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau",
-                "ema_decay": 0.0}
+                "ema_decay": 0.0, "flip_tta": False}
 #: The ``optimizer`` keys format 4 added, likewise (0: Adam).
 FORMAT_4_OPTIMIZER = {"weight_decay": 0.0}
 
@@ -143,7 +143,8 @@ def _from_format_2(config: dict) -> dict:
 def _from_format_3(config: dict) -> dict:
     """A format-3 config in format 4: no label smoothing, mixup or cutmix (``fit.label_smoothing``,
     ``fit.mixup_alpha``, ``fit.cutmix_alpha`` 0), the seed's reduce-on-plateau (``fit.lr_schedule``
-    ``"plateau"``) and Adam (``optimizer.weight_decay`` 0): format 3 had none of them."""
+    ``"plateau"``), one view (``fit.flip_tta`` False) and Adam (``optimizer.weight_decay`` 0): format 3 had
+    none of them."""
     new = {**config, "format_version": 4}
     if isinstance(config.get("fit"), dict):
         new["fit"] = {**config["fit"], **FORMAT_4_FIT}

@@ -93,6 +93,12 @@ class FitConfig:
         both (``TrainState.ema``), so a resume is the uninterrupted run. With ``precise_bn_batches``
         the statistics are re-estimated for the EMA's weights and replace the EMA's statistics (the
         raw weights' moving statistics, which nothing evaluates, are left as training made them).
+      flip_tta: horizontal-flip test-time augmentation (``jaxcnn.tta``): every evaluation of the run,
+        the validation of each epoch (so early stopping, reduce-LR-on-plateau and the best
+        checkpoint too) and the end-of-run test scores and report, predicts with the mean of the
+        softmaxes of each image and its left-right mirror (the loss: the cross-entropy of that
+        mean). Training is unchanged. ``jaxcnn.inference.restore(run).predict`` then predicts the
+        same way by default. False: one view.
     """
 
     epochs: int = 50
@@ -116,6 +122,7 @@ class FitConfig:
     cutmix_alpha: float = 0.0
     lr_schedule: str = "plateau"
     ema_decay: float = 0.0
+    flip_tta: bool = False
 
     def __post_init__(self):
         name = type(self).__name__
@@ -157,6 +164,9 @@ class FitConfig:
             raise ValueError(f"{name}: class_weight={self.class_weight!r}; allowed: None, 'balanced'")
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"{name}: preprocess={self.preprocess!r}; allowed: {', '.join(map(repr, PREPROCESS))}")
+        if not isinstance(self.flip_tta, bool):
+            raise ValueError(f"{name}: flip_tta={self.flip_tta!r}; must be True (evaluate with the mean of each "
+                             f"image's and its mirror's softmax) or False (one view)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

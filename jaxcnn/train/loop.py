@@ -219,7 +219,9 @@ def _write_summary_and_report(session: RunSession, state: TrainState, dataset, s
     """Process 0: score the reported weights on the test split (and on the validation split, for
     the temperature) once, in this process, write ``summary.json`` with the test scores, then the
     end-of-run report (``jaxcnn.report``) and the summary with its fields. A signal that came
-    meanwhile stops it between plots (RunInterrupted: resume completes the report)."""
+    meanwhile stops it between plots (RunInterrupted: resume completes the report). With
+    ``flip_tta`` the scores are the log mean probabilities of each image and its mirror
+    (``make_logits_fn``): the test scores, the report and its temperature are the flip average's."""
     run = session.run
     if not session.procs.primary:  # (a process other than 0 writes nothing)
         return summary
@@ -228,7 +230,7 @@ def _write_summary_and_report(session: RunSession, state: TrainState, dataset, s
         return summary
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     variables = {k: v for k, v in variables.items() if k == "params" or v}
-    logits_fn = make_logits_fn(state.apply_fn, get_preprocess(steps.preprocess))
+    logits_fn = make_logits_fn(state.apply_fn, get_preprocess(steps.preprocess), flip_tta=steps.flip_tta)
     test_logits = _logits(logits_fn, variables, dataset.test, config.eval_batch_size)
     summary = {**summary, **_scores(test_logits, dataset.test.labels)}
     run.write_summary(summary)
@@ -247,7 +249,7 @@ def _write_summary_and_report(session: RunSession, state: TrainState, dataset, s
         run, history=out.history, summary=summary, class_names=dataset.class_names, test_labels=dataset.test.labels,
         test_logits=test_logits, test_images=dataset.test.read, val_logits=val_logits,
         val_labels=None if val_logits is None else dataset.val.labels, check=check,
-        lr_schedule=config.lr_schedule)}
+        lr_schedule=config.lr_schedule, flip_tta=config.flip_tta)}
     run.write_summary(summary)
     return summary
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcnn import freeze
+from jaxcnn import freeze, tta
 from jaxcnn.data.augment import AugmentConfig
 from jaxcnn.preprocess import get_preprocess, scale_to_unit
 from jaxcnn.train import recipe
@@ -159,17 +159,24 @@ def advance_ema(ema: dict, params: PyTree, batch_stats: PyTree, decay: float) ->
     return jax.tree.map(lambda e, n, avg: jnp.where(n == e, e, avg), ema, new, recipe.ema_update(ema, new, decay))
 
 
-def make_eval_step(*, preprocess: Callable = scale_to_unit) -> Callable:
+def make_eval_step(*, preprocess: Callable = scale_to_unit, flip_tta: bool = False) -> Callable:
     """``eval_step(state, batch) -> sums``, pure (inference mode: no dropout, BN running stats).
 
     ``batch["mask"]`` (bool ``(B,)``, optional) marks real examples; padding rows count for
     nothing. Returns sums, so that a whole set is evaluated exactly once whatever the batch:
     ``{"loss_sum", "correct", "count"}`` (float32 scalars); loss = loss_sum / count.
+
+    ``flip_tta``: score each image by the mean ``p`` of the softmaxes of it and its left-right mirror
+    (``jaxcnn.tta.flip_tta_log_probs``, two forward passes): its loss is ``-log p[label]``, it is
+    correct when ``argmax p`` is its label. False: the softmax cross-entropy of one view's logits.
     """
 
     def eval_step(state: TrainState, batch: dict) -> dict:
         images = preprocess(batch["image"])
-        logits, _ = _forward(state, state.params, images, train=False)
+        if flip_tta:  # (B, K) log mean probabilities: taken as logits below (log_softmax leaves them as they are)
+            logits = tta.flip_tta_log_probs(lambda x: _forward(state, state.params, x, train=False)[0], images)
+        else:
+            logits, _ = _forward(state, state.params, images, train=False)
         targets = batch["label"]
         mask = batch.get("mask")
         mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -202,6 +209,8 @@ class Steps:
       label_smoothing, mixup_alpha, cutmix_alpha: the soft targets the train step trains on
         (``FitConfig``'s; 0: off).
       ema_decay: ``FitConfig.ema_decay``: the EMA the train step keeps (0: none).
+      flip_tta: whether the eval step (and ``make_logits_fn`` of the end-of-run scores) predicts with
+        the mean softmax of each image and its mirror (``FitConfig.flip_tta``).
       lr_schedule: ``FitConfig.lr_schedule``; with ``"cosine"``, ``schedule_steps`` is
         ``(total_steps, warmup_steps)`` of the warm-up + cosine the train step scales its updates by
         (``epochs`` and ``warmup_epochs`` times the steps per epoch), and :meth:`lr_scale` its value.
@@ -223,6 +232,7 @@ class Steps:
     lr_schedule: str = "plateau"
     schedule_steps: Optional[tuple] = None
     ema_decay: float = 0.0
+    flip_tta: bool = False
 
     def __post_init__(self):
         if not hasattr(self.train, "lower"):  # a plain function: jitted here (a jitted one has .lower)
@@ -236,8 +246,8 @@ class Steps:
         """The steps ``config`` (a ``FitConfig``) asks for: its augmentation, preprocessing and class
         weights (``"balanced"``: from ``train_labels`` over ``num_classes`` classes, the training
         split's), its learning-rate schedule (``"cosine"``: over ``steps_per_epoch`` optimizer
-        steps an epoch, ``len(train) // batch_size``), and ``labels`` (a freeze label tree: build
-        ``state.tx`` with ``adam(labels=labels)`` too)."""
+        steps an epoch, ``len(train) // batch_size``), its evaluation (``flip_tta``), and ``labels``
+        (a freeze label tree: build ``state.tx`` with ``adam(labels=labels)`` too)."""
         preprocess = get_preprocess(config.preprocess)
         augment_fn = None if config.augment is None else config.augment.fn()
         weights = None
@@ -258,15 +268,17 @@ class Steps:
                                          class_weights=weights, num_classes=num_classes, **soft,
                                          lr_scale=None if schedule is None else recipe.warmup_cosine(1.0, *schedule),
                                          ema_decay=config.ema_decay),
-                   eval=make_eval_step(preprocess=preprocess), augment=config.augment,
+                   eval=make_eval_step(preprocess=preprocess, flip_tta=config.flip_tta),
+                   augment=config.augment,
                    preprocess=config.preprocess, labels=labels, class_weight=config.class_weight,
                    class_weights=None if weights is None else tuple(float(w) for w in weights), **soft,
-                   lr_schedule=config.lr_schedule, schedule_steps=schedule, ema_decay=config.ema_decay)
+                   lr_schedule=config.lr_schedule, schedule_steps=schedule, ema_decay=config.ema_decay,
+                   flip_tta=config.flip_tta)
 
     def check(self, config, *, steps_per_epoch: Optional[int] = None) -> None:
         """ValueError when these steps apply other settings than ``config`` records (with
         ``steps_per_epoch``, the cosine schedule's steps too)."""
-        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS, "lr_schedule", "ema_decay"):
+        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS, "lr_schedule", "ema_decay", "flip_tta"):
             if getattr(self, name) != getattr(config, name):
                 raise ValueError(f"fit: the steps apply {name}={getattr(self, name)!r} but the FitConfig says "
                                  f"{name}={getattr(config, name)!r}; build the steps from the config "
@@ -303,12 +315,21 @@ def balanced_class_weights(train_labels, num_classes: int):
     return np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
 
 
-def make_logits_fn(apply_fn: Callable, preprocess: Callable = scale_to_unit) -> Callable:
+def make_logits_fn(apply_fn: Callable, preprocess: Callable = scale_to_unit, flip_tta: bool = False) -> Callable:
     """``logits(variables, images) -> float32 (B, K)``, jitted, inference mode: the scores the
-    end-of-run report is made from (on one device, from host copies of the weights)."""
+    end-of-run report is made from (on one device, from host copies of the weights).
+
+    ``flip_tta``: the "logits" are ``log p``, ``p`` the mean of the softmaxes of each image and its
+    left-right mirror (``jaxcnn.tta.flip_tta_log_probs``): their softmax is ``p``, so the test loss,
+    accuracy and report score ``p``, and the temperature the report fits on them acts on ``log p``
+    (``softmax(log p / T)``), as ``jaxcnn.inference``'s ``Restored.predict`` then applies it."""
 
     @jax.jit
     def logits(variables, images):
-        return apply_fn(variables, preprocess(images), train=False).astype(jnp.float32)
+        def one_view(x):
+            return apply_fn(variables, x, train=False).astype(jnp.float32)
+
+        x = preprocess(images)
+        return tta.flip_tta_log_probs(one_view, x) if flip_tta else one_view(x)
 
     return logits

@@ -91,7 +91,8 @@ FORMAT_VERSION = 4
 #: The ``fit`` keys format 4 added, at the value that is what a run without them ran with (a format-3
 #: run, or a format-4 one written before the key was added to the format; ``flip_tta`` False: one view).
 FORMAT_4_FIT = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau",
-                "ema_decay": 0.0, "flip_tta": False}
+                "ema_decay": 0.0, "flip_tta": False,
+                "grad_accum_steps": 1}
 #: The ``optimizer`` keys format 4 added, likewise (0: Adam).
 FORMAT_4_OPTIMIZER = {"weight_decay": 0.0}
 

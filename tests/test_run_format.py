@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 #: The keys format 4 added to "fit" (and "weight_decay" to "optimizer").
-FORMAT_4_FIT = ("label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_schedule", "ema_decay", "flip_tta")
+FORMAT_4_FIT = ("label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_schedule", "ema_decay", "flip_tta", "grad_accum_steps")
 
 
 def _without_format_4(raw: dict, version) -> dict:
@@ -44,7 +44,7 @@ def test_a_run_records_its_format_and_a_format_2_run_resumes(tmp_path):
     assert raw["format_version"] == FORMAT_VERSION == 4
     assert (raw["fit"]["warmup_epochs"], raw["fit"]["precise_bn_batches"], raw["fit"]["class_weight"],
             raw["experiment"]["bn_momentum"]) == (0, 0, None, 0.99)
-    assert [raw["fit"][k] for k in FORMAT_4_FIT] == [0.0, 0.0, 0.0, "plateau", 0.0, False]
+    assert [raw["fit"][k] for k in FORMAT_4_FIT] == [0.0, 0.0, 0.0, "plateau", 0.0, False, 1]
     assert raw["optimizer"] == {"learning_rate": 1e-3, "weight_decay": 0.0}
     assert migrate_config(_as_format_3(raw), "x") == raw
     # a format-4 config written before lr_schedule and weight_decay were added to the format: what it ran with
@@ -69,7 +69,7 @@ def test_the_migration_from_format_2_keeps_what_the_run_ran_with():
         "format_version": 4, "model": {"kind": "cifar_cnn", "bn_momentum": 0.9}, "data": {},
         "fit": {"epochs": 3, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None,
                 "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau",
-                "ema_decay": 0.0, "flip_tta": False},
+                "ema_decay": 0.0, "flip_tta": False, "grad_accum_steps": 1},
         "experiment": {"name": "cifar10", "widths": [8], "bn_momentum": 0.9}}
     finetune = {**old, "experiment": {"name": "finetune"}}  # its own settings have no momentum
     assert migrate_config(finetune, "x")["experiment"] == {"name": "finetune"}
@@ -136,7 +136,7 @@ def test_a_format_0_config_is_migrated_key_by_key():
                           "plateau_patience": 3, "plateau_min_delta": 0.0001, "min_lr": 0.0, "keep_checkpoints": 3,
                           "max_loss": None, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None,
                           "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau",
-                          "ema_decay": 0.0, "flip_tta": False}
+                          "ema_decay": 0.0, "flip_tta": False, "grad_accum_steps": 1}
     # augmentation off: its unused ranges stay with the experiment's settings, as every other unmapped key
     assert new["experiment"] == {"name": "cifar10", "learning_rate": 0.001, "rotation": 15.0, "width_shift": 0.1,
                                  "height_shift": 0.1, "horizontal_flip": True, "preset": "demo", "dataset": "offline",

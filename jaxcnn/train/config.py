@@ -99,6 +99,28 @@ class FitConfig:
         softmaxes of each image and its left-right mirror (the loss: the cross-entropy of that
         mean). Training is unchanged. ``jaxcnn.inference.restore(run).predict`` then predicts the
         same way by default. False: one view.
+      grad_accum_steps: ``k`` >= 1; 1 (default): off, the optimizer state and checkpoints as without it.
+        ``k`` > 1: gradient accumulation (Keras' ``gradient_accumulation_steps``, ``optax.MultiSteps``):
+        each train step still takes one batch of ``batch_size`` (the micro-batch, what fits in memory),
+        the gradients of ``k`` consecutive steps are averaged and the optimizer updates the weights once
+        every ``k`` steps, so an update sees ``k * batch_size`` examples. Build the state as without it
+        (``jaxcnn.train.adam``): ``fit`` wraps its optimizer in ``optax.MultiSteps`` (the setting lives
+        here only, and ``fit`` refuses a state whose optimizer already accumulates; the state it returns
+        carries the wrapped optimizer). The running mean and the step within the ``k`` are in the
+        optimizer state, so in the checkpoints: a run stopped between two updates resumes bitwise. The
+        optimizer's own state (learning rate, weight decay) sits inside, so the recorded rate,
+        reduce-LR-on-plateau and ``jaxcnn.freeze.masked`` work as without it (the accumulator holds a
+        float32 zero for each frozen parameter too). ``state.step`` counts train steps (the step keys
+        stay per batch); the update is ``step // k``. With ``lr_schedule="cosine"`` the schedule counts
+        updates: train step ``s`` goes into update ``s // k``, at the rate ``lr * f(s // k)``, ``f``
+        over ``epochs * steps_per_epoch // k`` updates of which ``warmup_epochs * steps_per_epoch // k``
+        warm up; the history's ``lr`` is the rate of the update its epoch's last batch goes into. The
+        accumulation runs over the run's steps, not the epoch's: with ``steps_per_epoch`` not a multiple
+        of ``k``, an epoch's last partial accumulation carries on into the next epoch, and the run's last
+        ``epochs * steps_per_epoch % k`` batches make no update. Not quite one ``k`` times larger batch:
+        BatchNorm normalises each micro-batch by its own statistics and updates its running statistics
+        every step (as Keras), dropout and augmentation draw per step, and the float32 sums round
+        differently.
     """
 
     epochs: int = 50
@@ -123,6 +145,7 @@ class FitConfig:
     lr_schedule: str = "plateau"
     ema_decay: float = 0.0
     flip_tta: bool = False
+    grad_accum_steps: int = 1
 
     def __post_init__(self):
         name = type(self).__name__
@@ -167,6 +190,9 @@ class FitConfig:
         if not isinstance(self.flip_tta, bool):
             raise ValueError(f"{name}: flip_tta={self.flip_tta!r}; must be True (evaluate with the mean of each "
                              f"image's and its mirror's softmax) or False (one view)")
+        if not _is_int(self.grad_accum_steps) or self.grad_accum_steps < 1:
+            raise ValueError(f"{name}: grad_accum_steps={self.grad_accum_steps!r}; must be an int >= 1 (1: off; k: one "
+                             f"optimizer update from the mean gradient of every k batches)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -55,7 +55,8 @@ from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import EvalFeed, TrainFeed, evaluate
 from jaxcnn.train.precise_bn import batches_in_epoch, bn_momentum_of, make_reestimate
 from jaxcnn.train.session import Best, RunSession
-from jaxcnn.train.state import TrainState, ema_view, get_learning_rate, get_weight_decay, with_ema
+from jaxcnn.train.state import (TrainState, accumulate_gradients, ema_view, get_learning_rate, get_weight_decay,
+                                 with_ema)
 from jaxcnn.train.steps import Steps, make_logits_fn
 
 log = logging.getLogger("jaxcnn")
@@ -71,7 +72,8 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
 
     Args:
       state: a fresh ``TrainState`` (when resuming: one built the same way, the template). It
-        is consumed: the jitted step donates its buffers (copy what you need first).
+        is consumed: the jitted step donates its buffers (copy what you need first). With
+        ``config.grad_accum_steps`` > 1 its optimizer is wrapped here (``accumulate_gradients``).
       dataset: a ``jaxcnn.data.Dataset`` (uint8 ``(N, H, W, C)`` images, int32 labels; its
         splits in memory or streamed from files).
       config: the loop's ``FitConfig`` (the learning rate is the optimizer's).
@@ -113,6 +115,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes,
                         steps_per_epoch=steps_per_epoch) if steps is None else steps
     steps.check(config, steps_per_epoch=steps_per_epoch)
+    state = accumulate_gradients(state, config.grad_accum_steps)  # (k = 1: the state as it is)
     used, note = batches_in_epoch(config.precise_bn_batches, steps_per_epoch,
                                   f"precise_bn_batches={config.precise_bn_batches}")
     if note is not None:  # config.json records the batches the re-estimate uses

@@ -30,7 +30,8 @@ class TrainState(flax.struct.PyTreeNode):
     """The training state (a pytree; ``apply_fn`` and ``tx`` are static fields).
 
     Attributes:
-      step: int32 scalar, number of optimizer steps taken.
+      step: int32 scalar, number of train steps (batches) taken: the optimizer's steps, or ``k`` to an
+        update with gradient accumulation (``accumulate_gradients``).
       params: model parameters (``variables["params"]``).
       batch_stats: BatchNorm running statistics (``{}`` for models without BN).
       opt_state: ``tx``'s state.
@@ -131,6 +132,38 @@ def ema_view(state: TrainState) -> TrainState:
     if not state.ema:
         return state
     return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"], ema={})
+def _is_multi_steps_state(x) -> bool:
+    return isinstance(x, optax.MultiStepsState)
+
+
+def accumulate_gradients(state: TrainState, grad_accum_steps: int) -> TrainState:
+    """``state`` whose optimizer averages the gradients of ``grad_accum_steps`` (``k``) train steps and
+    updates the weights once every ``k`` (``optax.MultiSteps``; what ``fit`` does with
+    ``FitConfig.grad_accum_steps``); ``k`` = 1: ``state`` itself.
+
+    The state's optimizer state is kept, inside the ``optax.MultiStepsState`` (``inner_opt_state``),
+    beside the running mean of the gradients (``acc_grads``, float32, like ``params``) and the step
+    within the ``k`` (``mini_step``; ``gradient_step`` counts the updates). Between two updates the
+    optimizer returns zero updates, so the weights stay as they are; a caller that must know whether
+    a step changed them (an average of the weights) reads ``opt_state.mini_step == 0`` after it.
+    ValueError for a ``k`` that is not an int >= 1, or a state whose optimizer already accumulates.
+    """
+    if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"accumulate_gradients: grad_accum_steps={grad_accum_steps!r}; must be an int >= 1 (1: off)")
+    if any(_is_multi_steps_state(s) for s in jax.tree.leaves(state.opt_state, is_leaf=_is_multi_steps_state)):
+        raise ValueError("accumulate_gradients: the state's optimizer already accumulates gradients (an "
+                         "optax.MultiSteps state); build it without (jaxcnn.train.adam) and set "
+                         "FitConfig.grad_accum_steps")
+    if grad_accum_steps == 1:
+        return state
+    tx = optax.MultiSteps(state.tx, every_k_schedule=grad_accum_steps)
+    # (as tx.init(params), with the optimizer state the caller built, its learning rate and all, inside)
+    opt_state = optax.MultiStepsState(mini_step=jnp.zeros((), jnp.int32), gradient_step=jnp.zeros((), jnp.int32),
+                                      inner_opt_state=state.opt_state,
+                                      acc_grads=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32),
+                                                             state.params),
+                                      skip_state=())
+    return state.replace(tx=tx.gradient_transformation(), opt_state=opt_state)
 
 
 def state_to_tree(state: TrainState) -> dict:

@@ -85,7 +85,8 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
         and AdamW the update is linear in the learning rate, so this is the rate ``lr * f(step)``
         (weight decay scaled with it, as optax's scheduled AdamW does). None: the optimizer's rate.
       ema_decay: ``d`` in (0, 1): after the optimizer's update, ``state.ema`` (``jaxcnn.train.state.with_ema``)
-        becomes ``d * ema + (1 - d) * new`` of the new params and batch_stats (:func:`advance_ema`).
+        becomes ``d * ema + (1 - d) * new`` of the new params and batch_stats (:func:`advance_ema`); with
+        gradient accumulation (an ``optax.MultiSteps`` state) only at the steps that update the weights.
         0: the EMA is not touched.
 
     ``metrics``: ``{"loss": the (weighted) mean softmax cross-entropy against the targets, "accuracy":
@@ -142,7 +143,11 @@ def make_train_step(*, labels: Optional[PyTree] = None, augment_fn: Optional[Cal
             if not state.ema:
                 raise ValueError(f"train_step: ema_decay={ema_decay} but the state has no EMA; add it with "
                                  f"jaxcnn.train.state.with_ema(state) (fit does)")
-            new_state = new_state.replace(ema=advance_ema(state.ema, params, new_stats, ema_decay))
+            ema = advance_ema(state.ema, params, new_stats, ema_decay)
+            if isinstance(opt_state, optax.MultiStepsState):  # accumulating: the EMA moves with the weights only
+                updated = opt_state.mini_step == 0  # (this step's update changed the weights)
+                ema = jax.tree.map(lambda a, e: jnp.where(updated, a, e), ema, state.ema)
+            new_state = new_state.replace(ema=ema)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
     return train_step
@@ -213,7 +218,10 @@ class Steps:
         the mean softmax of each image and its mirror (``FitConfig.flip_tta``).
       lr_schedule: ``FitConfig.lr_schedule``; with ``"cosine"``, ``schedule_steps`` is
         ``(total_steps, warmup_steps)`` of the warm-up + cosine the train step scales its updates by
-        (``epochs`` and ``warmup_epochs`` times the steps per epoch), and :meth:`lr_scale` its value.
+        (``epochs`` and ``warmup_epochs`` times the steps per epoch, in optimizer updates: divided by
+        ``grad_accum_steps``, rounded down), and :meth:`lr_scale` its value.
+      grad_accum_steps: ``FitConfig.grad_accum_steps``: the train steps to an optimizer update (the
+        schedule's step of train step ``s`` is ``s // grad_accum_steps``; ``fit`` wraps the optimizer).
 
     Build them with :meth:`build`; to wrap a step (a test, a study sharing compiled steps over
     runs), ``dataclasses.replace(steps, train=wrapper)`` keeps the settings.
@@ -233,6 +241,7 @@ class Steps:
     schedule_steps: Optional[tuple] = None
     ema_decay: float = 0.0
     flip_tta: bool = False
+    grad_accum_steps: int = 1
 
     def __post_init__(self):
         if not hasattr(self.train, "lower"):  # a plain function: jitted here (a jitted one has .lower)
@@ -264,21 +273,29 @@ class Steps:
         if config.lr_schedule == "cosine" and schedule is None:
             raise ValueError(f"Steps.build: lr_schedule='cosine' needs steps_per_epoch= (an int >= 1: the training "
                              f"split's examples // batch_size), got {steps_per_epoch!r}")
+        k = config.grad_accum_steps
+        if schedule is not None and not 0 <= schedule[1] < schedule[0]:
+            raise ValueError(f"Steps.build: lr_schedule='cosine' with grad_accum_steps={k}: {config.epochs} epochs of "
+                             f"{steps_per_epoch} steps make {schedule[0]} optimizer updates, {schedule[1]} of them "
+                             f"warm-up ({config.warmup_epochs} epochs); need fewer warm-up updates than updates "
+                             f"(fewer grad_accum_steps, or more epochs)")
+        cosine = None if schedule is None else recipe.warmup_cosine(1.0, *schedule)
         return cls(train=make_train_step(labels=labels, augment_fn=augment_fn, preprocess=preprocess,
                                          class_weights=weights, num_classes=num_classes, **soft,
-                                         lr_scale=None if schedule is None else recipe.warmup_cosine(1.0, *schedule),
+                                         lr_scale=None if cosine is None else _per_update(cosine, k),
                                          ema_decay=config.ema_decay),
                    eval=make_eval_step(preprocess=preprocess, flip_tta=config.flip_tta),
                    augment=config.augment,
                    preprocess=config.preprocess, labels=labels, class_weight=config.class_weight,
                    class_weights=None if weights is None else tuple(float(w) for w in weights), **soft,
                    lr_schedule=config.lr_schedule, schedule_steps=schedule, ema_decay=config.ema_decay,
-                   flip_tta=config.flip_tta)
+                   flip_tta=config.flip_tta, grad_accum_steps=k)
 
     def check(self, config, *, steps_per_epoch: Optional[int] = None) -> None:
         """ValueError when these steps apply other settings than ``config`` records (with
         ``steps_per_epoch``, the cosine schedule's steps too)."""
-        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS, "lr_schedule", "ema_decay", "flip_tta"):
+        for name in ("augment", "preprocess", "class_weight", *SOFT_TARGETS, "lr_schedule", "ema_decay", "flip_tta",
+                     "grad_accum_steps"):
             if getattr(self, name) != getattr(config, name):
                 raise ValueError(f"fit: the steps apply {name}={getattr(self, name)!r} but the FitConfig says "
                                  f"{name}={getattr(config, name)!r}; build the steps from the config "
@@ -292,20 +309,32 @@ class Steps:
                              f"Steps.build(config, steps_per_epoch={steps_per_epoch})")
 
     def lr_scale(self, step: int) -> float:
-        """The factor of the optimizer's learning rate at optimizer step ``step`` (0-based), as the
-        train step computes it (float32): ``warmup_cosine(1.0, *schedule_steps)(step)``; 1.0 with
-        ``lr_schedule="plateau"``."""
+        """The factor of the optimizer's learning rate at train step ``step`` (0-based), as the train
+        step computes it (float32): ``warmup_cosine(1.0, *schedule_steps)(step // grad_accum_steps)``,
+        the update the step goes into; 1.0 with ``lr_schedule="plateau"``."""
         if self.schedule_steps is None:
             return 1.0
-        return float(recipe.warmup_cosine(1.0, *self.schedule_steps)(jnp.asarray(step, jnp.int32)))
+        cosine = recipe.warmup_cosine(1.0, *self.schedule_steps)
+        return float(_per_update(cosine, self.grad_accum_steps)(jnp.asarray(step, jnp.int32)))
+
+
+def _per_update(schedule: Callable, grad_accum_steps: int) -> Callable:
+    """``schedule`` over optimizer updates as a function of the train step: ``s -> schedule(s // k)``
+    (``schedule`` itself for ``k`` = 1). Between two updates the optimizer's updates are zeros, so
+    only the scale of each update's last step acts."""
+    if grad_accum_steps == 1:
+        return schedule
+    return lambda step: schedule(step // grad_accum_steps)
 
 
 def _schedule_steps(config, steps_per_epoch) -> Optional[tuple]:
-    """``(total_steps, warmup_steps)`` of ``config``'s cosine schedule, or None when
-    ``steps_per_epoch`` is not an int >= 1."""
+    """``(total_steps, warmup_steps)`` of ``config``'s cosine schedule, in optimizer updates (the
+    train steps divided by ``config.grad_accum_steps``, rounded down: a last partial accumulation
+    makes no update), or None when ``steps_per_epoch`` is not an int >= 1."""
     if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
         return None
-    return config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
+    k = config.grad_accum_steps
+    return config.epochs * steps_per_epoch // k, config.warmup_epochs * steps_per_epoch // k
 
 
 def balanced_class_weights(train_labels, num_classes: int):

@@ -74,6 +74,35 @@ def test_the_ema_after_k_train_steps_is_the_float64_recurrence_over_the_weights_
     assert max(np.abs(got[n] - last[n]).max() for n in got) > 1e3 * EPS32
 
 
+def test_with_gradient_accumulation_the_ema_moves_only_at_the_steps_that_update_the_weights():
+    """k = 2 (``optax.MultiSteps``): the weights change at steps 2 and 4 only, and so does the EMA: after
+    4 steps it is the float64 recurrence over those two updates' weights (the statistics of the update's
+    step), within the bound above; after the steps in between it is the one before, bitwise."""
+    from jaxcnn.train.state import accumulate_gradients
+
+    decay = 0.8
+    state = with_ema(accumulate_gradients(_state(), 2))
+    rng = np.random.default_rng(1)
+    step = jax.jit(make_train_step(ema_decay=decay))
+    want = _f64({"params": state.params, "batch_stats": state.batch_stats})
+    scale = {n: np.abs(v) for n, v in want.items()}
+    for i in range(1, 5):
+        before = jax.tree.map(np.asarray, state.ema)
+        batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 8, 8, 3)), jnp.uint8),
+                 "label": jnp.asarray(rng.integers(0, 3, 8), jnp.int32)}
+        state, _ = step(state, batch)
+        if i % 2:  # accumulating: neither the weights' average nor its statistics move
+            assert all(a.tobytes() == np.asarray(b).tobytes() for a, b in
+                       zip(jax.tree.leaves(before), jax.tree.leaves(state.ema))), i
+            continue
+        new = _f64({"params": state.params, "batch_stats": state.batch_stats})
+        want = {n: decay * want[n] + (1 - decay) * new[n] for n in want}
+        scale = {n: np.maximum(scale[n], np.maximum(np.abs(new[n]), np.abs(want[n]))) for n in want}
+    got = _f64(state.ema)
+    for n in want:
+        assert np.all(np.abs(got[n] - want[n]) <= 2 * 2 * EPS32 * scale[n]), (n, np.abs(got[n] - want[n]).max())
+
+
 def test_an_entry_equal_to_its_new_value_keeps_its_ema_exactly():
     """A frozen layer's weights never move: their EMA stays them bit for bit (the plain float32 update,
     ``0.1 x + 0.9 x``, is x rounded differently for many x)."""

@@ -12,7 +12,8 @@ from jaxcnn.experiments.flags import RECIPE_FLAGS
 
 #: smoke preset: 256 training images, batch 32.
 SMOKE_STEPS = 256 // 32
-RECIPE = ["--label_smoothing", "0.1", "--mixup", "0.4", "--cutmix", "1.0", "--weight_decay", "0.05", "--ema", "0.9"]
+RECIPE = ["--label_smoothing", "0.1", "--mixup", "0.4", "--cutmix", "1.0", "--weight_decay", "0.05", "--ema", "0.9",
+          "--tta", "--grad_accum_steps", "2"]
 
 
 def _config(workdir):
@@ -32,17 +33,18 @@ def test_cifar10_records_each_flag_and_resumes_bitwise(tmp_path, capsys):
     assert {k: record["fit"][k] for k in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_schedule")} == \
         {"label_smoothing": 0.1, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "lr_schedule": "plateau"}
     assert record["optimizer"]["weight_decay"] == 0.05 and record["experiment"]["weight_decay"] == 0.05
+    assert record["fit"]["flip_tta"] is True and record["fit"]["grad_accum_steps"] == 2
     assert record["fit"]["ema_decay"] == 0.9 and json.loads((cut / "summary.json").read_text())["weights"] == "ema"
     assert cifar10.main(["--workdir", str(cut), "--epochs", "2", "--resume", "--no_progress"]) == 0
     assert_same_run(cut, whole, 2)
     capsys.readouterr()
     before = snapshot(cut)
     assert cifar10.main(["--workdir", str(cut), "--epochs", "3", "--resume", "--no_progress", "--mixup", "0.2",
-                         "--weight_decay", "0.05"]) == 2
+                         "--weight_decay", "0.05", "--no-tta", "--grad_accum_steps", "2"]) == 2
     assert capsys.readouterr().err == (
-        "error: --resume: --mixup 0.2 (the run's: 0.4): a run continues with its own settings and this cannot change "
-        "(what can: --data_dir, --epochs, --max_loss, --stream); leave it out, or start a new run with another "
-        "--workdir (nothing was changed)\n")
+        "error: --resume: --mixup 0.2 (the run's: 0.4), --no-tta (the run's: on): a run continues with its own "
+        "settings and these cannot change (what can: --data_dir, --epochs, --max_loss, --stream); leave them out, or "
+        "start a new run with another --workdir (nothing was changed)\n")
     assert snapshot(cut) == before
 
 
@@ -80,7 +82,8 @@ def test_finetune_records_the_flags_in_both_phases(tmp_path):
     ("--label_smoothing", "1", "a number in [0, 1) (0: off)"), ("--label_smoothing", "-0.1", "a number in [0, 1)"),
     ("--mixup", "-1", "a finite number >= 0"), ("--cutmix", "nan", "a finite number >= 0"),
     ("--weight_decay", "inf", "a finite number >= 0 (0: Adam)"), ("--mixup", "x", "a finite number >= 0"),
-    ("--ema", "1", "0 (off) or a number in (0, 1)"), ("--ema", "-0.5", "0 (off) or a number in (0, 1)")])
+    ("--ema", "1", "0 (off) or a number in (0, 1)"), ("--ema", "-0.5", "0 (off) or a number in (0, 1)"),
+    ("--grad_accum_steps", "0", "an int >= 1 (1: off)"), ("--grad_accum_steps", "1.5", "an int >= 1")])
 def test_a_bad_recipe_value_is_one_line_naming_the_flag(tmp_path, capsys, main, flag, value, allowed):
     with pytest.raises(SystemExit) as exc:
         main(["--workdir", str(tmp_path / "run"), flag, value])

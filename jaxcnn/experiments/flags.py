@@ -144,6 +144,20 @@ def _number(flag: str, low: float, *, high=None, allowed: str):
     return parse
 
 
+def _count(flag: str):
+    """An argparse type: an int >= 1, else one line naming ``flag``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be an int >= 1 (1: off)")
+        return v
+    parse.__name__ = flag
+    return parse
+
+
 #: The training recipe's flags, each off by default: ``(flag, setting, argparse keywords)``; the
 #: setting is a field of the experiment's config or of its ``fit`` (``jaxcnn.train.FitConfig``).
 RECIPE_FLAGS = (
@@ -170,6 +184,15 @@ RECIPE_FLAGS = (
           help="keep an exponential moving average of the weights and BatchNorm statistics (ema = DECAY * ema + "
                "(1 - DECAY) * weights after each step): validation, the best checkpoint, the test, predict and "
                "export use it; a decay of about 1 - 1 / (a few epochs' steps) suits a short run; default 0: off")),
+    ("tta", "flip_tta",
+     dict(action=argparse.BooleanOptionalAction, default=None,
+          help="flip test-time augmentation: every evaluation (validation, so the best epoch; the test; predict's "
+               "default) scores the mean of the softmaxes of each image and its mirror; for images whose mirror is "
+               "the same class (photos, not digits or text); export keeps one view; default off")),
+    ("grad_accum_steps", "grad_accum_steps",
+     dict(type=_count("grad_accum_steps"), metavar="K",
+          help="gradient accumulation: one optimizer update from the mean gradient of every K batches of "
+               "--batch_size (an update sees K * batch_size examples; memory of one batch); default 1: off")),
     ("weight_decay", "weight_decay",
      dict(type=_number("weight_decay", 0.0, allowed="a finite number >= 0 (0: Adam)"), metavar="WD",
           help="AdamW: decay the kernels by lr * WD each step (not the biases or BatchNorm's scale and bias); "
@@ -191,5 +214,5 @@ def recipe_overrides(args) -> dict:
 
 def recipe_given(args) -> dict:
     """``{"--flag": (setting, value)}`` of the recipe flags given (for ``configs.resumed_config``)."""
-    return {f"--{flag}": (setting, getattr(args, flag)) for flag, setting, _ in RECIPE_FLAGS
-            if getattr(args, flag) is not None}
+    return {f"--{'no-' if getattr(args, flag) is False else ''}{flag}": (setting, getattr(args, flag))
+            for flag, setting, _ in RECIPE_FLAGS if getattr(args, flag) is not None}

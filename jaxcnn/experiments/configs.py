@@ -155,7 +155,10 @@ def check_folder_settings(config) -> None:
 #: What ``--dataset folder`` changes in any preset (a flag given still wins): chosen from the
 #: measurement on real small data in ``experiments/small_data/README.md``, where the seed's
 #: recipe (BatchNorm momentum 0.99, no warm-up, no precise BatchNorm) can end a run at the
-#: majority class. The seed's recipe stays the default for CIFAR-10 and the offline data.
+#: majority class. The seed's recipe stays the default for CIFAR-10 and the offline data. The
+#: training recipe's ingredients (label smoothing, mixup, cutmix, warm-up + cosine, AdamW, EMA, flip
+#: TTA) stay off here too: none of them beat these defaults alone in the ablation of
+#: ``experiments/recipe/README.md``.
 FOLDER_DEFAULTS = {"precise_bn_batches": 20}
 
 

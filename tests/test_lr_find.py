@@ -55,16 +55,20 @@ def test_the_grid_is_exponential_from_start_to_end():
 
 
 class _Recording:
-    """The real jitted train step, recording the rate each call trains at and its batch's labels
-    (it has ``lower``, as a jitted step has: ``Steps`` takes it as it is)."""
+    """The real jitted train step, recording the rate each call trains at, its batch's labels, the
+    weights it starts from and its loss (it has ``lower``, as a jitted step has: ``Steps`` takes it
+    as it is)."""
 
     def __init__(self, step):
-        self.step, self.lower, self.rates, self.labels = step, step.lower, [], []
+        self.step, self.lower, self.rates, self.labels, self.kernels, self.losses = step, step.lower, [], [], [], []
 
     def __call__(self, state, batch):
         self.rates.append(get_learning_rate(state.opt_state))
         self.labels.append(np.asarray(batch["label"]))
-        return self.step(state, batch)
+        self.kernels.append(np.array(state.params["out"]["kernel"]))
+        state, metrics = self.step(state, batch)
+        self.losses.append(float(metrics["loss"]))
+        return state, metrics
 
 
 def test_each_step_trains_at_its_rate_on_fits_batches_and_the_sweep_stops_where_the_loss_diverges():
@@ -87,6 +91,45 @@ def test_each_step_trains_at_its_rate_on_fits_batches_and_the_sweep_stops_where_
     for i in range(1, k - 1):
         assert np.isfinite(losses[i]) and losses[i] <= 4 * losses[:i].min(), i
     assert not np.isfinite(losses[-1]) or losses[-1] > 4 * losses[:-1].min()
+
+
+def test_with_gradient_accumulation_each_rate_is_one_update_of_k_steps_and_its_loss_their_mean():
+    ds, state, config = _problem()
+    config = dataclasses.replace(config, grad_accum_steps=2)
+    steps = Steps.build(config, train_labels=ds.train.labels, num_classes=3)
+    recording = _Recording(steps.train)
+    lrs, losses = lr_find(state, ds, config, start=1e-4, end=1e-1, num_steps=12, mesh=make_mesh(),
+                          steps=dataclasses.replace(steps, train=recording), progress=False)
+    assert len(lrs) == 12 and len(recording.rates) == 24  # 12 updates of 2 train steps
+    np.testing.assert_array_equal(recording.rates, np.repeat(lrs, 2).astype(np.float32))  # one rate an update
+    np.testing.assert_array_equal(losses, np.asarray(recording.losses).reshape(12, 2).mean(axis=1))
+    for i in range(0, 22, 2):  # the weights change at the second step of each pair only, as fit's do
+        np.testing.assert_array_equal(recording.kernels[i], recording.kernels[i + 1])
+        assert not np.array_equal(recording.kernels[i + 1], recording.kernels[i + 2]), i
+    # fit's batches in fit's order: the 24 train steps take epoch 1's 4 batches, then epoch 2's, ...
+    plan = np.concatenate([train_plan(config.seed, e, 64, 16) for e in range(1, 7)])
+    np.testing.assert_array_equal(np.stack(recording.labels), ds.train.labels[plan])
+
+
+def test_a_cosine_runs_sweep_is_the_plateau_sweep_at_the_peak_rate():
+    """The sweep sets the rate itself: a warm-up + cosine config sweeps as reduce-on-plateau does
+    (bit for bit), and the command runs (it once failed for want of the run's steps per epoch)."""
+    ds, state, config = _problem()
+    cosine = dataclasses.replace(config, epochs=3, lr_schedule="cosine", warmup_epochs=1)
+    plateau = dataclasses.replace(config, epochs=3, warmup_epochs=1)
+    a = lr_find(state, ds, cosine, num_steps=20, mesh=make_mesh(), progress=False)
+    b = lr_find(state, ds, plateau, num_steps=20, mesh=make_mesh(), progress=False)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_the_commands_sweep_a_cosine_and_an_accumulating_run(tmp_path, capsys):
+    for i, (main, more) in enumerate(((cifar10.main, ["--warmup_epochs", "1"]), (finetune.main, []))):
+        assert main(["--preset", "smoke", "--lr_find", "--lr_find_steps", "30", "--lr_schedule", "cosine", *more,
+                     "--grad_accum_steps", "2", "--no_progress", "--workdir", str(tmp_path / f"sweep{i}")]) == 0, \
+            capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / f"sweep{i}").iterdir()) == [PLOT]
+        assert "suggested " in capsys.readouterr().out
 
 
 def test_the_state_passed_in_is_unchanged_bitwise():

@@ -506,7 +506,7 @@ def _lr_find(config: FinetuneConfig, workdir: pathlib.Path, args, procs: Process
     state = TrainState.create(apply_fn=functools.partial(model.apply, frozen_bn=frozen_bn), variables=variables,
                               tx=adam(config.phase1_lr, labels=labels, weight_decay=config.weight_decay),
                               key=state_key)
-    fit_config = config.phase_fit(1)
+    fit_config = lr_find.sweep_config(config.phase_fit(1))  # (a cosine schedule: its peak is swept)
     steps = Steps.build(fit_config, labels, train_labels=dataset.train.labels, num_classes=dataset.num_classes)
     _, line = lr_find.find_learning_rate(state, dataset, fit_config, workdir, flag="--phase1_lr", steps=steps,
                                          num_steps=args.lr_find_steps or LR_FIND_STEPS, mesh=make_mesh(),

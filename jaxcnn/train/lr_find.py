@@ -1,11 +1,14 @@
 """The learning-rate finder (fastai's ``lr_find``; Smith 2017): a short sweep before training.
 
-The sweep trains a **copy** of a fresh state for ``num_steps`` steps with the learning rate
-rising exponentially from ``start`` to ``end`` (:func:`lr_grid`), one rate per step, on the
+The sweep trains a **copy** of a fresh state for ``num_steps`` updates with the learning rate
+rising exponentially from ``start`` to ``end`` (:func:`lr_grid`), one rate per update, on the
 batches and with the train step that ``jaxcnn.train.fit`` would use (the same ``TrainFeed``
 and mesh, ``Steps.build(config, ...)``: augmentation, preprocessing, class weights, soft
-targets as in the run). It stops early once a loss is not finite or above 4x the lowest so
-far (the sweep diverged). The suggestion is ``jaxcnn.train.recipe.suggest_learning_rate``'s.
+targets as in the run). With ``grad_accum_steps`` k an update is k train steps at one rate, as
+in the run (its loss: their mean). The sweep sets the rate itself, so a warm-up + cosine
+schedule is left out of it (:func:`sweep_config`): the suggestion is then the schedule's peak.
+It stops early once a loss is not finite or above 4x the lowest so far (the sweep diverged).
+The suggestion is ``jaxcnn.train.recipe.suggest_learning_rate``'s.
 
 :func:`find_learning_rate` is what the training commands' ``--lr_find`` runs: the sweep, the
 plot ``<folder>/lr_find.png`` (loss against learning rate, the suggestion marked) and the one
@@ -15,6 +18,7 @@ line ``suggested --learning_rate X: why``. Nothing else is written: no checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import pathlib
@@ -32,7 +36,8 @@ from jaxcnn.train.config import FitConfig
 from jaxcnn.train.distributed import Processes
 from jaxcnn.train.feed import TrainFeed
 from jaxcnn.train.recipe import suggest_learning_rate
-from jaxcnn.train.state import TrainState, check_learning_rate, set_learning_rate, with_ema
+from jaxcnn.train.state import (TrainState, accumulate_gradients, check_learning_rate, set_learning_rate,
+                                with_ema)
 from jaxcnn.train.steps import Steps
 
 #: The plot's file name in the folder ``find_learning_rate`` writes to (the only file it writes).
@@ -54,6 +59,14 @@ def lr_grid(start: float, end: float, num_steps: int) -> np.ndarray:
     return start * (end / start) ** (np.arange(num_steps, dtype=np.float64) / (num_steps - 1))
 
 
+def sweep_config(config: FitConfig) -> FitConfig:
+    """The ``FitConfig`` the sweep trains with: ``config`` with ``lr_schedule="plateau"``. The sweep
+    sets the rate itself at every update; a warm-up + cosine factor would scale it (and its steps
+    depend on a run's length, which the sweep does not have), so the rate suggested for a cosine
+    run is its peak (``--learning_rate``)."""
+    return config if config.lr_schedule == "plateau" else dataclasses.replace(config, lr_schedule="plateau")
+
+
 def _copy(state: TrainState) -> TrainState:
     """A copy of ``state`` in buffers of its own (the train step donates its argument's)."""
     return jax.tree.map(lambda a: a.copy(), state)
@@ -62,14 +75,16 @@ def _copy(state: TrainState) -> TrainState:
 def lr_find(state: TrainState, dataset, config: FitConfig, *, start: float = 1e-7, end: float = 10.0,
             num_steps: int = 200, steps: Optional[Steps] = None, mesh=None, processes: Optional[Processes] = None,
             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Sweep the learning rate over ``num_steps`` training steps on a copy of ``state``.
+    """Sweep the learning rate over ``num_steps`` updates on a copy of ``state``.
 
     Args:
       state: a fresh ``TrainState`` whose optimizer keeps its rate in its state
         (``jaxcnn.train.adam``: ``inject_hyperparams``); it is not changed.
       dataset, config, steps, mesh, processes: as ``jaxcnn.train.fit`` takes them; the batches
         are those of ``fit``'s first epochs (``TrainFeed`` with ``config.seed``), on and on over
-        epochs when the sweep is longer than one.
+        epochs when the sweep is longer than one. The sweep trains with :func:`sweep_config`
+        (``steps``, when given, must be built from it); with ``config.grad_accum_steps`` k the
+        copy's optimizer accumulates as ``fit``'s does and each rate is held for k train steps.
       start, end: the first and the last rate (:func:`lr_grid`).
 
     Returns:
@@ -79,19 +94,27 @@ def lr_find(state: TrainState, dataset, config: FitConfig, *, start: float = 1e-
       lowest before it (that loss is the last one returned).
     """
     lrs = lr_grid(start, end, num_steps)
+    config = sweep_config(config)
+    k = config.grad_accum_steps
     procs = Processes() if processes is None else processes
     mesh = sharding.make_mesh() if mesh is None else mesh
     steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes) \
         if steps is None else steps
     steps.check(config)
     feed = TrainFeed(dataset.train, config.batch_size, mesh, seed=config.seed, processes=procs)
-    swept = sharding.replicate(_copy(with_ema(state, bool(steps.ema_decay))), mesh)  # (the steps' EMA: unused here)
+    swept = sharding.replicate(_copy(with_ema(accumulate_gradients(state, k), bool(steps.ema_decay))), mesh)
+    # (the steps' EMA: unused here)
     losses, lowest = [], math.inf
     batches = (b for epoch in itertools.count(1) for b in feed.epoch(epoch))
-    with tqdm(total=num_steps, desc="lr_find", unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        for lr, batch in zip(lrs, batches):
-            swept, metrics = steps.train(set_learning_rate(swept, float(lr)), batch)
-            loss = float(metrics["loss"])  # (the device's global mean: the same on every process)
+    updates = zip(*[batches] * k)  # k consecutive batches an update
+    with tqdm(total=num_steps, desc="lr_find", unit="update", disable=not progress, dynamic_ncols=True) as bar:
+        for lr, group in zip(lrs, updates):
+            swept = set_learning_rate(swept, float(lr))
+            total = 0.0
+            for batch in group:
+                swept, metrics = steps.train(swept, batch)
+                total += float(metrics["loss"])  # (the device's global mean: the same on every process)
+            loss = total / k
             losses.append(loss)
             bar.update(1)
             bar.set_postfix(lr=f"{lr:.2g}", loss=f"{loss:.4f}")

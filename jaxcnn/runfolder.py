@@ -79,7 +79,8 @@ FOLLOW_EPOCHS = ("fit.early_stopping_patience", "fit.plateau_patience")
 #: soft targets ``fit.label_smoothing``, ``fit.mixup_alpha`` and ``fit.cutmix_alpha``, the learning-rate
 #: schedule ``fit.lr_schedule`` and AdamW's ``optimizer.weight_decay`` (:func:`_from_format_3`: 0, 0, 0,
 #: ``"plateau"`` and 0, what a format-3 run ran with; a format-4 config written before the last two
-#: were added, on 2026-12-07, gets them the same way; so does ``fit.ema_decay``, 0: no weight EMA). Format 3 added
+#: were added, on 2026-12-07, gets them the same way; so do ``fit.ema_decay``, 0: no weight EMA,
+#: ``fit.flip_tta``, ``fit.grad_accum_steps`` and the cifar10 / finetune ``experiment.weight_decay``). Format 3 added
 #: ``fit.warmup_epochs``, ``fit.precise_bn_batches``, ``fit.class_weight`` and the cifar10
 #: experiment's ``bn_momentum``: :func:`_from_format_2` gives a format-2 run them at what it ran
 #: with (0, 0, None and its model's momentum). Format 1 is format 2 without the field (runs recorded before
@@ -95,6 +96,10 @@ FORMAT_4_FIT = {"label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
                 "grad_accum_steps": 1}
 #: The ``optimizer`` keys format 4 added, likewise (0: Adam).
 FORMAT_4_OPTIMIZER = {"weight_decay": 0.0}
+#: The ``experiment`` keys format 4 added to the cifar10 and finetune experiments' settings, likewise
+#: (``weight_decay`` 0: Adam; ``jaxcnn.experiments.configs.ExperimentConfig``, ``FinetuneConfig``).
+FORMAT_4_EXPERIMENT = {"weight_decay": 0.0}
+_FORMAT_4_EXPERIMENTS = ("cifar10", "finetune")
 
 
 class UnsupportedRunFormat(ValueError):
@@ -151,7 +156,18 @@ def _from_format_3(config: dict) -> dict:
         new["fit"] = {**config["fit"], **FORMAT_4_FIT}
     if isinstance(config.get("optimizer"), dict):
         new["optimizer"] = {**config["optimizer"], **FORMAT_4_OPTIMIZER}
-    return new
+    return _with_format_4_experiment(new)
+
+
+def _with_format_4_experiment(config: dict) -> dict:
+    """``config`` whose cifar10 or finetune ``experiment`` has every key of :data:`FORMAT_4_EXPERIMENT`
+    (a run recorded before a key was added gets what it ran with)."""
+    experiment = config.get("experiment")
+    if (not isinstance(experiment, dict) or experiment.get("name") not in _FORMAT_4_EXPERIMENTS
+            or set(FORMAT_4_EXPERIMENT) <= set(experiment)):
+        return config
+    return {**config, "experiment": {**experiment, **{k: v for k, v in FORMAT_4_EXPERIMENT.items()
+                                                      if k not in experiment}}}
 
 
 def _with_format_4_schedule(config: dict) -> dict:
@@ -163,7 +179,7 @@ def _with_format_4_schedule(config: dict) -> dict:
         new["fit"] = {**FORMAT_4_FIT, **fit}
     if isinstance(optimizer, dict) and not set(FORMAT_4_OPTIMIZER) <= set(optimizer):
         new["optimizer"] = {**FORMAT_4_OPTIMIZER, **optimizer}
-    return new
+    return _with_format_4_experiment(new)
 
 
 # Format 0's loop settings, copied into "fit" as they are.

@@ -21,7 +21,8 @@ FORMAT_4_FIT = ("label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_schedule",
 
 def _without_format_4(raw: dict, version) -> dict:
     return {**raw, "format_version": version, "fit": {k: v for k, v in raw["fit"].items() if k not in FORMAT_4_FIT},
-            "optimizer": {k: v for k, v in raw["optimizer"].items() if k != "weight_decay"}}
+            "optimizer": {k: v for k, v in raw["optimizer"].items() if k != "weight_decay"},
+            "experiment": {k: v for k, v in raw["experiment"].items() if k != "weight_decay"}}
 
 
 def _as_format_3(raw: dict) -> dict:
@@ -33,7 +34,7 @@ def _as_format_2(raw: dict) -> dict:
     """Today's config as a format-2 jaxcnn wrote it: without the keys formats 3 and 4 added."""
     old = _without_format_4(raw, 2)
     old["fit"] = {k: v for k, v in old["fit"].items() if k not in ("warmup_epochs", "precise_bn_batches", "class_weight")}
-    old["experiment"] = {k: v for k, v in raw["experiment"].items() if k != "bn_momentum"}
+    old["experiment"] = {k: v for k, v in old["experiment"].items() if k != "bn_momentum"}
     return old
 
 
@@ -45,7 +46,7 @@ def test_a_run_records_its_format_and_a_format_2_run_resumes(tmp_path):
     assert (raw["fit"]["warmup_epochs"], raw["fit"]["precise_bn_batches"], raw["fit"]["class_weight"],
             raw["experiment"]["bn_momentum"]) == (0, 0, None, 0.99)
     assert [raw["fit"][k] for k in FORMAT_4_FIT] == [0.0, 0.0, 0.0, "plateau", 0.0, False, 1]
-    assert raw["optimizer"] == {"learning_rate": 1e-3, "weight_decay": 0.0}
+    assert raw["optimizer"] == {"learning_rate": 1e-3, "weight_decay": 0.0} and raw["experiment"]["weight_decay"] == 0.0
     assert migrate_config(_as_format_3(raw), "x") == raw
     # a format-4 config written before lr_schedule and weight_decay were added to the format: what it ran with
     early_4 = _without_format_4(raw, 4)
@@ -70,9 +71,11 @@ def test_the_migration_from_format_2_keeps_what_the_run_ran_with():
         "fit": {"epochs": 3, "warmup_epochs": 0, "precise_bn_batches": 0, "class_weight": None,
                 "label_smoothing": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "lr_schedule": "plateau",
                 "ema_decay": 0.0, "flip_tta": False, "grad_accum_steps": 1},
-        "experiment": {"name": "cifar10", "widths": [8], "bn_momentum": 0.9}}
+        "experiment": {"name": "cifar10", "widths": [8], "bn_momentum": 0.9, "weight_decay": 0.0}}
     finetune = {**old, "experiment": {"name": "finetune"}}  # its own settings have no momentum
-    assert migrate_config(finetune, "x")["experiment"] == {"name": "finetune"}
+    assert migrate_config(finetune, "x")["experiment"] == {"name": "finetune", "weight_decay": 0.0}
+    other = {**old, "experiment": {"name": "another"}}  # only the cifar10 and finetune experiments record it
+    assert migrate_config(other, "x")["experiment"] == {"name": "another"}
 
 
 def test_formats_it_cannot_read_are_refused_naming_the_way_out(tmp_path):
@@ -143,7 +146,7 @@ def test_a_format_0_config_is_migrated_key_by_key():
                                  "data_dir": None, "val_size": 5000, "num_train": 8000, "num_val": 1000,
                                  "num_test": 1000, "widths": [32, 64, 128], "dense_units": 128,
                                  "conv_dropout": "dropout", "conv_dropout_rate": 0.25, "dense_dropout": 0.5,
-                                 "migrated_from": "format 0", "bn_momentum": 0.99}
+                                 "migrated_from": "format 0", "bn_momentum": 0.99, "weight_decay": 0.0}
     on = migrate_config({**FLAT_DEMO, "augment": True}, "x")["fit"]["augment"]
     assert on == {"rotation": 15.0, "width_shift": 0.1, "height_shift": 0.1, "horizontal_flip": True,
                   "interpolation": "nearest"}
@@ -169,7 +172,7 @@ def test_a_format_0_finetune_phase_is_migrated():
     ex = new["experiment"]
     assert (ex["name"], ex["model"], ex["phase"], ex["phase1_lr"], ex["freeze_rule"]) == (
         "finetune", "resnet50", 2, 0.001, "first_n_keras_layers(100)")
-    assert "learning_rate" not in ex and "backbone" not in ex
+    assert "learning_rate" not in ex and "backbone" not in ex and ex["weight_decay"] == 0.0
 
 
 def test_every_recorded_run_under_experiments_is_in_todays_format():

@@ -59,7 +59,7 @@ def report_missing(folder: RunFolder) -> list[str]:
 def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, class_names: Sequence[str],
                  test_labels, test_logits, test_images, val_labels=None, val_logits=None,
                  k: int = 16, check: Optional[Callable[[], None]] = None, lr_schedule: str = "plateau",
-                 flip_tta: bool = False) -> dict:
+                 flip_tta: bool = False, ema_decay: float = 0.0) -> dict:
     """Write the report's plots into ``folder``'s ``plots/`` and return the summary fields.
 
     Args:
@@ -79,6 +79,8 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
       lr_schedule: the run's ``fit.lr_schedule`` (the curves' learning-rate panel says it).
       flip_tta: the run's ``fit.flip_tta``: the logits are the log mean probabilities of each image
         and its mirror (``jaxcnn.tta``); the confusion and calibration titles say "flip TTA".
+      ema_decay: the run's ``fit.ema_decay``: > 0, the logits are the weight EMA's (its weights and
+        BatchNorm statistics); the confusion and calibration titles say "EMA weights (decay D)".
     """
     check = check or (lambda: None)
     names = tuple(str(n) for n in class_names)
@@ -119,7 +121,7 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
         out["ece_after_temperature"] = metrics.expected_calibration_error(scaled, test_labels)
 
     name = folder.path.name
-    tta = ", flip TTA" if flip_tta else ""
+    tta = (f", EMA weights (decay {ema_decay:g})" if ema_decay else "") + (", flip TTA" if flip_tta else "")
     check()
     viz.plot_curves(list(history), path=folder.plot_path(CURVES_PNG), summary=summary,
                     title=f"{name}: training curves", lr_schedule=lr_schedule)

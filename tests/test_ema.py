@@ -229,6 +229,25 @@ def test_validation_test_scores_and_restore_are_the_emas(whole):
         assert np.abs(np.asarray(raw["batch_stats"][name]["mean"], np.float64) - want_mean).max() > 1e-3
 
 
+def test_the_reports_plots_say_the_weights_are_the_emas(tmp_path, monkeypatch):
+    """The confusion and calibration titles of the end-of-run report, and of the report made again from the
+    folder (``results.write_test_results``), name the EMA and its decay; a run without one does not."""
+    from jaxcnn import results, viz
+
+    titles = []
+    for name in ("plot_confusion", "plot_reliability"):
+        real = getattr(viz, name)
+        monkeypatch.setattr(viz, name, lambda *a, _real=real, **kw: (titles.append(kw["title"]), _real(*a, **kw))[1])
+    config = dataclasses.replace(CONFIG, epochs=1)
+    fit(_state(), _data(), config, tmp_path / "ema", progress=False)
+    results.write_test_results(tmp_path / "ema", _data())
+    assert len(titles) == 4 and all(t.endswith(", EMA weights (decay 0.7))") for t in titles), titles
+    titles.clear()
+    fit(_state(), _data(), dataclasses.replace(config, ema_decay=0.0), tmp_path / "plain", progress=False)
+    results.write_test_results(tmp_path / "plain", _data())
+    assert len(titles) == 4 and not any("EMA" in t for t in titles), titles
+
+
 # --------------------------------------------------------------------------- off, and refused
 
 

@@ -362,6 +362,13 @@ def test_what_cannot_apply_is_refused_before_anything_is_written(tmp_path):
                                          r"steps make 1 optimizer updates, 1 of them warm-up \(2 epochs\); need fewer "
                                          r"warm-up updates than updates \(fewer grad_accum_steps, or more epochs\)$"):
         Steps.build(cosine, steps_per_epoch=1)
+    # more train steps to an update than the run has: no update at all (reduce-on-plateau; the cosine's is above)
+    n = len(data.train) // 8
+    with pytest.raises(ValueError, match=rf"^fit: grad_accum_steps={n + 1} with 1 epochs of {n} steps: {n} train "
+                                         rf"steps make no optimizer update, so the weights would never change; use "
+                                         rf"grad_accum_steps <= {n} \(or more epochs, or a smaller batch_size\)$"):
+        fit(_tiny_cnn_state(), data, dataclasses.replace(config, grad_accum_steps=n + 1), tmp_path / "run",
+            progress=False)
     assert not (tmp_path / "run").exists()
     # a resume with another k is refused naming it
     fit(_tiny_cnn_state(), data, config, tmp_path / "run", progress=False)

@@ -177,13 +177,14 @@ RECIPE_FLAGS = (
     ("lr_schedule", "lr_schedule",
      dict(choices=LR_SCHEDULE_NAMES,
           help="plateau: the seed's (the rate halves after 3 epochs without a better validation loss); cosine: a "
-               "linear warm-up over the warm-up epochs (cifar10's --warmup_epochs; 0: none), then a half cosine to 0 at the last epoch, step by step; "
-               "default plateau")),
+               "linear warm-up over the warm-up epochs (cifar10's --warmup_epochs; 0: none), then a half cosine "
+               "to 0 at the last epoch, step by step; default plateau")),
     ("ema", "ema_decay",
      dict(type=_number("ema", 0.0, high=1.0, allowed="0 (off) or a number in (0, 1)"), metavar="DECAY",
           help="keep an exponential moving average of the weights and BatchNorm statistics (ema = DECAY * ema + "
-               "(1 - DECAY) * weights after each step): validation, the best checkpoint, the test, predict and "
-               "export use it; a decay of about 1 - 1 / (a few epochs' steps) suits a short run; default 0: off")),
+               "(1 - DECAY) * weights after each optimizer update): validation, the best checkpoint, the test, "
+               "predict and export use it; a decay of about 1 - 1 / (a few epochs' steps) suits a short run; "
+               "default 0: off")),
     ("tta", "flip_tta",
      dict(action=argparse.BooleanOptionalAction, default=None,
           help="flip test-time augmentation: every evaluation (validation, so the best epoch; the test; predict's "
@@ -202,7 +203,7 @@ RECIPE_FLAGS = (
 
 def add_recipe_flags(p) -> None:
     """The training recipe's flags (:data:`RECIPE_FLAGS`; read by :func:`recipe_overrides`)."""
-    g = p.add_argument_group("training recipe (each off by default; measured: experiments/small_data/README.md)")
+    g = p.add_argument_group("training recipe (each off by default; measured: experiments/recipe/README.md)")
     for flag, _, kwargs in RECIPE_FLAGS:
         g.add_argument(f"--{flag}", **kwargs)
 

@@ -115,6 +115,11 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes,
                         steps_per_epoch=steps_per_epoch) if steps is None else steps
     steps.check(config, steps_per_epoch=steps_per_epoch)
+    if config.epochs * steps_per_epoch < config.grad_accum_steps:  # (the cosine's check is Steps.build's)
+        raise ValueError(f"fit: grad_accum_steps={config.grad_accum_steps} with {config.epochs} epochs of "
+                         f"{steps_per_epoch} steps: {config.epochs * steps_per_epoch} train steps make no optimizer "
+                         f"update, so the weights would never change; use grad_accum_steps <= "
+                         f"{config.epochs * steps_per_epoch} (or more epochs, or a smaller batch_size)")
     state = accumulate_gradients(state, config.grad_accum_steps)  # (k = 1: the state as it is)
     used, note = batches_in_epoch(config.precise_bn_batches, steps_per_epoch,
                                   f"precise_bn_batches={config.precise_bn_batches}")
@@ -252,7 +257,7 @@ def _write_summary_and_report(session: RunSession, state: TrainState, dataset, s
         run, history=out.history, summary=summary, class_names=dataset.class_names, test_labels=dataset.test.labels,
         test_logits=test_logits, test_images=dataset.test.read, val_logits=val_logits,
         val_labels=None if val_logits is None else dataset.val.labels, check=check,
-        lr_schedule=config.lr_schedule, flip_tta=config.flip_tta)}
+        lr_schedule=config.lr_schedule, flip_tta=config.flip_tta, ema_decay=config.ema_decay)}
     run.write_summary(summary)
     return summary
 

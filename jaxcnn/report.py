@@ -16,7 +16,9 @@ validation splits, a ``warning`` when the model predicts one class or does not b
 share (also logged), ``ece`` before and after temperature scaling (``ece_after_temperature``), the
 ``temperature`` (None: the run applies none) and ``temperature_note``, which says why
 (``jaxcnn.metrics.choose_temperature``: fitted and kept, not fitted on a small validation split,
-or not kept where it made the validation split worse). Summaries written before the note have a
+or not kept where it made the validation split worse), and ``recipe``: the training recipe's
+ingredients the run had on (:func:`recipe_of`; absent for the seed's recipe; the curves' title
+lists them too). Summaries written before the note have a
 ``temperature`` fitted on any validation split; they read as before.
 
 It reads nothing back from disk and scores nothing twice: the caller passes the probabilities
@@ -56,10 +58,29 @@ def report_missing(folder: RunFolder) -> list[str]:
     return missing + [f"summary.json's {k}" for k in ("per_class_accuracy", "confusion_matrix") if k not in summary]
 
 
+def recipe_of(config: dict) -> list[str]:
+    """The training recipe's ingredients that a run's ``config.json`` (``RunFolder.read_config()``) has
+    on, as the report says them: ``["label smoothing 0.1", "mixup 0.2", "cutmix 1", "warm-up + cosine",
+    "AdamW weight decay 0.05", "EMA 0.99", "flip TTA", "4 batches an update"]`` at most; ``[]``: none
+    (the seed's recipe)."""
+    fit = config.get("fit") or {}
+    weight_decay = (config.get("optimizer") or {}).get("weight_decay") or 0.0
+    k = fit.get("grad_accum_steps") or 1
+    said = [(fit.get("label_smoothing"), f"label smoothing {fit.get('label_smoothing') or 0:g}"),
+            (fit.get("mixup_alpha"), f"mixup {fit.get('mixup_alpha') or 0:g}"),
+            (fit.get("cutmix_alpha"), f"cutmix {fit.get('cutmix_alpha') or 0:g}"),
+            (fit.get("lr_schedule") == "cosine", "warm-up + cosine" if fit.get("warmup_epochs") else "cosine"),
+            (weight_decay, f"AdamW weight decay {weight_decay:g}"),
+            (fit.get("ema_decay"), f"EMA {fit.get('ema_decay') or 0:g}"),
+            (fit.get("flip_tta"), "flip TTA"),
+            (k > 1, f"{k} batches an update")]
+    return [text for on, text in said if on]
+
+
 def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, class_names: Sequence[str],
                  test_labels, test_logits, test_images, val_labels=None, val_logits=None,
                  k: int = 16, check: Optional[Callable[[], None]] = None, lr_schedule: str = "plateau",
-                 flip_tta: bool = False, ema_decay: float = 0.0) -> dict:
+                 flip_tta: bool = False, ema_decay: float = 0.0, recipe: Sequence[str] = ()) -> dict:
     """Write the report's plots into ``folder``'s ``plots/`` and return the summary fields.
 
     Args:
@@ -81,6 +102,8 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
         and its mirror (``jaxcnn.tta``); the confusion and calibration titles say "flip TTA".
       ema_decay: the run's ``fit.ema_decay``: > 0, the logits are the weight EMA's (its weights and
         BatchNorm statistics); the confusion and calibration titles say "EMA weights (decay D)".
+      recipe: :func:`recipe_of` the run's config: the curves' title lists it, and the summary gets
+        it as ``"recipe"`` (absent when empty: the seed's recipe).
     """
     check = check or (lambda: None)
     names = tuple(str(n) for n in class_names)
@@ -123,8 +146,11 @@ def write_report(folder: RunFolder, *, history: Sequence[dict], summary: dict, c
     name = folder.path.name
     tta = (f", EMA weights (decay {ema_decay:g})" if ema_decay else "") + (", flip TTA" if flip_tta else "")
     check()
+    if recipe:
+        out["recipe"] = list(recipe)
     viz.plot_curves(list(history), path=folder.plot_path(CURVES_PNG), summary=summary,
-                    title=f"{name}: training curves", lr_schedule=lr_schedule)
+                    title=f"{name}: training curves" + (f" ({', '.join(recipe)})" if recipe else ""),
+                    lr_schedule=lr_schedule)
     check()
     viz.plot_confusion(confusion, names, path=folder.plot_path(CONFUSION_PNG),
                        title=f"{name}: test accuracy {accuracy:.4f} ({len(test_labels)} images, "

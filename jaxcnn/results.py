@@ -84,6 +84,7 @@ def write_test_results(workdir: Union[str, os.PathLike], dataset: Dataset, k: in
                                        val_logits=val_logits,
                                        lr_schedule=run.config.get("fit", {}).get("lr_schedule", "plateau"),
                                        flip_tta=run.flip_tta,
-                                       ema_decay=run.config.get("fit", {}).get("ema_decay", 0.0)))
+                                       ema_decay=run.config.get("fit", {}).get("ema_decay", 0.0),
+                                       recipe=report.recipe_of(run.config)))
     folder.write_summary(summary)
     return summary

@@ -229,23 +229,31 @@ def test_validation_test_scores_and_restore_are_the_emas(whole):
         assert np.abs(np.asarray(raw["batch_stats"][name]["mean"], np.float64) - want_mean).max() > 1e-3
 
 
-def test_the_reports_plots_say_the_weights_are_the_emas(tmp_path, monkeypatch):
+def test_the_report_says_the_weights_are_the_emas(tmp_path, monkeypatch):
     """The confusion and calibration titles of the end-of-run report, and of the report made again from the
-    folder (``results.write_test_results``), name the EMA and its decay; a run without one does not."""
+    folder (``results.write_test_results``), name the EMA and its decay, the curves' title and the summary's
+    ``recipe`` list it; a run without one says none of it."""
     from jaxcnn import results, viz
 
     titles = []
     for name in ("plot_confusion", "plot_reliability"):
         real = getattr(viz, name)
         monkeypatch.setattr(viz, name, lambda *a, _real=real, **kw: (titles.append(kw["title"]), _real(*a, **kw))[1])
+    curves = []
+    monkeypatch.setattr(viz, "plot_curves", lambda *a, _real=viz.plot_curves, **kw: (curves.append(kw["title"]),
+                                                                                     _real(*a, **kw))[1])
     config = dataclasses.replace(CONFIG, epochs=1)
     fit(_state(), _data(), config, tmp_path / "ema", progress=False)
     results.write_test_results(tmp_path / "ema", _data())
     assert len(titles) == 4 and all(t.endswith(", EMA weights (decay 0.7))") for t in titles), titles
+    assert curves == ["ema: training curves (EMA 0.7)"] * 2
+    assert RunFolder(tmp_path / "ema").read_summary()["recipe"] == ["EMA 0.7"]
     titles.clear()
     fit(_state(), _data(), dataclasses.replace(config, ema_decay=0.0), tmp_path / "plain", progress=False)
     results.write_test_results(tmp_path / "plain", _data())
     assert len(titles) == 4 and not any("EMA" in t for t in titles), titles
+    assert curves[2:] == ["plain: training curves"] * 2
+    assert "recipe" not in RunFolder(tmp_path / "plain").read_summary()
 
 
 # --------------------------------------------------------------------------- off, and refused
@@ -258,7 +266,7 @@ def test_without_ema_the_checkpoint_and_summary_are_what_they_were(tmp_path):
     state, _, summary = fit(_state(), _data(), config, tmp_path / "run", progress=False)
     assert set(_tree(tmp_path / "run")) == {"step", "params", "batch_stats", "opt_state", "key"}
     assert set(state_to_tree(_state())) == {"step", "params", "batch_stats", "opt_state", "key"}
-    assert state.ema == {} and "weights" not in summary
+    assert state.ema == {} and "weights" not in summary and "recipe" not in summary  # (the seed's recipe)
     assert RunFolder(tmp_path / "run").read_config()["fit"]["ema_decay"] == 0.0
 
 

@@ -35,6 +35,10 @@ def test_cifar10_records_each_flag_and_resumes_bitwise(tmp_path, capsys):
     assert record["optimizer"]["weight_decay"] == 0.05 and record["experiment"]["weight_decay"] == 0.05
     assert record["fit"]["flip_tta"] is True and record["fit"]["grad_accum_steps"] == 2
     assert record["fit"]["ema_decay"] == 0.9 and json.loads((cut / "summary.json").read_text())["weights"] == "ema"
+    # the report says the recipe (summary.json; the curves' title): every ingredient on, in the flags' values
+    assert json.loads((cut / "summary.json").read_text())["recipe"] == [
+        "label smoothing 0.1", "mixup 0.4", "cutmix 1", "AdamW weight decay 0.05", "EMA 0.9", "flip TTA",
+        "2 batches an update"]
     assert cifar10.main(["--workdir", str(cut), "--epochs", "2", "--resume", "--no_progress"]) == 0
     assert_same_run(cut, whole, 2)
     capsys.readouterr()

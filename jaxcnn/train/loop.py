@@ -257,7 +257,8 @@ def _write_summary_and_report(session: RunSession, state: TrainState, dataset, s
         run, history=out.history, summary=summary, class_names=dataset.class_names, test_labels=dataset.test.labels,
         test_logits=test_logits, test_images=dataset.test.read, val_logits=val_logits,
         val_labels=None if val_logits is None else dataset.val.labels, check=check,
-        lr_schedule=config.lr_schedule, flip_tta=config.flip_tta, ema_decay=config.ema_decay)}
+        lr_schedule=config.lr_schedule, flip_tta=config.flip_tta, ema_decay=config.ema_decay,
+        recipe=report.recipe_of(run.read_config()))}
     run.write_summary(summary)
     return summary
 

@@ -47,6 +47,15 @@ def flags(setting: str) -> list:
     return [f for name in setting.split("+") for f in INGREDIENTS[name]]
 
 
+def cpu() -> str:
+    """The CPU as the rows record it: its model name and whether it has AVX-512 (the kernels oneDNN and
+    XLA pick differ, and so do a run's roundings: the same command gives another run on another CPU)."""
+    info = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return f"{model}, {'AVX-512' if 'avx512f' in flags else 'AVX2, no AVX-512' if 'avx2' in flags else 'no AVX2'}"
+
+
 def one(args, dataset: str, setting: str, seed: int) -> dict:
     workdir = pathlib.Path(args.runs) / f"{dataset}-{setting}-seed{seed}"
     cmd = [sys.executable, "-m", "jaxcnn.experiments.cifar10", *DATASETS[dataset](args), *flags(setting),
@@ -54,7 +63,7 @@ def one(args, dataset: str, setting: str, seed: int) -> dict:
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     row = {"dataset": dataset, "setting": setting, "seed": seed, "command": " ".join(["python", *cmd[1:]]),
-           "returncode": done.returncode, "wall_s": time.perf_counter() - t0}
+           "returncode": done.returncode, "wall_s": time.perf_counter() - t0, "cpu": cpu()}
     if done.returncode != 0:
         row["error"] = done.stderr[-2000:]
         return row
@@ -68,28 +77,32 @@ def one(args, dataset: str, setting: str, seed: int) -> dict:
 
 
 def table(rows: list) -> None:
-    """Per dataset and setting: test accuracy mean ± sample sd over the seeds, each seed's, the
-    difference of the mean from ``base``'s, the majority share, best epochs, early stops, wall time."""
+    """Per dataset and setting: test accuracy mean ± sample sd over the seeds, each seed's, the mean
+    difference from ``base`` at the same seeds, the majority share, best epochs, early stops, wall
+    time, the CPU (AVX-512 or AVX2)."""
     rows = [r for r in rows if r.get("returncode") == 0]
     print("| data | setting | test accuracy, mean ± sd | per seed | vs base | majority share | best epoch "
-          "| stopped early | wall s / run |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| stopped early | wall s / run | CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == dataset]
-        base = [r["test_accuracy"] for r in mine if r["setting"] == "base"]
+        base = {r["seed"]: r["test_accuracy"] for r in mine if r["setting"] == "base"}
         for setting in [s for s in INGREDIENTS if any(r["setting"] == s for r in mine)] + \
                 sorted({r["setting"] for r in mine} - set(INGREDIENTS)):
             rs = sorted((r for r in mine if r["setting"] == setting), key=lambda r: r["seed"])
             acc = [r["test_accuracy"] for r in rs]
             spread = f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else " (1 seed)"
-            vs = f"{statistics.mean(acc) - statistics.mean(base):+.3f}" if base and setting != "base" else ""
+            paired = [a - base[r["seed"]] for a, r in zip(acc, rs) if r["seed"] in base]  # (the same seeds')
+            vs = f"{statistics.mean(paired):+.3f}" if paired and setting != "base" else ""
             maj = sorted({round(r["test_majority_share"], 3) for r in rs})
             per_seed = [f"{a:.3f} (s{r['seed']})" for a, r in zip(acc, rs)]
+            cs = [r.get("cpu", "?").split(", ", 1)[-1].split(",")[0] for r in rs]  # AVX-512 / AVX2
+            where = cs[0] if len(set(cs)) == 1 else ", ".join(f"{c} (s{r['seed']})" for c, r in zip(cs, rs))
             print(f"| {dataset} | {setting} | {statistics.mean(acc):.3f}{spread} | "
                   f"{', '.join(per_seed)} | {vs} | "
                   f"{', '.join(f'{m:.3f}' for m in maj)} | {', '.join(str(r['best_epoch']) for r in rs)} | "
                   f"{sum(bool(r['stopped_early']) for r in rs)}/{len(rs)} | "
-                  f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
+                  f"{statistics.mean(r['wall_s'] for r in rs):.0f} | {where} |")
 
 
 def main():

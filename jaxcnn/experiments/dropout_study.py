@@ -10,7 +10,10 @@ accuracy. This measures it. Every variant gets the same training subset, initial
 (same seed; the models differ only in where they drop), batch order, epochs and
 learning rate; **no early stopping, no LR reduction, no augmentation** (augmentation is a
 regulariser of its own and would hide the effect), so each runs its full budget and the
-numbers are those of the last epoch. Variants (``jaxcnn.models.cifar_cnn.CifarCNN``):
+numbers are those of the last epoch. For the same reason the study takes none of the training
+recipe's flags (label smoothing, mixup, cutmix, EMA, weight decay, ...: each a regulariser or an
+average of its own; they are on ``cifar10`` and ``finetune``). Variants
+(``jaxcnn.models.cifar_cnn.CifarCNN``):
 
 * ``none``      — no dropout anywhere;
 * ``dropout``   — the seed: element-wise dropout 0.25 after each conv block, 0.5 before the last dense;

@@ -99,9 +99,13 @@ def test_conv2d_property_matches_reference(h, w, cin, cout, k, stride, dilation,
 
 
 def test_conv2d_same_matches_lax_same():
-    # Our explicit SAME rule equals XLA's own "SAME" (odd extra padding bottom/right).
+    # Our explicit SAME rule equals XLA's own "SAME" (odd extra padding bottom/right): on XLA's path, so that
+    # the same arithmetic is compared bit for bit (oneDNN's rounding differs by CPU: 1e-6 apart on an AVX2 one)
+    from jaxcnn import kernels
+
     x, wt, _ = _conv_case(3, 2, 10, 7, 3, 2, (4, 3), np.float32)
-    got = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), stride=(3, 2), padding="SAME", dilation=(1, 2))
+    with kernels.use("xla"):
+        got = layers.conv2d(jnp.asarray(x), jnp.asarray(wt), stride=(3, 2), padding="SAME", dilation=(1, 2))
     want = jax.lax.conv_general_dilated(
         jnp.asarray(x), jnp.asarray(wt), (3, 2), "SAME", rhs_dilation=(1, 2), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )

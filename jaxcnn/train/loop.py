@@ -115,7 +115,7 @@ def fit(state: TrainState, dataset, config: FitConfig, workdir, *, steps: Option
     steps = Steps.build(config, train_labels=dataset.train.labels, num_classes=dataset.num_classes,
                         steps_per_epoch=steps_per_epoch) if steps is None else steps
     steps.check(config, steps_per_epoch=steps_per_epoch)
-    if config.epochs * steps_per_epoch < config.grad_accum_steps:  # (the cosine's check is Steps.build's)
+    if 1 < config.grad_accum_steps > config.epochs * steps_per_epoch:  # (the cosine's check: Steps.build)
         raise ValueError(f"fit: grad_accum_steps={config.grad_accum_steps} with {config.epochs} epochs of "
                          f"{steps_per_epoch} steps: {config.epochs * steps_per_epoch} train steps make no optimizer "
                          f"update, so the weights would never change; use grad_accum_steps <= "

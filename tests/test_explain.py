@@ -59,7 +59,9 @@ def test_the_map_peaks_in_the_quadrant_that_holds_the_class_evidence():
     predicted = explain.grad_cam(model, variables, images, layer="features", batch_size=2)  # red: the larger spot
     red = explain.grad_cam(model, variables, images, layer="features", class_index=0)
     green = explain.grad_cam(model, variables, images, layer="features", class_index=[1, 1, 1])
-    np.testing.assert_array_equal(predicted, red)
+    # the predicted class's maps are class 0's; batches of 2 and of 3 may take other convolution kernels, whose
+    # roundings differ on some CPUs (1.5e-8 on an AVX2 one): within a few float32 eps of the maps' maximum, 1
+    np.testing.assert_allclose(predicted, red, rtol=0, atol=4 * np.finfo(np.float32).eps)
     for maps in (red, green):
         assert maps.shape == (3, 16, 16) and maps.dtype == np.float32
         assert maps.min() >= 0.0 and np.all(maps.max(axis=(1, 2)) == 1.0)

@@ -166,8 +166,7 @@ def _with_format_4_experiment(config: dict) -> dict:
     if (not isinstance(experiment, dict) or experiment.get("name") not in _FORMAT_4_EXPERIMENTS
             or set(FORMAT_4_EXPERIMENT) <= set(experiment)):
         return config
-    return {**config, "experiment": {**experiment, **{k: v for k, v in FORMAT_4_EXPERIMENT.items()
-                                                      if k not in experiment}}}
+    return {**config, "experiment": {**FORMAT_4_EXPERIMENT, **experiment}}
 
 
 def _with_format_4_schedule(config: dict) -> dict:

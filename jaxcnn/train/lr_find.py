@@ -138,7 +138,7 @@ def plot_lr_find(lrs, losses, path, *, suggestion: Optional[float] = None) -> pa
         ax.plot([suggestion], [np.interp(np.log(suggestion), np.log(lrs[ok]), losses[ok])], "o", color="tab:red")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
-    ax.set_title(f"learning-rate sweep ({len(lrs)} steps)")
+    ax.set_title(f"learning-rate sweep ({len(lrs)} updates, one rate each)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -178,7 +178,7 @@ def find_learning_rate(state: TrainState, dataset, config: FitConfig, folder, *,
                           mesh=mesh, processes=procs, progress=progress and procs.primary)
     try:
         if len(lrs) < 10:
-            raise ValueError(f"the loss diverged after {len(lrs)} steps, at lr {lrs[-1]:.2g} (loss "
+            raise ValueError(f"the loss diverged after {len(lrs)} updates, at lr {lrs[-1]:.2g} (loss "
                              f"{losses[-1]:.4g}); sweep more steps (--lr_find_steps): each then raises the rate less")
         lr, why = suggest_learning_rate(lrs, losses)
     except ValueError as e:
